@@ -1,0 +1,326 @@
+"""train-status: finished, running, failed, stopped and no runs; warnings; tolerant reading; --json round-trip.
+
+Metric files are written per docs/contracts.md (logs/<run>/metrics.jsonl, logs/gpu_metrics.jsonl,
+outputs/<run>/checkpoint-N/COMPLETE, backup/<run>/checkpoint-N/). The CLI runs as a real subprocess; Docker is the
+real engine when one answers (else that test skips).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+
+from training.jsonl import append_jsonl
+from training.status import NO_RUNS_MESSAGE, collect_status, loss_trend, render
+
+REPO = Path(__file__).resolve().parents[1]
+T0 = 1_800_000_000.0  # a fixed clock: ages and staleness are computed against `now` passed in
+
+
+def write_run(root: Path, name: str, steps: int, max_steps: int, end: dict | None = None, t0: float = T0,
+              dt: float = 10.0, loss0: float = 4.0, dloss: float = -0.05, tokens_per_s: float = 1500.0) -> Path:
+    """A run's metrics.jsonl as the trainer writes it: start, one line per step, checkpoint events, an end event."""
+    path = root / "logs" / name / "metrics.jsonl"
+    append_jsonl(path, {"event": "start", "ts": t0, "run": name, "step": 0, "preset": "tiny", "device": "cpu",
+                        "max_steps": max_steps})
+    for s in range(1, steps + 1):
+        append_jsonl(path, {"ts": t0 + s * dt, "run": name, "step": s, "max_steps": max_steps, "epoch": s / 20,
+                            "loss": loss0 + dloss * s, "learning_rate": 2e-4 * (1 - s / max_steps),
+                            "grad_norm": 0.5, "tokens_per_s": tokens_per_s, "eta_s": (max_steps - s) * dt})
+        if s % 10 == 0:
+            append_jsonl(path, {"event": "checkpoint", "ts": t0 + s * dt, "run": name, "step": s,
+                                "path": f"outputs/{name}/checkpoint-{s}"})
+    if end is not None:
+        append_jsonl(path, {"ts": t0 + steps * dt + 1, "run": name, "step": steps, **end})
+    return path
+
+
+def write_checkpoint(root: Path, run: str, step: int, size: int = 4096, complete: bool = True) -> Path:
+    d = root / "outputs" / run / f"checkpoint-{step}"
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "adapter_model.safetensors").write_bytes(b"\0" * size)
+    if complete:
+        manifest = {"step": step, "created": T0 + step, "files": {
+            "adapter_model.safetensors": {"size": size, "sha256": "0" * 64}}}
+        (d / "COMPLETE").write_text(json.dumps(manifest))
+    return d
+
+
+def write_backup(root: Path, run: str, step: int, mtime: float) -> Path:
+    d = root / "backup" / run / f"checkpoint-{step}"
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "adapter_model.safetensors").write_bytes(b"\0" * 16)
+    os.utime(d, (mtime, mtime))
+    return d
+
+
+def status_of(root: Path, now: float, run: str | None = None, **kw) -> dict:
+    return collect_status(root / "logs", root / "outputs", root / "backup", run=run, now=now, docker=False, **kw)
+
+
+def screen(status: dict) -> str:
+    console = Console(record=True, width=160)
+    console.print(render(status))
+    return console.export_text()
+
+
+def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "training.status", *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=60, env=env)
+
+
+# --------------------------------------------------------------------------------------------------------------
+def test_finished_run(tmp_path):
+    write_run(tmp_path, "tiny-1", steps=40, max_steps=40, end={"event": "finished", "train_loss_last": 2.0})
+    for s in (10, 20, 30, 40):
+        write_checkpoint(tmp_path, "tiny-1", s)
+    write_backup(tmp_path, "tiny-1", 30, mtime=T0 + 100)
+    now = T0 + 3600
+    st = status_of(tmp_path, now)
+    run = st["run"]
+    assert run["name"] == "tiny-1" and run["status"] == "finished"
+    assert (run["step"], run["max_steps"], run["progress_pct"]) == (40, 40, 100.0)
+    assert run["loss"] == pytest.approx(4.0 - 0.05 * 40)
+    assert run["loss_trend"]["direction"] == "down" and run["loss_trend"]["window"] == 10
+    assert run["loss_trend"]["change"] == pytest.approx(-0.45)
+    assert run["tokens_per_s"] == 1500.0 and run["eta_s"] == 0.0
+    assert run["last_checkpoint"]["step"] == 40 and run["last_checkpoint"]["size_bytes"] == 4096
+    assert run["incomplete_checkpoints"] == []
+    assert run["last_backup"]["step"] == 30 and run["last_backup"]["age_s"] == pytest.approx(3500, abs=1)
+    assert run["last_record_age_s"] == pytest.approx(3600 - 401)
+    assert st["warnings"] == [], "a finished run is not stale"
+    text = screen(st)
+    for needle in ("finished", "40 / 40", "2.0000", "1,500", "checkpoint-40", "58m"):
+        assert needle in text, needle
+
+
+def test_running_run_with_incomplete_checkpoint(tmp_path):
+    write_run(tmp_path, "gemma", steps=30, max_steps=100, dt=5.0, dloss=-0.01)
+    write_checkpoint(tmp_path, "gemma", 20)
+    write_checkpoint(tmp_path, "gemma", 30, complete=False)  # being written right now
+    now = T0 + 30 * 5 + 20
+    st = status_of(tmp_path, now)
+    run = st["run"]
+    assert run["status"] == "running"
+    assert (run["step"], run["max_steps"], run["progress_pct"]) == (30, 100, 30.0)
+    assert run["eta_s"] == 70 * 5.0
+    assert run["last_checkpoint"]["step"] == 20 and run["incomplete_checkpoints"] == ["checkpoint-30"]
+    assert run["last_backup"] is None
+    assert run["last_record_age_s"] == pytest.approx(20)
+    assert st["warnings"] == []
+    text = screen(st)
+    for needle in ("running", "30 / 100", "(30.0%)", "ETA", "5m 50s", "checkpoint-20", "incomplete: checkpoint-30",
+                   "last backup      none"):
+        assert needle in text, needle
+
+
+def test_running_run_without_metrics_for_long_warns(tmp_path):
+    write_run(tmp_path, "hung", steps=5, max_steps=100)
+    last = T0 + 50
+    assert not status_of(tmp_path, last + 9 * 60)["warnings"]
+    warnings = status_of(tmp_path, last + 11 * 60)["warnings"]
+    assert [w["code"] for w in warnings] == ["metrics_stale"]
+    assert "11m" in warnings[0]["message"]
+    assert [w["code"] for w in status_of(tmp_path, last + 3 * 60, stale_minutes=2)["warnings"]] == ["metrics_stale"]
+
+
+def test_failed_run(tmp_path):
+    write_run(tmp_path, "oom", steps=12, max_steps=100, end={"event": "failed", "error": "CUDA out of memory"})
+    write_checkpoint(tmp_path, "oom", 10)
+    st = status_of(tmp_path, T0 + 10_000)
+    run = st["run"]
+    assert run["status"] == "failed" and run["error"] == "CUDA out of memory"
+    assert run["step"] == 12 and run["eta_s"] is None
+    assert [w["code"] for w in st["warnings"]] == ["run_failed"], "failed, not also stale"
+    assert "failed (CUDA out of memory)" in screen(st)
+
+
+def test_stopped_then_resumed_run(tmp_path):
+    path = write_run(tmp_path, "r", steps=10, max_steps=50, end={"event": "stopped", "signal": "SIGTERM"})
+    st = status_of(tmp_path, T0 + 200)
+    assert st["run"]["status"] == "stopped" and st["run"]["signal"] == "SIGTERM"
+    append_jsonl(path, {"event": "resumed", "ts": T0 + 300, "run": "r", "step": 10, "path": "outputs/r/checkpoint-10"})
+    append_jsonl(path, {"ts": T0 + 310, "run": "r", "step": 11, "max_steps": 50, "loss": 3.0, "tokens_per_s": 900.0,
+                        "eta_s": 390.0})
+    st = status_of(tmp_path, T0 + 320)
+    assert st["run"]["status"] == "running" and st["run"]["step"] == 11 and st["run"]["tokens_per_s"] == 900.0
+
+
+def test_no_runs_fresh_dir(tmp_path):
+    st = status_of(tmp_path, T0)
+    assert st["run"] is None and st["runs"] == [] and st["message"] == NO_RUNS_MESSAGE
+    assert st["gpu"]["gpus"] == [] and st["warnings"] == []
+    proc = run_cli("--logs-dir", str(tmp_path / "logs"), "--output-dir", str(tmp_path / "outputs"), "--no-docker")
+    assert proc.returncode == 0, proc.stderr
+    assert "no runs yet: start one with make demo / make train-gemma-2b" in proc.stdout
+    assert proc.stderr == ""
+
+
+def test_latest_run_by_mtime_and_run_flag(tmp_path):
+    old = write_run(tmp_path, "zzz-old", steps=3, max_steps=10)
+    new = write_run(tmp_path, "aaa-new", steps=7, max_steps=10)
+    os.utime(old, (T0, T0))
+    os.utime(new, (T0 + 10, T0 + 10))
+    assert status_of(tmp_path, T0 + 100)["run"]["name"] == "aaa-new"
+    assert status_of(tmp_path, T0 + 100, run="zzz-old")["run"]["step"] == 3
+    st = status_of(tmp_path, T0 + 100, run="nope")
+    assert st["run"] is None and "no run 'nope'" in st["message"] and "aaa-new" in st["message"]
+    proc = run_cli("--logs-dir", str(tmp_path / "logs"), "--run", "nope", "--no-docker")
+    assert proc.returncode == 1 and "no run 'nope'" in proc.stdout and "Traceback" not in proc.stderr
+
+
+def test_tolerates_cut_off_and_garbled_lines(tmp_path):
+    path = write_run(tmp_path, "messy", steps=8, max_steps=20)
+    with open(path, "ab") as fh:
+        fh.write(b'{"ts": 1800000100.0, "run": "messy", "step": 9, "loss": "NaN?", "tokens_per_s": null}\n')
+        fh.write(b"\xff\xfe not json at all\n")
+        fh.write(b"[1, 2, 3]\n")
+        fh.write(b'{"ts": 1800000110.0, "run": "messy", "step": 10, "max_st')  # writer killed mid-line
+    (tmp_path / "logs" / "gpu_metrics.jsonl").write_bytes(b'{"ts": "yesterday", "index": 0}\n{"ts": 1.0, "ind')
+    ckpt = write_checkpoint(tmp_path, "messy", 5)
+    (ckpt / "COMPLETE").write_text("{not json")  # marker present, manifest unreadable: size from the folder
+    st = status_of(tmp_path, T0 + 200)
+    run = st["run"]
+    assert run["step"] == 9, "the whole line with a garbled loss still counts for the step"
+    assert run["loss"] == pytest.approx(4.0 - 0.05 * 8), "a non-number loss is skipped"
+    assert run["tokens_per_s"] is None and run["max_steps"] == 20
+    assert run["last_checkpoint"]["step"] == 5 and run["last_checkpoint"]["size_bytes"] >= 4096
+    assert st["gpu"]["gpus"] == []
+    screen(st)
+    proc = run_cli("--logs-dir", str(tmp_path / "logs"), "--output-dir", str(tmp_path / "outputs"), "--no-docker")
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_unreadable_paths_are_not_tracebacks(tmp_path):
+    (tmp_path / "logs").write_text("a file where a folder should be")
+    proc = run_cli("--logs-dir", str(tmp_path / "logs"), "--output-dir", str(tmp_path / "nothing"), "--no-docker")
+    assert proc.returncode == 0 and NO_RUNS_MESSAGE in proc.stdout and "Traceback" not in proc.stderr
+
+
+def test_gpu_samples_latest_per_gpu_and_memory_warning(tmp_path):
+    gpu_log = tmp_path / "logs" / "gpu_metrics.jsonl"
+    pad = "x" * 300
+    for i in range(2000):  # ~1 MB: more than the tail window, so only the tail is read
+        for idx in (0, 1):
+            append_jsonl(gpu_log, {"ts": T0 + i, "host": "h", "index": idx, "name": f"GPU{idx}", "util_pct": i % 100,
+                                   "mem_used_mib": 81_000 if idx == 1 else 1_000, "mem_total_mib": 81_559,
+                                   "temp_c": 60, "power_w": 300.5, "pad": pad})
+    write_run(tmp_path, "r", steps=2, max_steps=10, t0=T0 + 1990)
+    st = status_of(tmp_path, T0 + 2000)
+    gpus = st["gpu"]["gpus"]
+    assert [g["index"] for g in gpus] == [0, 1]
+    assert gpus[0]["util_pct"] == 1999 % 100 and gpus[0]["age_s"] == pytest.approx(1)
+    assert gpus[1]["mem_pct"] == pytest.approx(99.3, abs=0.1)
+    assert [w["code"] for w in st["warnings"]] == ["gpu_memory_full"]
+    assert "GPU 1 memory 99.3% full" in st["warnings"][0]["message"]
+    text = screen(st)
+    assert "81000/81559 MiB (99%)" in text and "300 W" in text
+
+
+def test_gpu_monitor_event_newer_than_samples_is_shown(tmp_path):
+    gpu_log = tmp_path / "logs" / "gpu_metrics.jsonl"
+    append_jsonl(gpu_log, {"ts": T0, "index": 0, "name": "g", "util_pct": 5, "mem_used_mib": 1, "mem_total_mib": 2})
+    append_jsonl(gpu_log, {"ts": T0 + 5, "event": "nvml_error", "message": "NVML error: GPU is lost"})
+    st = status_of(tmp_path, T0 + 10)
+    assert st["gpu"]["event"]["event"] == "nvml_error"
+    assert "GPU is lost" in screen(st)
+
+
+def test_disk_too_small_for_next_checkpoint(tmp_path):
+    write_run(tmp_path, "big", steps=10, max_steps=100)
+    ckpt = write_checkpoint(tmp_path, "big", 10)
+    free = shutil.disk_usage(tmp_path).free
+    manifest = json.loads((ckpt / "COMPLETE").read_text())
+    manifest["files"]["adapter_model.safetensors"]["size"] = free  # next one needs 2x free: cannot fit
+    (ckpt / "COMPLETE").write_text(json.dumps(manifest))
+    st = status_of(tmp_path, T0 + 110)
+    assert [w["code"] for w in st["warnings"]] == ["disk_low"]
+    manifest["files"]["adapter_model.safetensors"]["size"] = 1024
+    (ckpt / "COMPLETE").write_text(json.dumps(manifest))
+    assert status_of(tmp_path, T0 + 110)["warnings"] == []
+
+
+def test_loss_trend():
+    assert loss_trend([3.0]) is None
+    assert loss_trend([3.0, 2.9, 2.8])["direction"] == "down"
+    assert loss_trend([2.0, 2.5, 3.0])["change"] == pytest.approx(1.0)
+    assert loss_trend([2.0, 2.001, 1.999, 2.0])["direction"] == "flat"
+
+
+def test_json_round_trips(tmp_path):
+    write_run(tmp_path, "j", steps=15, max_steps=30, end={"event": "finished", "train_loss_last": 3.25})
+    write_checkpoint(tmp_path, "j", 10)
+    args = ["--logs-dir", str(tmp_path / "logs"), "--output-dir", str(tmp_path / "outputs"),
+            "--backup-dir", str(tmp_path / "backup"), "--no-docker"]
+    proc = run_cli(*args, "--json")
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(proc.stdout)
+    assert json.loads(json.dumps(data)) == data
+    expected = status_of(tmp_path, data["ts"])
+    expected = json.loads(json.dumps(expected, default=str))
+    assert data == expected, "--json is exactly collect_status()"
+    assert data["run"]["step"] == 15 and data["run"]["status"] == "finished"
+    assert data["run"]["last_checkpoint"]["step"] == 10
+    screen_proc = run_cli(*args)
+    assert "15 / 30" in screen_proc.stdout and "finished" in screen_proc.stdout
+
+
+def test_watch_refreshes_until_interrupted(tmp_path):
+    write_run(tmp_path, "w", steps=3, max_steps=10)
+    proc = subprocess.Popen([sys.executable, "-m", "training.status", "--logs-dir", str(tmp_path / "logs"),
+                             "--no-docker", "--json", "--watch", "0.1"], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    first = json.loads(proc.stdout.readline())
+    append_jsonl(tmp_path / "logs" / "w" / "metrics.jsonl",
+                 {"ts": T0 + 100, "run": "w", "step": 4, "max_steps": 10, "loss": 1.0})
+    deadline = time.monotonic() + 30
+    step = first["run"]["step"]
+    while step != 4 and time.monotonic() < deadline:
+        step = json.loads(proc.stdout.readline())["run"]["step"]
+    proc.send_signal(2)  # SIGINT = Ctrl-C
+    _, err = proc.communicate(timeout=20)
+    assert first["run"]["step"] == 3 and step == 4
+    assert proc.returncode == 0 and "Traceback" not in err
+
+
+def test_without_docker_on_path_says_so(tmp_path):
+    env = {**os.environ, "PATH": str(Path(sys.executable).parent)}  # the venv's bin, no docker there
+    proc = run_cli("--logs-dir", str(tmp_path / "logs"), env=env)
+    assert proc.returncode == 0 and "docker not available" in proc.stdout and "Traceback" not in proc.stderr
+
+
+def _docker_image() -> str | None:
+    if shutil.which("docker") is None:
+        return None
+    try:
+        out = subprocess.run(["docker", "images", "--format", "{{.Repository}}:{{.Tag}}"], capture_output=True,
+                             text=True, timeout=20)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    images = [i for i in out.stdout.split() if i and "<none>" not in i] if out.returncode == 0 else []
+    return images[0] if images else None
+
+
+@pytest.mark.skipif(_docker_image() is None, reason="needs a Docker engine with any local image")
+def test_training_container_exit_code_is_a_warning(tmp_path):
+    name = f"agent-qlora-training-statustest-{uuid.uuid4().hex[:8]}"
+    subprocess.run(["docker", "run", "--name", name, "--entrypoint", "sh", _docker_image(), "-c", "exit 3"],
+                   capture_output=True, timeout=120)
+    try:
+        st = collect_status(tmp_path / "logs", tmp_path / "outputs", tmp_path / "backup", now=T0)
+        assert st["containers"]["available"] is True
+        (c,) = [c for c in st["containers"]["containers"] if c["name"] == name]
+        assert c["state"] == "exited" and c["exit_code"] == 3
+        assert any(w["code"] == "training_container_failed" and name in w["message"] for w in st["warnings"])
+        assert name in screen(st)
+    finally:
+        subprocess.run(["docker", "rm", "-f", name], capture_output=True, timeout=60)

@@ -1,0 +1,604 @@
+"""`make train-status`: one screen of truth about the stack and the current run.
+
+Usage:
+    python -m training.status --logs-dir logs [--output-dir outputs] [--backup-dir backup] [--run NAME]
+                              [--json] [--watch [SECONDS]]
+
+Shows the agent-* containers and their health (when a Docker engine answers), each GPU's latest sample from
+logs/gpu_metrics.jsonl, the current run (the newest logs/<run>/metrics.jsonl unless --run: step / max_steps, loss
+and its trend, tokens/s, ETA, status, last complete checkpoint, last backup and its age) and warnings (GPU memory
+nearly full, disk too small for the next checkpoint, no metrics for a while during a run, the training container
+exited non-zero). `--json` prints the same content as one JSON object; `--watch` refreshes until Ctrl-C.
+
+It only reads files (and asks `docker ps`/`docker inspect`), so it works while a run trains and after it stopped.
+Missing, cut-off or garbled files are reported as missing data, never as a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from training.jsonl import iter_jsonl
+
+NO_RUNS_MESSAGE = "no runs yet: start one with make demo / make train-gemma-2b"
+GPU_FILE = "gpu_metrics.jsonl"
+METRICS_FILE = "metrics.jsonl"
+TREND_WINDOW = 10  # logged steps the loss trend is computed over
+STALE_MINUTES = 10.0  # a running run with no metrics line for this long gets a warning (a hang, a kill -9)
+GPU_MEM_WARN_PCT = 95.0  # above this an allocation spike is likely to OOM
+DISK_HEADROOM = 2.0  # the next checkpoint needs ~its size, plus the trainer's temp copy; ask for 2x
+GPU_TAIL_BYTES = 256 * 1024  # the GPU log can be tens of MB; the latest sample is in its last lines
+TERMINAL_EVENTS = {"finished": "finished", "failed": "failed", "stopped": "stopped"}
+STACK_SERVICES = {"qlora-training", "training-dev", "training-monitor", "gpu-monitor", "training-backup"}
+TRAINING_SERVICE = "qlora-training"
+CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# small tolerant readers
+# ---------------------------------------------------------------------------------------------------------------
+def _num(value: Any) -> float | None:
+    """A finite number or None: garbled fields (strings, NaN, missing) never reach arithmetic."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value) if math.isfinite(value) else None
+
+
+def _int(value: Any) -> int | None:
+    v = _num(value)
+    return None if v is None else int(v)
+
+
+def tail_jsonl(path: Path, max_bytes: int = GPU_TAIL_BYTES) -> list[dict[str, Any]]:
+    """Records in the last max_bytes of a JSONL file (the first, partial line of the window is dropped)."""
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            size = fh.tell()
+            start = max(0, size - max_bytes)
+            fh.seek(start)
+            data = fh.read()
+    except OSError:
+        return []
+    lines = data.split(b"\n")
+    if start > 0:
+        lines = lines[1:]
+    out = []
+    for raw in lines:
+        raw = raw.strip()
+        if not raw:
+            continue
+        try:
+            rec = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            continue
+        if isinstance(rec, dict):
+            out.append(rec)
+    return out
+
+
+def dir_size(path: Path) -> int:
+    total = 0
+    for root, _, files in os.walk(path):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(root, name)).st_size
+            except OSError:
+                pass
+    return total
+
+
+def disk_free_bytes(path: Path) -> int | None:
+    p = path.absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    try:
+        return shutil.disk_usage(p).free
+    except OSError:
+        return None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# runs
+# ---------------------------------------------------------------------------------------------------------------
+def list_runs(logs_dir: Path) -> list[str]:
+    """Run names (folders of logs_dir holding a metrics.jsonl), oldest first by the metrics file's mtime."""
+    runs = []
+    try:
+        entries = list(logs_dir.iterdir())
+    except OSError:
+        return []
+    for d in entries:
+        m = d / METRICS_FILE
+        try:
+            if d.is_dir() and m.is_file():
+                runs.append((m.stat().st_mtime, d.name))
+        except OSError:
+            continue
+    return [name for _, name in sorted(runs)]
+
+
+def loss_trend(losses: list[float]) -> dict[str, Any] | None:
+    """Least-squares slope over the window, as the change it implies across the window and a direction."""
+    n = len(losses)
+    if n < 2:
+        return None
+    xs = range(n)
+    mx, my = (n - 1) / 2, sum(losses) / n
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, losses)) / sum((x - mx) ** 2 for x in xs)
+    change = slope * (n - 1)
+    rel = change / abs(my) if my else 0.0
+    direction = "down" if rel < -0.01 else "up" if rel > 0.01 else "flat"  # +-1% over the window: noise
+    return {"window": n, "change": round(change, 6), "direction": direction, "values": [round(v, 6) for v in losses]}
+
+
+def find_checkpoints(run_out: Path) -> tuple[dict[str, Any] | None, list[str]]:
+    """(newest complete checkpoint, names of checkpoint folders without a COMPLETE marker)."""
+    complete, incomplete = [], []
+    try:
+        entries = list(run_out.iterdir())
+    except OSError:
+        return None, []
+    for d in entries:
+        m = CHECKPOINT_RE.match(d.name)
+        if not m or not d.is_dir():
+            continue
+        (complete if (d / "COMPLETE").is_file() else incomplete).append((int(m.group(1)), d))
+    incomplete_names = [d.name for _, d in sorted(incomplete)]
+    if not complete:
+        return None, incomplete_names
+    step, d = max(complete)
+    info: dict[str, Any] = {"path": str(d), "step": step, "size_bytes": None, "created": None}
+    try:
+        manifest = json.loads((d / "COMPLETE").read_text(encoding="utf-8"))
+        files = manifest.get("files") if isinstance(manifest, dict) else None
+        if isinstance(files, dict):
+            info["size_bytes"] = int(sum(_num(f.get("size")) or 0 for f in files.values() if isinstance(f, dict)))
+        info["created"] = _num(manifest.get("created")) if isinstance(manifest, dict) else None
+    except (OSError, ValueError, AttributeError):
+        pass
+    if not info["size_bytes"]:
+        info["size_bytes"] = dir_size(d)
+    if info["created"] is None:
+        try:
+            info["created"] = (d / "COMPLETE").stat().st_mtime
+        except OSError:
+            pass
+    return info, [n for n in incomplete_names if int(n.split("-")[1]) > step]
+
+
+def find_last_backup(backup_dir: Path, run: str, now: float) -> dict[str, Any] | None:
+    """Newest `<backup>/<run>/checkpoint-N/` (backup.py renames a copy to this name only once verified)."""
+    root = backup_dir / run
+    best = None
+    try:
+        entries = list(root.iterdir())
+    except OSError:
+        return None
+    for d in entries:
+        m = CHECKPOINT_RE.match(d.name)
+        if m and d.is_dir() and (best is None or int(m.group(1)) > best[0]):
+            best = (int(m.group(1)), d)
+    if best is None:
+        return None
+    step, d = best
+    try:
+        ts = d.stat().st_mtime
+    except OSError:
+        ts = None
+    return {"path": str(d), "step": step, "ts": ts, "age_s": None if ts is None else max(0.0, now - ts)}
+
+
+def read_run(logs_dir: Path, output_dir: Path, backup_dir: Path, run: str, now: float) -> dict[str, Any]:
+    metrics_path = logs_dir / run / METRICS_FILE
+    train: list[dict[str, Any]] = []
+    events: list[dict[str, Any]] = []
+    eval_loss = None
+    last_ts = None
+    for rec in iter_jsonl(metrics_path):
+        ts = _num(rec.get("ts"))
+        if ts is not None:
+            last_ts = ts if last_ts is None else max(last_ts, ts)
+        if "event" in rec:
+            events.append(rec)
+        elif _num(rec.get("eval_loss")) is not None:
+            eval_loss = _num(rec.get("eval_loss"))
+        elif _num(rec.get("step")) is not None:
+            train.append(rec)
+
+    status = "unknown"
+    started_ts = None
+    error = signal = None
+    for ev in events:
+        name = ev.get("event")
+        if name in ("start", "resumed"):
+            status = "running"
+            if name == "start" or started_ts is None:
+                started_ts = _num(ev.get("ts"))
+        elif name in TERMINAL_EVENTS:
+            status = TERMINAL_EVENTS[name]
+            error = ev.get("error") if name == "failed" else error
+            signal = ev.get("signal") if name == "stopped" else signal
+    if status == "unknown" and train:
+        status = "running"  # training lines but no start event (an older writer): it trained, so it ran
+
+    last = train[-1] if train else {}
+    max_steps = _int(last.get("max_steps"))
+    step = _int(last.get("step"))
+    for ev in events:
+        if max_steps is None and _int(ev.get("max_steps")) is not None:
+            max_steps = _int(ev.get("max_steps"))
+        if _int(ev.get("step")) is not None and (step is None or _int(ev.get("step")) > step):
+            step = _int(ev.get("step"))
+    losses = [v for v in (_num(r.get("loss")) for r in train) if v is not None]
+    eta_s = _num(last.get("eta_s")) if status == "running" else (0.0 if status == "finished" else None)
+    last_event = events[-1] if events else None
+
+    checkpoint, incomplete = find_checkpoints(output_dir / run)
+    return {
+        "name": run,
+        "metrics_path": str(metrics_path),
+        "status": status,
+        "step": step,
+        "max_steps": max_steps,
+        "progress_pct": round(100.0 * step / max_steps, 1) if step is not None and max_steps else None,
+        "epoch": _num(last.get("epoch")),
+        "loss": losses[-1] if losses else None,
+        "loss_trend": loss_trend(losses[-TREND_WINDOW:]),
+        "eval_loss": eval_loss,
+        "learning_rate": _num(last.get("learning_rate")),
+        "tokens_per_s": _num(last.get("tokens_per_s")),
+        "eta_s": eta_s,
+        "started_ts": started_ts,
+        "last_record_ts": last_ts,
+        "last_record_age_s": None if last_ts is None else max(0.0, now - last_ts),
+        "last_event": None if last_event is None else {k: last_event.get(k) for k in ("event", "ts", "step")},
+        "error": error,
+        "signal": signal,
+        "logged_steps": len(train),
+        "last_checkpoint": checkpoint,
+        "incomplete_checkpoints": incomplete,
+        "last_backup": find_last_backup(backup_dir, run, now),
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# GPUs and containers
+# ---------------------------------------------------------------------------------------------------------------
+def read_gpus(logs_dir: Path, now: float) -> dict[str, Any]:
+    path = logs_dir / GPU_FILE
+    latest: dict[int, dict[str, Any]] = {}
+    last_event = None
+    for rec in tail_jsonl(path):
+        ts = _num(rec.get("ts"))
+        if ts is None:
+            continue
+        if "event" in rec:
+            last_event = rec
+            continue
+        idx = _int(rec.get("index"))
+        if idx is not None and (idx not in latest or ts >= latest[idx]["ts"]):
+            latest[idx] = rec
+    gpus = []
+    for idx in sorted(latest):
+        r = latest[idx]
+        used, total = _num(r.get("mem_used_mib")), _num(r.get("mem_total_mib"))
+        gpus.append({
+            "index": idx, "name": r.get("name"), "ts": r["ts"], "age_s": max(0.0, now - r["ts"]),
+            "util_pct": _num(r.get("util_pct")), "mem_used_mib": used, "mem_total_mib": total,
+            "mem_pct": round(100.0 * used / total, 1) if used is not None and total else None,
+            "temp_c": _num(r.get("temp_c")), "power_w": _num(r.get("power_w")),
+            "throttle_reasons": r.get("throttle_reasons") if isinstance(r.get("throttle_reasons"), list) else None,
+            "disk_free_gib": _num(r.get("disk_free_gib")),
+        })
+    newest_sample = max((g["ts"] for g in gpus), default=None)
+    event = None
+    if last_event is not None and (newest_sample is None or last_event["ts"] > newest_sample):
+        event = {"event": last_event.get("event"), "message": last_event.get("message"), "ts": last_event["ts"]}
+    return {"path": str(path), "available": path.exists(), "gpus": gpus, "event": event}
+
+
+def _docker(args: list[str], timeout: float = 5.0) -> str | None:
+    try:
+        proc = subprocess.run(["docker", *args], capture_output=True, text=True, timeout=timeout)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return proc.stdout if proc.returncode == 0 else None
+
+
+def read_containers() -> dict[str, Any]:
+    """The stack's containers (names agent-*, or a compose service of this stack) with state, health, exit code."""
+    if shutil.which("docker") is None:
+        return {"available": False, "message": "docker not available", "containers": []}
+    out = _docker(["ps", "-a", "--no-trunc", "--format", "{{json .}}"])
+    if out is None:
+        return {"available": False, "message": "docker not available (engine not reachable)", "containers": []}
+    rows = []
+    for line in out.splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        labels = dict(kv.split("=", 1) for kv in str(row.get("Labels", "")).split(",") if "=" in kv)
+        name = str(row.get("Names", "")).split(",")[0]
+        service = labels.get("com.docker.compose.service")
+        if name.startswith("agent-") or service in STACK_SERVICES:
+            rows.append({"id": row.get("ID"), "name": name, "service": service, "image": row.get("Image"),
+                         "state": row.get("State"), "status": row.get("Status")})
+    if rows:
+        inspected = _docker(["inspect", *[r["id"] for r in rows]])
+        by_id = {}
+        try:
+            for item in json.loads(inspected or "[]"):
+                by_id[str(item.get("Id", ""))] = item.get("State") or {}
+        except (json.JSONDecodeError, AttributeError):
+            pass
+        for r in rows:
+            st = next((v for k, v in by_id.items() if r["id"] and k.startswith(str(r["id"]))), {})
+            r["exit_code"] = st.get("ExitCode") if r["state"] == "exited" else None
+            r["health"] = (st.get("Health") or {}).get("Status") if isinstance(st.get("Health"), dict) else None
+            r["finished_at"] = st.get("FinishedAt") if r["state"] == "exited" else None
+    rows.sort(key=lambda r: r["name"])
+    return {"available": True, "message": None if rows else "no stack containers", "containers": rows}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the whole picture
+# ---------------------------------------------------------------------------------------------------------------
+def collect_status(logs_dir: str | os.PathLike = "logs", output_dir: str | os.PathLike = "outputs",
+                   backup_dir: str | os.PathLike = "backup", run: str | None = None, now: float | None = None,
+                   docker: bool = True, stale_minutes: float = STALE_MINUTES) -> dict[str, Any]:
+    """Everything the screen shows, as plain data (what --json prints)."""
+    logs_dir, output_dir, backup_dir = Path(logs_dir), Path(output_dir), Path(backup_dir)
+    now = time.time() if now is None else now
+    runs = list_runs(logs_dir)
+    status: dict[str, Any] = {
+        "ts": now, "logs_dir": str(logs_dir), "output_dir": str(output_dir), "backup_dir": str(backup_dir),
+        "containers": read_containers() if docker else {"available": False, "message": "docker not queried",
+                                                        "containers": []},
+        "gpu": read_gpus(logs_dir, now), "runs": runs, "run": None, "message": None, "warnings": [],
+    }
+    if run is not None and run not in runs:
+        status["message"] = (f"no run {run!r} under {logs_dir}/ (no {logs_dir / run / METRICS_FILE}); "
+                             + (f"runs there: {', '.join(runs)}" if runs else NO_RUNS_MESSAGE))
+    elif not runs:
+        status["message"] = NO_RUNS_MESSAGE
+    else:
+        status["run"] = read_run(logs_dir, output_dir, backup_dir, run or runs[-1], now)
+    status["warnings"] = find_warnings(status, output_dir, stale_minutes)
+    return status
+
+
+def find_warnings(status: dict[str, Any], output_dir: Path, stale_minutes: float) -> list[dict[str, str]]:
+    warnings = []
+    for g in status["gpu"]["gpus"]:
+        if g["mem_pct"] is not None and g["mem_pct"] > GPU_MEM_WARN_PCT:
+            warnings.append({"code": "gpu_memory_full", "message": (
+                f"GPU {g['index']} memory {g['mem_pct']:.1f}% full ({g['mem_used_mib']:.0f}/{g['mem_total_mib']:.0f} "
+                "MiB): an allocation spike may OOM; lower the micro-batch or max_seq_length")})
+    run = status["run"]
+    if run is not None:
+        ckpt = run["last_checkpoint"]
+        if ckpt and ckpt["size_bytes"]:
+            free = disk_free_bytes(output_dir / run["name"])
+            if free is not None and free < DISK_HEADROOM * ckpt["size_bytes"]:
+                warnings.append({"code": "disk_low", "message": (
+                    f"{_bytes(free)} free under {output_dir}, the last checkpoint is {_bytes(ckpt['size_bytes'])}: "
+                    f"the next one may not fit (want {DISK_HEADROOM:g}x); free space or lower save_total_limit")})
+        age = run["last_record_age_s"]
+        if run["status"] == "running" and age is not None and age > stale_minutes * 60:
+            warnings.append({"code": "metrics_stale", "message": (
+                f"run {run['name']} is running but wrote no metrics for {_duration(age)}: is the trainer alive? "
+                "see make train-logs")})
+        if run["status"] == "failed":
+            warnings.append({"code": "run_failed", "message": f"run {run['name']} failed: {run['error'] or '?'}"})
+    for c in status["containers"]["containers"]:
+        is_training = c["service"] == TRAINING_SERVICE or TRAINING_SERVICE in c["name"]
+        if is_training and c["state"] == "exited" and c.get("exit_code") not in (0, None):
+            warnings.append({"code": "training_container_failed", "message": (
+                f"container {c['name']} exited with code {c['exit_code']}: see docker logs {c['name']}")})
+        if c.get("health") == "unhealthy":
+            warnings.append({"code": "container_unhealthy", "message": f"container {c['name']} is unhealthy"})
+    return warnings
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# rendering (rich)
+# ---------------------------------------------------------------------------------------------------------------
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "?"
+    s = int(round(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m {s % 60:02d}s"
+    if s < 86400:
+        return f"{s // 3600}h {s % 3600 // 60:02d}m"
+    return f"{s // 86400}d {s % 86400 // 3600:02d}h"
+
+
+def _bytes(n: float | None) -> str:
+    if n is None:
+        return "?"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def _fmt(value: Any, spec: str = "", suffix: str = "") -> str:
+    return "-" if value is None else f"{value:{spec}}{suffix}"
+
+
+SPARK = "▁▂▃▄▅▆▇█"
+
+
+def sparkline(values: list[float]) -> str:
+    lo, hi = min(values), max(values)
+    span = hi - lo or 1.0
+    return "".join(SPARK[min(len(SPARK) - 1, int((v - lo) / span * (len(SPARK) - 1) + 0.5))] for v in values)
+
+
+def render(status: dict[str, Any]):
+    """A rich renderable of the status dict (so --watch and the one-shot screen are the same)."""
+    from rich.console import Group
+    from rich.panel import Panel
+    from rich.table import Table
+    from rich.text import Text
+
+    parts = []
+    # containers
+    c = status["containers"]
+    if c["containers"]:
+        t = Table(box=None, pad_edge=False, header_style="bold")
+        for col in ("container", "state", "health", "status"):
+            t.add_column(col)
+        for row in c["containers"]:
+            state_style = {"running": "green", "exited": "red" if row.get("exit_code") else "yellow"}.get(
+                row["state"], "")
+            t.add_row(Text(row["name"]), Text(str(row["state"]), style=state_style),
+                      Text(row.get("health") or "-"), Text(row.get("status") or ""))
+        parts.append(Panel(t, title="containers", title_align="left"))
+    else:
+        parts.append(Text(f"containers: {c['message']}", style="dim"))
+    # GPUs
+    g = status["gpu"]
+    if g["gpus"]:
+        t = Table(box=None, pad_edge=False, header_style="bold")
+        for col in ("gpu", "name", "util", "memory", "temp", "power", "sample age"):
+            t.add_column(col)
+        for gpu in g["gpus"]:
+            mem = (f"{_fmt(gpu['mem_used_mib'], '.0f')}/{_fmt(gpu['mem_total_mib'], '.0f')} MiB"
+                   + (f" ({gpu['mem_pct']:.0f}%)" if gpu["mem_pct"] is not None else ""))
+            t.add_row(str(gpu["index"]), Text(str(gpu["name"] or "-")), _fmt(gpu["util_pct"], ".0f", "%"), mem,
+                      _fmt(gpu["temp_c"], ".0f", " °C"), _fmt(gpu["power_w"], ".0f", " W"), _duration(gpu["age_s"]))
+        parts.append(Panel(t, title="GPUs", title_align="left"))
+    if g["event"]:
+        parts.append(Text(f"gpu monitor: {g['event']['event']}: {g['event']['message']}", style="yellow"))
+    elif not g["gpus"]:
+        parts.append(Text(f"GPUs: no samples in {g['path']} (gpu-monitor not running?)", style="dim"))
+    # run
+    run = status["run"]
+    if run is None:
+        parts.append(Text(status["message"] or NO_RUNS_MESSAGE, style="bold"))
+    else:
+        parts.append(Panel(_render_run(run), title=f"run {run['name']}", title_align="left"))
+    # warnings
+    for w in status["warnings"]:
+        parts.append(Text(f"warning: {w['message']}", style="bold red"))
+    return Group(*parts)
+
+
+def _render_run(run: dict[str, Any]):
+    from rich.table import Table
+    from rich.text import Text
+
+    t = Table(box=None, show_header=False, pad_edge=False)
+    t.add_column(style="bold")
+    t.add_column()
+
+    def row(label: str, value: Any) -> None:  # Text(): paths and errors may hold [brackets], not rich markup
+        t.add_row(label, value if isinstance(value, Text) else Text(str(value)))
+    style = {"running": "green", "finished": "cyan", "failed": "red", "stopped": "yellow"}.get(run["status"], "")
+    detail = ""
+    if run["status"] == "failed" and run["error"]:
+        detail = f" ({run['error']})"
+    elif run["status"] == "stopped" and run["signal"]:
+        detail = f" (signal {run['signal']})"
+    row("status", Text(run["status"] + detail, style=style))
+    step = f"{_fmt(run['step'])} / {_fmt(run['max_steps'])}"
+    if run["progress_pct"] is not None:
+        step += f"  ({run['progress_pct']:.1f}%)"
+    row("step", step)
+    loss = _fmt(run["loss"], ".4f")
+    trend = run["loss_trend"]
+    if trend:
+        arrow = {"down": "↓", "up": "↑", "flat": "→"}[trend["direction"]]
+        loss += f"  {arrow} {trend['change']:+.4f} over {trend['window']} logged steps  {sparkline(trend['values'])}"
+    row("loss", loss)
+    if run["eval_loss"] is not None:
+        row("eval loss", f"{run['eval_loss']:.4f}")
+    row("learning rate", _fmt(run["learning_rate"], ".3g"))
+    row("tokens/s", _fmt(run["tokens_per_s"], ",.0f"))
+    if run["status"] == "running":
+        row("ETA", _duration(run["eta_s"]) if run["eta_s"] is not None else "-")
+    row("last metrics", f"{_duration(run['last_record_age_s'])} ago" if run["last_record_age_s"] is not None
+              else "-")
+    ck = run["last_checkpoint"]
+    ck_text = "none yet" if ck is None else f"{ck['path']}  ({_bytes(ck['size_bytes'])})"
+    if run["incomplete_checkpoints"]:
+        ck_text += f"  [incomplete: {', '.join(run['incomplete_checkpoints'])}]"
+    row("last checkpoint", ck_text)
+    bk = run["last_backup"]
+    row("last backup", "none" if bk is None else f"{bk['path']}  ({_duration(bk['age_s'])} ago)")
+    return t
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# entry point
+# ---------------------------------------------------------------------------------------------------------------
+def make_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m training.status", description=__doc__.split("\n\n")[0])
+    p.add_argument("--logs-dir", default="logs", help="folder with <run>/metrics.jsonl and gpu_metrics.jsonl")
+    p.add_argument("--output-dir", default="outputs", help="folder with <run>/checkpoint-N (default outputs)")
+    p.add_argument("--backup-dir", default="backup", help="folder with <run>/checkpoint-N backups (default backup)")
+    p.add_argument("--run", default=None, help="run name (default: the run whose metrics changed last)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the screen")
+    p.add_argument("--watch", nargs="?", type=float, const=2.0, default=None, metavar="SECONDS",
+                   help="refresh every SECONDS (default 2) until Ctrl-C")
+    p.add_argument("--stale-minutes", type=float, default=STALE_MINUTES,
+                   help=f"warn when a running run wrote no metrics for this long (default {STALE_MINUTES:g})")
+    p.add_argument("--no-docker", action="store_true", help="do not ask docker for the containers")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = make_parser().parse_args(argv)
+    if args.watch is not None and args.watch <= 0:
+        print(f"--watch {args.watch:g}: the refresh period must be a positive number of seconds, e.g. 2",
+              file=sys.stderr)
+        return 2
+
+    def collect() -> dict[str, Any]:
+        return collect_status(args.logs_dir, args.output_dir, args.backup_dir, run=args.run,
+                              docker=not args.no_docker, stale_minutes=args.stale_minutes)
+
+    from rich.console import Console
+
+    console = Console()
+    try:
+        if args.watch is None:
+            status = collect()
+            if args.json:
+                print(json.dumps(status, indent=2, default=str))
+            else:
+                console.print(render(status))
+            return 1 if args.run is not None and status["run"] is None else 0
+        if args.json:
+            while True:  # one JSON object per line per refresh: `--json --watch` streams for scripts
+                print(json.dumps(collect(), default=str), flush=True)
+                time.sleep(args.watch)
+        from rich.live import Live
+
+        with Live(render(collect()), console=console, refresh_per_second=4, screen=False) as live:
+            while True:
+                time.sleep(args.watch)
+                live.update(render(collect()))
+    except KeyboardInterrupt:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
