@@ -324,3 +324,30 @@ def test_training_container_exit_code_is_a_warning(tmp_path):
         assert name in screen(st)
     finally:
         subprocess.run(["docker", "rm", "-f", name], capture_output=True, timeout=60)
+
+
+def test_backup_records_from_backup_sidecar(tmp_path):
+    """backup.py writes <backup>/<run>/LAST_BACKUP.json and <backup>/backup_events.jsonl; status prefers them."""
+    write_run(tmp_path, "b", steps=20, max_steps=100)
+    write_checkpoint(tmp_path, "b", 20)
+    write_backup(tmp_path, "b", 10, mtime=T0 + 5)
+    write_backup(tmp_path, "b", 20, mtime=T0 + 5)
+    (tmp_path / "backup" / "b" / ".tmp-checkpoint-30-123").mkdir()  # a copy in progress is not a backup
+    (tmp_path / "backup" / "b" / "LAST_BACKUP.json").write_text(json.dumps(
+        {"ts": T0 + 150, "run": "b", "checkpoint": "checkpoint-20", "step": 20, "path": "x", "bytes": 16}))
+    st = status_of(tmp_path, T0 + 210)
+    bk = st["run"]["last_backup"]
+    assert bk["step"] == 20 and bk["age_s"] == pytest.approx(60) and bk["last_error"] is None
+    assert st["warnings"] == []
+    append_jsonl(tmp_path / "backup" / "backup_events.jsonl",
+                 {"ts": T0 + 100, "event": "failed", "run": "b", "checkpoint": "checkpoint-10", "error": "old"})
+    assert status_of(tmp_path, T0 + 210)["warnings"] == [], "a failure older than the last copy is over"
+    append_jsonl(tmp_path / "backup" / "backup_events.jsonl",
+                 {"ts": T0 + 200, "event": "failed", "run": "b", "checkpoint": "checkpoint-30",
+                  "error": "backup disk full", "disk_full": True})
+    append_jsonl(tmp_path / "backup" / "backup_events.jsonl",
+                 {"ts": T0 + 201, "event": "failed", "run": "other", "error": "not ours"})
+    st = status_of(tmp_path, T0 + 210)
+    assert [w["code"] for w in st["warnings"]] == ["backup_failed"]
+    assert "backup disk full" in st["warnings"][0]["message"]
+    assert "last attempt failed" in screen(st)

@@ -42,6 +42,8 @@ TERMINAL_EVENTS = {"finished": "finished", "failed": "failed", "stopped": "stopp
 STACK_SERVICES = {"qlora-training", "training-dev", "training-monitor", "gpu-monitor", "training-backup"}
 TRAINING_SERVICE = "qlora-training"
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+LAST_BACKUP_FILE = "LAST_BACKUP.json"  # written by training/backup.py per run after each verified copy
+BACKUP_EVENTS_FILE = "backup_events.jsonl"  # backup.py's copied / pruned / failed records
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -178,25 +180,47 @@ def find_checkpoints(run_out: Path) -> tuple[dict[str, Any] | None, list[str]]:
 
 
 def find_last_backup(backup_dir: Path, run: str, now: float) -> dict[str, Any] | None:
-    """Newest `<backup>/<run>/checkpoint-N/` (backup.py renames a copy to this name only once verified)."""
+    """Newest `<backup>/<run>/checkpoint-N/` (backup.py renames a `.tmp-` copy to this name only once verified).
+
+    Its time comes from backup.py's `<backup>/<run>/LAST_BACKUP.json` when that names this checkpoint, else from the
+    folder's mtime. A `failed` record for the run in `<backup>/backup_events.jsonl`, newer than that copy, is
+    reported as `last_error`.
+    """
     root = backup_dir / run
     best = None
     try:
         entries = list(root.iterdir())
     except OSError:
-        return None
+        entries = []
     for d in entries:
         m = CHECKPOINT_RE.match(d.name)
         if m and d.is_dir() and (best is None or int(m.group(1)) > best[0]):
             best = (int(m.group(1)), d)
-    if best is None:
-        return None
-    step, d = best
-    try:
-        ts = d.stat().st_mtime
-    except OSError:
+    info: dict[str, Any] | None = None
+    if best is not None:
+        step, d = best
         ts = None
-    return {"path": str(d), "step": step, "ts": ts, "age_s": None if ts is None else max(0.0, now - ts)}
+        try:
+            last = json.loads((root / LAST_BACKUP_FILE).read_text(encoding="utf-8"))
+            if isinstance(last, dict) and last.get("checkpoint") == d.name:
+                ts = _num(last.get("ts"))
+        except (OSError, ValueError):
+            pass
+        if ts is None:
+            try:
+                ts = d.stat().st_mtime
+            except OSError:
+                pass
+        info = {"path": str(d), "step": step, "ts": ts, "age_s": None if ts is None else max(0.0, now - ts),
+                "last_error": None}
+    failed = None
+    for rec in tail_jsonl(backup_dir / BACKUP_EVENTS_FILE):
+        if rec.get("run") == run and rec.get("event") == "failed" and _num(rec.get("ts")) is not None:
+            failed = rec
+    if failed is not None and (info is None or info["ts"] is None or failed["ts"] > info["ts"]):
+        info = info or {"path": None, "step": None, "ts": None, "age_s": None}
+        info["last_error"] = str(failed.get("error") or "backup failed")
+    return info
 
 
 def read_run(logs_dir: Path, output_dir: Path, backup_dir: Path, run: str, now: float) -> dict[str, Any]:
@@ -400,6 +424,10 @@ def find_warnings(status: dict[str, Any], output_dir: Path, stale_minutes: float
             warnings.append({"code": "metrics_stale", "message": (
                 f"run {run['name']} is running but wrote no metrics for {_duration(age)}: is the trainer alive? "
                 "see make train-logs")})
+        bk = run["last_backup"]
+        if bk is not None and bk.get("last_error"):
+            warnings.append({"code": "backup_failed", "message": f"last backup of {run['name']} failed: "
+                             f"{bk['last_error']} (see the training-backup container's log)"})
         if run["status"] == "failed":
             warnings.append({"code": "run_failed", "message": f"run {run['name']} failed: {run['error'] or '?'}"})
     for c in status["containers"]["containers"]:
@@ -542,7 +570,13 @@ def _render_run(run: dict[str, Any]):
         ck_text += f"  [incomplete: {', '.join(run['incomplete_checkpoints'])}]"
     row("last checkpoint", ck_text)
     bk = run["last_backup"]
-    row("last backup", "none" if bk is None else f"{bk['path']}  ({_duration(bk['age_s'])} ago)")
+    if bk is None or bk["path"] is None:
+        bk_text = "none"
+    else:
+        bk_text = f"{bk['path']}  ({_duration(bk['age_s'])} ago)"
+    if bk is not None and bk.get("last_error"):
+        bk_text += "  [last attempt failed]"
+    row("last backup", bk_text)
     return t
 
 
