@@ -1,0 +1,202 @@
+"""QLoRA fine-tuning recipe: config -> data -> model -> trainer -> save.
+
+Usage:
+    python -m training.qlora_finetune --model-config tiny                # built-in tiny model, CPU, ~1 minute
+    python -m training.qlora_finetune --model-config gemma-2b --data datasets/processed
+    python -m training.qlora_finetune --model-config custom --model ORG/NAME --data PATH --set lora_r=16
+
+Outputs (docs/contracts.md): outputs/<run>/adapter/ (PEFT adapter + tokenizer), outputs/<run>/checkpoint-N/,
+outputs/<run>/runs/ (TensorBoard), outputs/<run>/run_summary.json, logs/<run>/metrics.jsonl and train.log.
+Exit status: 0 done, 2 bad input (config, data, model path, machine too small), 1 a bug (with traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as `python training/qlora_finetune.py`
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from training.qlora_config import PRESETS, ConfigError, QLoRAConfig, resolve_config, to_dict  # noqa: E402
+
+log = logging.getLogger("training")
+
+
+def make_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m training.qlora_finetune", description=__doc__.split("\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model-config", default="tiny", metavar="PRESET",
+                   help=f"preset: {', '.join(PRESETS)} (default: %(default)s)")
+    p.add_argument("--model", help="base model: Hugging Face id or local folder (overrides the preset)")
+    p.add_argument("--data", help="training data: file or folder (.jsonl/.json/.parquet/.csv/save_to_disk)")
+    p.add_argument("--output-dir", help="run folder (default: outputs/<run-name>)")
+    p.add_argument("--run-name", help="run name (default: the output folder's name, else the preset)")
+    p.add_argument("--logs-dir", default=os.environ.get("LOGS_DIR", "logs"), help="default: %(default)s")
+    p.add_argument("--max-steps", type=int, help="optimizer steps (overrides the preset)")
+    p.add_argument("--config", help="YAML file of config keys (between the preset and the flags)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any config key, e.g. --set lora_r=16 (repeatable)")
+    p.add_argument("--resume", default="auto", metavar="auto|never|PATH",
+                   help="auto: continue from the newest complete checkpoint of this run; never: start over; "
+                        "PATH: that checkpoint (default: %(default)s)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = make_parser().parse_args(argv)
+    # ---------------------------------------------------------------------------------------------- config
+    try:
+        cfg = resolve_config(args.model_config, args.config,
+                             overrides={"model_name_or_path": args.model, "data": args.data,
+                                        "max_steps": args.max_steps},
+                             set_items=args.set)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    run_name = args.run_name or (Path(args.output_dir).name if args.output_dir else args.model_config)
+    run_dir = Path(args.output_dir or Path("outputs") / run_name)
+    logs_dir = Path(args.logs_dir) / run_name
+    from training.metrics import log_event, setup_logging
+
+    setup_logging(logs_dir / "train.log")
+    metrics_path = logs_dir / "metrics.jsonl"
+    try:
+        return train(cfg, args.model_config, run_name, run_dir, metrics_path, args.resume)
+    except Exception as exc:
+        from training.data import DataError
+        from training.model import ModelLoadError, ResourceError
+
+        user_error = isinstance(exc, (ConfigError, DataError, ModelLoadError, ResourceError))
+        log_event(metrics_path, run_name, 0, "failed", error=f"{type(exc).__name__}: {exc}")
+        if user_error:
+            log.error("%s", exc)
+            return 2
+        log.exception("training failed")
+        return 1
+
+
+def train(cfg: QLoRAConfig, preset: str, run_name: str, run_dir: Path, metrics_path: Path, resume: str) -> int:
+    from training.data import build_datasets
+    from training.metrics import MetricsCallback, log_event
+    from training.model import load_qlora_model, load_tokenizer, pick_device
+    from training.tiny import resolve_builtin
+
+    t0 = time.time()
+    device = pick_device(cfg, preset)  # refuses a preset the machine cannot run, before loading anything
+    model_path = resolve_builtin(cfg.model_name_or_path)
+    log.info("run %s: preset %s, base %s, device %s", run_name, preset, cfg.model_name_or_path, device.describe())
+
+    # ------------------------------------------------------------------------------------------------ data
+    tokenizer = load_tokenizer(model_path)
+    train_ds, eval_ds, stats = build_datasets(cfg.data, tokenizer, cfg.max_seq_length, cfg.eval_fraction,
+                                              cfg.seed, cfg.completion_only_loss)
+    summary = stats.summary()
+    log.info("data %s: %s; %d train / %d eval examples; %d truncated at %d tokens", cfg.data,
+             summary["records_per_format"], stats.n_train, stats.n_eval, stats.truncated, cfg.max_seq_length)
+
+    # ----------------------------------------------------------------------------------------------- model
+    model = load_qlora_model(cfg, model_path, device)
+
+    # --------------------------------------------------------------------------------------------- trainer
+    from transformers.trainer_callback import PrinterCallback
+    from trl import SFTConfig, SFTTrainer
+
+    report_to = [t for t in (s.strip() for s in cfg.report_to.split(",")) if t and t != "none"]
+    sft_args = SFTConfig(
+        output_dir=str(run_dir),
+        run_name=run_name,
+        max_steps=cfg.max_steps,
+        per_device_train_batch_size=cfg.per_device_train_batch_size,
+        per_device_eval_batch_size=cfg.per_device_train_batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        learning_rate=cfg.learning_rate,
+        lr_scheduler_type=cfg.lr_scheduler_type,
+        warmup_steps=cfg.warmup_steps,
+        weight_decay=cfg.weight_decay,
+        max_grad_norm=cfg.max_grad_norm,
+        optim=cfg.optim,
+        gradient_checkpointing=cfg.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+        bf16=device.bf16,
+        fp16=device.fp16,
+        use_cpu=device.kind == "cpu",
+        max_length=cfg.max_seq_length,
+        packing=cfg.packing,
+        logging_steps=cfg.logging_steps,
+        logging_first_step=True,
+        save_strategy="steps",
+        save_steps=cfg.save_steps,
+        save_total_limit=None,  # retention happens after the completeness marker (training/checkpoints.py)
+        eval_strategy="steps" if eval_ds is not None else "no",
+        eval_steps=cfg.eval_steps,
+        report_to=report_to,
+        include_num_input_tokens_seen="non_padding",
+        dataloader_num_workers=cfg.dataloader_num_workers,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        disable_tqdm=True,  # MetricsCallback draws its own bar with the loss
+    )
+    metrics_cb = MetricsCallback(metrics_path, run_name)
+    trainer = SFTTrainer(model=model, args=sft_args, train_dataset=train_ds, eval_dataset=eval_ds,
+                         processing_class=tokenizer, callbacks=[metrics_cb])
+    trainer.remove_callback(PrinterCallback)
+
+    resume_from = None if resume == "never" else None  # TODO(issue 4): training.checkpoints.resolve_resume
+    log_event(metrics_path, run_name, 0, "start", preset=preset, device=device.describe(), max_steps=cfg.max_steps)
+    result = trainer.train(resume_from_checkpoint=resume_from)
+
+    # ------------------------------------------------------------------------------------------------ save
+    adapter_dir = run_dir / "adapter"
+    trainer.model.save_pretrained(str(adapter_dir))
+    tokenizer.save_pretrained(str(adapter_dir))
+    if (Path(model_path) / "tokenizer.model").is_file():  # GGUF export needs the SentencePiece file
+        (adapter_dir / "tokenizer.model").write_bytes((Path(model_path) / "tokenizer.model").read_bytes())
+    state = trainer.state
+    run_summary = {
+        "run": run_name,
+        "preset": preset,
+        "status": "finished",
+        "config": to_dict(cfg),
+        "base_model_path": model_path,
+        "steps": state.global_step,
+        "max_steps": state.max_steps,
+        "train_loss_first": metrics_cb.first_loss,
+        "train_loss_last": metrics_cb.last_loss,
+        "eval_loss_last": metrics_cb.last_eval_loss,
+        "train_loss_mean": result.training_loss,
+        "tokens_per_s": round(metrics_cb.mean_tokens_per_s(state) or 0.0, 1),
+        "tokens_seen": int(getattr(state, "num_input_tokens_seen", 0) or 0),
+        "duration_s": round(time.time() - t0, 1),
+        "device": device.describe(),
+        "data": summary,
+        "adapter_dir": str(adapter_dir),
+        "versions": library_versions(),
+    }
+    from training.jsonl import write_json_atomic
+
+    write_json_atomic(run_dir / "run_summary.json", run_summary)
+    log_event(metrics_path, run_name, state.global_step, "finished", train_loss_last=metrics_cb.last_loss)
+    log.info("done in %.0fs: loss %.4f -> %.4f; adapter in %s", run_summary["duration_s"],
+             metrics_cb.first_loss or float("nan"), metrics_cb.last_loss or float("nan"), adapter_dir)
+    return 0
+
+
+def library_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": sys.version.split()[0]}
+    for name in ("torch", "transformers", "peft", "trl", "bitsandbytes", "accelerate", "datasets"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = "missing"
+    return out
+
+
+if __name__ == "__main__":
+    sys.exit(main())
