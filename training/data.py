@@ -158,6 +158,8 @@ def read_json_array(path: Path) -> Iterator[Record]:
 def read_csv(path: Path) -> Iterator[Record]:
     with open(path, encoding="utf-8-sig", newline="") as fh:
         reader = csv.DictReader(fh)
+        if reader.fieldnames is None:  # reads the header line
+            return
         line = reader.line_num
         for row in reader:
             start, line = line + 1, reader.line_num
@@ -209,7 +211,7 @@ def _maybe_json(value: Any) -> Any:
 
 
 def detect_format(rec: Record) -> str:
-    keys = {k for k, v in rec.data.items() if v is not None and v != ""}
+    keys = {k for k, v in rec.data.items() if v is not None}
     if "messages" in keys:
         return "chat"
     if "conversations" in keys:

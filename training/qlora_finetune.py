@@ -13,10 +13,12 @@ Exit status: 0 done, 2 bad input (config, data, model path, machine too small), 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as `python training/qlora_finetune.py`
@@ -87,6 +89,7 @@ def train(cfg: QLoRAConfig, preset: str, run_name: str, run_dir: Path, metrics_p
     from training.tiny import resolve_builtin
 
     t0 = time.time()
+    quiet_libraries()
     device = pick_device(cfg, preset)  # refuses a preset the machine cannot run, before loading anything
     model_path = resolve_builtin(cfg.model_name_or_path)
     log.info("run %s: preset %s, base %s, device %s", run_name, preset, cfg.model_name_or_path, device.describe())
@@ -120,8 +123,7 @@ def train(cfg: QLoRAConfig, preset: str, run_name: str, run_dir: Path, metrics_p
         weight_decay=cfg.weight_decay,
         max_grad_norm=cfg.max_grad_norm,
         optim=cfg.optim,
-        gradient_checkpointing=cfg.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False},
+        **checkpointing_args(SFTConfig, cfg.gradient_checkpointing),
         bf16=device.bf16,
         fp16=device.fp16,
         use_cpu=device.kind == "cpu",
@@ -184,6 +186,25 @@ def train(cfg: QLoRAConfig, preset: str, run_name: str, run_dir: Path, metrics_p
     log.info("done in %.0fs: loss %.4f -> %.4f; adapter in %s", run_summary["duration_s"],
              metrics_cb.first_loss or float("nan"), metrics_cb.last_loss or float("nan"), adapter_dir)
     return 0
+
+
+def checkpointing_args(config_cls, enabled: bool) -> dict:
+    """transformers 5.2x renamed gradient_checkpointing to activation_checkpointing; accept both."""
+    names = {f.name for f in dataclasses.fields(config_cls)}
+    key = "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
+    return {key: enabled, f"{key}_kwargs": {"use_reentrant": False}}
+
+
+def quiet_libraries() -> None:
+    """Deprecation chatter from the libraries is not the user's business; progress bars only on a terminal."""
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*kernels-community.*")
+    if not sys.stderr.isatty():
+        import datasets
+        import transformers
+
+        datasets.disable_progress_bars()
+        transformers.utils.logging.disable_progress_bar()
 
 
 def library_versions() -> dict[str, str]:
