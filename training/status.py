@@ -567,7 +567,7 @@ def _render_run(run: dict[str, Any]):
     ck = run["last_checkpoint"]
     ck_text = "none yet" if ck is None else f"{ck['path']}  ({_bytes(ck['size_bytes'])})"
     if run["incomplete_checkpoints"]:
-        ck_text += f"  [incomplete: {', '.join(run['incomplete_checkpoints'])}]"
+        ck_text += f"  [no COMPLETE marker yet: {', '.join(run['incomplete_checkpoints'])}]"
     row("last checkpoint", ck_text)
     bk = run["last_backup"]
     if bk is None or bk["path"] is None:
