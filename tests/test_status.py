@@ -68,7 +68,7 @@ def status_of(root: Path, now: float, run: str | None = None, **kw) -> dict:
 
 
 def screen(status: dict) -> str:
-    console = Console(record=True, width=160)
+    console = Console(record=True, width=300)
     console.print(render(status))
     return console.export_text()
 
