@@ -113,12 +113,13 @@ def test_running_run_with_incomplete_checkpoint(tmp_path):
     assert run["status"] == "running"
     assert (run["step"], run["max_steps"], run["progress_pct"]) == (30, 100, 30.0)
     assert run["eta_s"] == 70 * 5.0
-    assert run["last_checkpoint"]["step"] == 20 and run["incomplete_checkpoints"] == ["checkpoint-30"]
+    assert run["last_checkpoint"]["step"] == 20
+    assert run["incomplete_checkpoints"] == ["checkpoint-30: no COMPLETE marker (the save did not finish)"]
     assert run["last_backup"] is None
     assert run["last_record_age_s"] == pytest.approx(20)
     assert st["warnings"] == []
     text = screen(st)
-    for needle in ("running", "30 / 100", "(30.0%)", "ETA", "5m 50s", "checkpoint-20", "no COMPLETE marker yet: checkpoint-30",
+    for needle in ("running", "30 / 100", "(30.0%)", "ETA", "5m 50s", "checkpoint-20", "not complete: checkpoint-30: no COMPLETE marker",
                    "last backup      none"):
         assert needle in text, needle
 
@@ -186,14 +187,20 @@ def test_tolerates_cut_off_and_garbled_lines(tmp_path):
         fh.write(b"[1, 2, 3]\n")
         fh.write(b'{"ts": 1800000110.0, "run": "messy", "step": 10, "max_st')  # writer killed mid-line
     (tmp_path / "logs" / "gpu_metrics.jsonl").write_bytes(b'{"ts": "yesterday", "index": 0}\n{"ts": 1.0, "ind')
+    write_checkpoint(tmp_path, "messy", 4)
     ckpt = write_checkpoint(tmp_path, "messy", 5)
-    (ckpt / "COMPLETE").write_text("{not json")  # marker present, manifest unreadable: size from the folder
+    (ckpt / "COMPLETE").write_text("{not json")  # marker present, manifest unreadable: not a checkpoint
+    ckpt6 = write_checkpoint(tmp_path, "messy", 6)
+    (ckpt6 / "adapter_model.safetensors").write_bytes(b"short")  # truncated after the marker was written
     st = status_of(tmp_path, T0 + 200)
     run = st["run"]
     assert run["step"] == 9, "the whole line with a garbled loss still counts for the step"
     assert run["loss"] == pytest.approx(4.0 - 0.05 * 8), "a non-number loss is skipped"
     assert run["tokens_per_s"] is None and run["max_steps"] == 20
-    assert run["last_checkpoint"]["step"] == 5 and run["last_checkpoint"]["size_bytes"] >= 4096
+    assert run["last_checkpoint"]["step"] == 4 and run["last_checkpoint"]["size_bytes"] == 4096
+    assert [i.split(":")[0] for i in run["incomplete_checkpoints"]] == ["checkpoint-5", "checkpoint-6"]
+    assert "marker unreadable" in run["incomplete_checkpoints"][0]
+    assert "size 5 bytes" in run["incomplete_checkpoints"][1]
     assert st["gpu"]["gpus"] == []
     screen(st)
     proc = run_cli("--logs-dir", str(tmp_path / "logs"), "--output-dir", str(tmp_path / "outputs"), "--no-docker")
@@ -237,16 +244,19 @@ def test_gpu_monitor_event_newer_than_samples_is_shown(tmp_path):
 
 def test_disk_too_small_for_next_checkpoint(tmp_path):
     write_run(tmp_path, "big", steps=10, max_steps=100)
-    ckpt = write_checkpoint(tmp_path, "big", 10)
+    ckpt = write_checkpoint(tmp_path, "big", 10, size=1024)
+    assert status_of(tmp_path, T0 + 110)["warnings"] == []
+    # A checkpoint as large as the free space (a sparse file: it takes no real room); the next needs 2x: no fit.
     free = shutil.disk_usage(tmp_path).free
+    weights = ckpt / "adapter_model.safetensors"
+    os.truncate(weights, free)
     manifest = json.loads((ckpt / "COMPLETE").read_text())
-    manifest["files"]["adapter_model.safetensors"]["size"] = free  # next one needs 2x free: cannot fit
+    manifest["files"]["adapter_model.safetensors"]["size"] = free
     (ckpt / "COMPLETE").write_text(json.dumps(manifest))
     st = status_of(tmp_path, T0 + 110)
+    assert st["run"]["last_checkpoint"]["size_bytes"] == free
     assert [w["code"] for w in st["warnings"]] == ["disk_low"]
-    manifest["files"]["adapter_model.safetensors"]["size"] = 1024
-    (ckpt / "COMPLETE").write_text(json.dumps(manifest))
-    assert status_of(tmp_path, T0 + 110)["warnings"] == []
+    assert "the next one may not fit" in st["warnings"][0]["message"]
 
 
 def test_loss_trend():

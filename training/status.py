@@ -20,7 +20,6 @@ import argparse
 import json
 import math
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -28,6 +27,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from training.checkpoints import (MARKER_NAME, checkpoint_step, is_complete_checkpoint, list_checkpoints,
+                                  read_manifest)
 from training.jsonl import iter_jsonl
 
 NO_RUNS_MESSAGE = "no runs yet: start one with make demo / make train-gemma-2b"
@@ -41,7 +42,6 @@ GPU_TAIL_BYTES = 256 * 1024  # the GPU log can be tens of MB; the latest sample 
 TERMINAL_EVENTS = {"finished": "finished", "failed": "failed", "stopped": "stopped"}
 STACK_SERVICES = {"qlora-training", "training-dev", "training-monitor", "gpu-monitor", "training-backup"}
 TRAINING_SERVICE = "qlora-training"
-CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 LAST_BACKUP_FILE = "LAST_BACKUP.json"  # written by training/backup.py per run after each verified copy
 BACKUP_EVENTS_FILE = "backup_events.jsonl"  # backup.py's copied / pruned / failed records
 
@@ -89,17 +89,6 @@ def tail_jsonl(path: Path, max_bytes: int = GPU_TAIL_BYTES) -> list[dict[str, An
     return out
 
 
-def dir_size(path: Path) -> int:
-    total = 0
-    for root, _, files in os.walk(path):
-        for name in files:
-            try:
-                total += os.lstat(os.path.join(root, name)).st_size
-            except OSError:
-                pass
-    return total
-
-
 def disk_free_bytes(path: Path) -> int | None:
     p = path.absolute()
     while not p.exists() and p != p.parent:
@@ -145,38 +134,32 @@ def loss_trend(losses: list[float]) -> dict[str, Any] | None:
 
 
 def find_checkpoints(run_out: Path) -> tuple[dict[str, Any] | None, list[str]]:
-    """(newest complete checkpoint, names of checkpoint folders without a COMPLETE marker)."""
-    complete, incomplete = [], []
-    try:
-        entries = list(run_out.iterdir())
-    except OSError:
-        return None, []
-    for d in entries:
-        m = CHECKPOINT_RE.match(d.name)
-        if not m or not d.is_dir():
-            continue
-        (complete if (d / "COMPLETE").is_file() else incomplete).append((int(m.group(1)), d))
-    incomplete_names = [d.name for _, d in sorted(incomplete)]
-    if not complete:
-        return None, incomplete_names
-    step, d = max(complete)
-    info: dict[str, Any] = {"path": str(d), "step": step, "size_bytes": None, "created": None}
-    try:
-        manifest = json.loads((d / "COMPLETE").read_text(encoding="utf-8"))
-        files = manifest.get("files") if isinstance(manifest, dict) else None
-        if isinstance(files, dict):
-            info["size_bytes"] = int(sum(_num(f.get("size")) or 0 for f in files.values() if isinstance(f, dict)))
-        info["created"] = _num(manifest.get("created")) if isinstance(manifest, dict) else None
-    except (OSError, ValueError, AttributeError):
-        pass
-    if not info["size_bytes"]:
-        info["size_bytes"] = dir_size(d)
-    if info["created"] is None:
+    """(newest complete checkpoint, "checkpoint-N: why" for newer folders that are not complete).
+
+    "Complete" is training/checkpoints.py's definition, checked at the cheap "sizes" level (no re-hashing, so the
+    screen stays instant on multi-GB checkpoints): marker present, manifest readable, every file at its size.
+    """
+    skipped: list[str] = []
+    for _, path in reversed(list_checkpoints(run_out)):
         try:
-            info["created"] = (d / "COMPLETE").stat().st_mtime
-        except OSError:
-            pass
-    return info, [n for n in incomplete_names if int(n.split("-")[1]) > step]
+            ok, reason = is_complete_checkpoint(path, level="sizes")
+        except OSError as exc:  # a folder deleted or rotated between listing and reading
+            ok, reason = False, str(exc)
+        if not ok:
+            skipped.append(f"{path.name}: {reason.replace(str(path) + '/', '').replace(str(path) + ': ', '')}")
+            continue
+        manifest = read_manifest(path) or {}
+        files = manifest.get("files") or {}
+        size = sum(int(_num(f.get("size")) or 0) for f in files.values() if isinstance(f, dict))
+        created = _num(manifest.get("created"))
+        if created is None:
+            try:
+                created = (path / MARKER_NAME).stat().st_mtime
+            except OSError:
+                pass
+        info = {"path": str(path), "step": checkpoint_step(path), "size_bytes": size, "created": created}
+        return info, list(reversed(skipped))
+    return None, list(reversed(skipped))
 
 
 def find_last_backup(backup_dir: Path, run: str, now: float) -> dict[str, Any] | None:
@@ -193,9 +176,9 @@ def find_last_backup(backup_dir: Path, run: str, now: float) -> dict[str, Any] |
     except OSError:
         entries = []
     for d in entries:
-        m = CHECKPOINT_RE.match(d.name)
-        if m and d.is_dir() and (best is None or int(m.group(1)) > best[0]):
-            best = (int(m.group(1)), d)
+        step = checkpoint_step(d)
+        if step is not None and d.is_dir() and (best is None or step > best[0]):
+            best = (step, d)
     info: dict[str, Any] | None = None
     if best is not None:
         step, d = best
@@ -567,7 +550,7 @@ def _render_run(run: dict[str, Any]):
     ck = run["last_checkpoint"]
     ck_text = "none yet" if ck is None else f"{ck['path']}  ({_bytes(ck['size_bytes'])})"
     if run["incomplete_checkpoints"]:
-        ck_text += f"  [no COMPLETE marker yet: {', '.join(run['incomplete_checkpoints'])}]"
+        ck_text += f"  [not complete: {'; '.join(run['incomplete_checkpoints'])}]"
     row("last checkpoint", ck_text)
     bk = run["last_backup"]
     if bk is None or bk["path"] is None:
