@@ -550,7 +550,9 @@ def _render_run(run: dict[str, Any]):
     ck = run["last_checkpoint"]
     ck_text = "none yet" if ck is None else f"{ck['path']}  ({_bytes(ck['size_bytes'])})"
     if run["incomplete_checkpoints"]:
-        ck_text += f"  [not complete: {'; '.join(run['incomplete_checkpoints'])}]"
+        bad = run["incomplete_checkpoints"]
+        names = ", ".join(b.split(":")[0] for b in bad)
+        ck_text += f"  [not complete: {bad[0]}]" if len(bad) == 1 else f"  [not complete: {names}; {bad[-1]}]"
     row("last checkpoint", ck_text)
     bk = run["last_backup"]
     if bk is None or bk["path"] is None:
