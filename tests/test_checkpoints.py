@@ -193,14 +193,14 @@ def test_resolve_resume_auto_never_path(tmp_path):
 
 
 def test_resume_compatibility(tmp_path):
-    cfg = {"base_model": "models/tiny-gemma2", "lora_r": 8, "lora_target_modules": ["q_proj", "v_proj"],
+    cfg = {"model_name_or_path": "models/tiny-gemma2", "lora_r": 8, "target_modules": ["q_proj", "v_proj"],
            "max_steps": 20, "learning_rate": 2e-4}
     ckpt = make_checkpoint(tmp_path, 10, run_config=cfg)
     logs = Logs()
-    assert check_resume_compatible(ckpt, dict(cfg, lora_target_modules=["v_proj", "q_proj"]), log=logs) == []
+    assert check_resume_compatible(ckpt, dict(cfg, target_modules=["v_proj", "q_proj"]), log=logs) == []
     changes = check_resume_compatible(ckpt, dict(cfg, max_steps=40), log=logs)
     assert changes == ["max_steps: 20 -> 40"] and "max_steps" in logs.text()
-    for key, value in [("lora_r", 16), ("base_model", "google/gemma-2-2b"), ("lora_target_modules", "all-linear")]:
+    for key, value in [("lora_r", 16), ("model_name_or_path", "google/gemma-2-2b"), ("target_modules", "all-linear")]:
         with pytest.raises(CheckpointError) as err:
             check_resume_compatible(ckpt, dict(cfg, **{key: value}), log=logs)
         assert key in str(err.value) and str(ckpt) in str(err.value)
@@ -305,7 +305,7 @@ def train_tiny(out: Path, metrics: Path, mode: str, max_steps: int = 8, save_ste
                 self._send()
 
     cb = CheckpointCallback(run_name="t", metrics_path=metrics, keep=2,
-                            run_config={"base_model": "tiny", "lora_r": 0, "lora_target_modules": []})
+                            run_config={"model_name_or_path": "tiny", "lora_r": 0, "target_modules": []})
     args = TrainingArguments(output_dir=str(out), max_steps=max_steps, save_steps=save_steps, save_strategy="steps",
                              save_total_limit=None, per_device_train_batch_size=4, per_device_eval_batch_size=16,
                              eval_strategy="steps" if mode == "eval" else "no", eval_steps=3, logging_steps=1,

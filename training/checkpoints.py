@@ -37,7 +37,7 @@ RUN_CONFIG_NAME = "run_config.json"
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 # What must not change between a checkpoint and the run resuming from it: the adapter would not load (rank,
 # target modules) or would silently apply to other weights (base model).
-INCOMPATIBLE_KEYS = ("base_model", "lora_r", "lora_target_modules")
+INCOMPATIBLE_KEYS = ("model_name_or_path", "lora_r", "target_modules")  # names of training/qlora_config.py
 # Test-only hook: "POINT@STEP:SECONDS" (POINT: step | eval | save) makes the callback pause once at that point so
 # that tests can deliver a signal there. Never set it in real runs.
 TEST_PAUSE_ENV = "QLORA_TEST_PAUSE"
@@ -285,8 +285,9 @@ def read_run_config(ckpt: str | os.PathLike) -> dict[str, Any] | None:
             cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             continue
-        return {"base_model": cfg.get("base_model_name_or_path"), "lora_r": cfg.get("r"),
-                "lora_target_modules": cfg.get("target_modules")}
+        # Its base_model_name_or_path is the resolved local path (differs between native and container runs), so
+        # only rank and target modules are compared here.
+        return {"lora_r": cfg.get("r"), "target_modules": cfg.get("target_modules")}
     return None
 
 
@@ -419,8 +420,8 @@ class _CheckpointCallbackLogic:
 
     Set `save_total_limit=None` in TrainingArguments: HF rotates before this callback marks the new checkpoint, so
     its rotation could delete the last complete one while the new one is not yet marked.
-    After `trainer.train()` returns, `exit_status` is 128+signum when a signal stopped the run (143 for SIGTERM,
-    130 for SIGINT), else None.
+    After `trainer.train()` returns, `exit_status` is 128+signum when a signal stopped the run before max_steps
+    (143 for SIGTERM, 130 for SIGINT), else None.
     """
 
     def __init__(
@@ -443,6 +444,7 @@ class _CheckpointCallbackLogic:
         self.resume_changes = list(resume_changes)
         self.log = logger.warning if log is None else log
         self.stop_signal: int | None = None
+        self.stopped_early = False
         self.last_complete: Path | None = None
         self._stop_announced = False
         self._test_pause = _parse_test_pause(os.environ.get(TEST_PAUSE_ENV))
@@ -476,7 +478,9 @@ class _CheckpointCallbackLogic:
 
     @property
     def exit_status(self) -> int | None:
-        return None if self.stop_signal is None else 128 + self.stop_signal
+        """128+signum when a signal stopped training before max_steps, else None (a signal during the last step
+        lets the run finish normally)."""
+        return 128 + self.stop_signal if self.stopped_early else None
 
     def _request_save_and_stop(self, state: Any, control: Any, where: str) -> None:
         control.should_save = True
@@ -503,9 +507,11 @@ class _CheckpointCallbackLogic:
         flag = Path(run_dir) / f".test-paused-{point}-{step}"
         flag.parent.mkdir(parents=True, exist_ok=True)
         flag.write_text(str(os.getpid()))
-        print(f"[checkpoints] TEST PAUSE at {point} step {step} for {seconds}s ({TEST_PAUSE_ENV})",
+        print(f"[checkpoints] TEST PAUSE at {point} (step {step}) for {seconds}s ({TEST_PAUSE_ENV})",
               file=sys.stderr, flush=True)
-        time.sleep(seconds)
+        deadline = time.time() + seconds
+        while time.time() < deadline and not self.stop_requested:  # a stop signal ends the pause
+            time.sleep(0.05)
 
     # -- trainer hooks -----------------------------------------------------------------------------------------
     def on_train_begin(self, args, state, control, **kwargs):
@@ -552,13 +558,14 @@ class _CheckpointCallbackLogic:
                 size = sum(f["size"] for f in manifest["files"].values())
                 self._event(state, "checkpoint", path=str(ckpt), bytes=size,
                             marker_s=round(time.time() - started, 3))
-                prune_checkpoints(args.output_dir, self.keep, log=self.log)
+                prune_checkpoints(args.output_dir, self.keep, log=logger.info)
         if self.stop_requested:
             # A signal that arrived during HF's save: this checkpoint is at the current step; stop here.
             control.should_training_stop = True
 
     def on_train_end(self, args, state, control, **kwargs):
-        if self.stop_requested:
+        self.stopped_early = self.stop_requested and state.global_step < state.max_steps
+        if self.stopped_early:
             path = self.last_complete if self.last_complete and checkpoint_step(self.last_complete) == \
                 state.global_step else None
             self._event(state, "stopped", signal=_signal_name(self.stop_signal), checkpoint=str(path) if path else None)

@@ -71,9 +71,10 @@ def main(argv: list[str] | None = None) -> int:
         return train(cfg, args.model_config, run_name, run_dir, metrics_path, args.resume)
     except Exception as exc:
         from training.data import DataError
+        from training.checkpoints import CheckpointError
         from training.model import ModelLoadError, ResourceError
 
-        user_error = isinstance(exc, (ConfigError, DataError, ModelLoadError, ResourceError))
+        user_error = isinstance(exc, (ConfigError, DataError, ModelLoadError, ResourceError, CheckpointError))
         log_event(metrics_path, run_name, 0, "failed", error=f"{type(exc).__name__}: {exc}")
         if user_error:
             log.error("%s", exc)
@@ -93,6 +94,12 @@ def train(cfg: QLoRAConfig, preset: str, run_name: str, run_dir: Path, metrics_p
     device = pick_device(cfg, preset)  # refuses a preset the machine cannot run, before loading anything
     model_path = resolve_builtin(cfg.model_name_or_path)
     log.info("run %s: preset %s, base %s, device %s", run_name, preset, cfg.model_name_or_path, device.describe())
+
+    # ---------------------------------------------------------------------------------------------- resume
+    from training.checkpoints import CheckpointCallback, check_resume_compatible, resolve_resume
+
+    resume_from = resolve_resume(resume, run_dir, log=log.warning)  # a bad PATH is an error, never a fresh start
+    resume_changes = check_resume_compatible(resume_from, to_dict(cfg), log=log.warning) if resume_from else []
 
     # ------------------------------------------------------------------------------------------------ data
     tokenizer = load_tokenizer(model_path)
@@ -144,13 +151,18 @@ def train(cfg: QLoRAConfig, preset: str, run_name: str, run_dir: Path, metrics_p
         disable_tqdm=True,  # MetricsCallback draws its own bar with the loss
     )
     metrics_cb = MetricsCallback(metrics_path, run_name)
+    # From here on SIGTERM/SIGINT = finish the step, save a complete checkpoint, stop (a second one: exit at once).
+    checkpoint_cb = CheckpointCallback(run_name=run_name, metrics_path=metrics_path, run_config=to_dict(cfg),
+                                       keep=cfg.keep_checkpoints, resumed_from=resume_from,
+                                       resume_changes=resume_changes, log=log.warning)
     trainer = SFTTrainer(model=model, args=sft_args, train_dataset=train_ds, eval_dataset=eval_ds,
-                         processing_class=tokenizer, callbacks=[metrics_cb])
+                         processing_class=tokenizer, callbacks=[metrics_cb, checkpoint_cb])
     trainer.remove_callback(PrinterCallback)
 
-    resume_from = None if resume == "never" else None  # TODO(issue 4): training.checkpoints.resolve_resume
     log_event(metrics_path, run_name, 0, "start", preset=preset, device=device.describe(), max_steps=cfg.max_steps)
-    result = trainer.train(resume_from_checkpoint=resume_from)
+    result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    if checkpoint_cb.exit_status is not None:  # stopped by a signal: its complete checkpoint is where to resume
+        return checkpoint_cb.exit_status
 
     # ------------------------------------------------------------------------------------------------ save
     adapter_dir = run_dir / "adapter"
