@@ -110,7 +110,11 @@ def test_gpu_window_reads_rotated_files(tmp_path):
     fig = plot_gpu("r", per_gpu, T0)
     util_ax, mem_ax = fig.axes
     assert len(util_ax.lines) == 2
-    assert list(util_ax.lines[0].get_xdata()) == pytest.approx([1 / 60, 2 / 60, 3 / 60, 4 / 60])
+    assert list(util_ax.lines[0].get_xdata()) == pytest.approx([1, 2, 3, 4])
+    assert mem_ax.get_xlabel() == "seconds since the run started"
+    hours = plot_gpu("r", {0: per_gpu[0] + [{**per_gpu[0][-1], "ts": T0 + 7200}]}, T0).axes[1]
+    assert hours.get_xlabel() == "minutes since the run started"
+    assert list(hours.lines[0].get_xdata())[-1] == pytest.approx(120)
     assert list(mem_ax.lines[0].get_ydata()) == pytest.approx([(10_000 + k * 100) / 1024 for k in (0, 1, 0, 0)])
 
 

@@ -10,8 +10,8 @@ run's time window. Writes `loss.png`, `learning_rate.png`, `tokens_per_s.png`, `
 there is no GPU data for the window) and `report.md`. The trainer calls `write_report()` at the end of a run.
 
 Limits: a resumed run that went back to an earlier step keeps the newest value for each step; the GPU plot is over
-time (minutes since the run started), since the GPU monitor knows nothing of steps; with several runs at once on
-one machine the GPU plot shows all of them.
+time (seconds, minutes or hours since the run started), since the GPU monitor knows nothing of steps; with several
+runs at once on one machine the GPU plot shows all of them.
 """
 
 from __future__ import annotations
@@ -117,14 +117,16 @@ def plot_gpu(run: str, per_gpu: dict[int, list[dict[str, Any]]], start: float) -
     ax_util.set_ylabel("utilisation (%)")
     ax_util.set_ylim(0, 105)
     ax_mem.set_ylabel("memory used (GiB)")
-    ax_mem.set_xlabel("minutes since the run started")
+    span = max(r["ts"] for samples in per_gpu.values() for r in samples) - start
+    unit, scale = ("seconds", 1.0) if span < 300 else ("minutes", 60.0) if span < 5 * 3600 else ("hours", 3600.0)
+    ax_mem.set_xlabel(f"{unit} since the run started")
     for idx, samples in per_gpu.items():
         label = f"GPU {idx}" + (f" ({samples[-1].get('name')})" if samples[-1].get("name") else "")
-        util = [((r["ts"] - start) / 60, _num(r.get("util_pct"))) for r in samples]
+        util = [((r["ts"] - start) / scale, _num(r.get("util_pct"))) for r in samples]
         util = [(t, u) for t, u in util if u is not None]
         if util:
             ax_util.plot(*zip(*util), label=label)
-        mem = [((r["ts"] - start) / 60, _num(r.get("mem_used_mib"))) for r in samples]
+        mem = [((r["ts"] - start) / scale, _num(r.get("mem_used_mib"))) for r in samples]
         mem = [(t, m / 1024) for t, m in mem if m is not None]
         if mem:
             line = ax_mem.plot(*zip(*mem), label=label)[0]
