@@ -335,6 +335,16 @@ def test_training_container_exit_code_is_a_warning(tmp_path):
         assert c["state"] == "exited" and c["exit_code"] == 3
         assert any(w["code"] == "training_container_failed" and name in w["message"] for w in st["warnings"])
         assert name in screen(st)
+        # status inside a container has no docker: the host pipes `docker inspect` in (make train-status)
+        inspect = subprocess.run(["docker", "inspect", name], capture_output=True, text=True, timeout=60).stdout
+        env = {**os.environ, "PATH": str(Path(sys.executable).parent)}
+        proc = subprocess.run([sys.executable, "-m", "training.status", "--logs-dir", str(tmp_path / "logs"),
+                               "--json", "--docker-inspect", "-"], input=inspect, cwd=REPO, capture_output=True,
+                              text=True, timeout=60, env=env)
+        assert proc.returncode == 0, proc.stderr
+        piped = json.loads(proc.stdout)
+        assert [(c["name"], c["exit_code"]) for c in piped["containers"]["containers"]] == [(name, 3)]
+        assert [w["code"] for w in piped["warnings"]] == ["training_container_failed"]
     finally:
         subprocess.run(["docker", "rm", "-f", name], capture_output=True, timeout=60)
 
@@ -364,3 +374,37 @@ def test_backup_records_from_backup_sidecar(tmp_path):
     assert [w["code"] for w in st["warnings"]] == ["backup_failed"]
     assert "backup disk full" in st["warnings"][0]["message"]
     assert "last attempt failed" in screen(st)
+
+
+def test_docker_inspect_input_empty_or_garbled(tmp_path):
+    """The host had no docker (empty pipe) or sent garbage: say so, no traceback."""
+    for text, message in (("", "docker not available"), ("{oops", "docker inspect output unreadable"),
+                          ("[]", "no stack containers")):
+        proc = subprocess.run([sys.executable, "-m", "training.status", "--logs-dir", str(tmp_path / "logs"),
+                               "--docker-inspect", "-"], input=text, cwd=REPO, capture_output=True, text=True,
+                              timeout=60)
+        assert proc.returncode == 0 and message in proc.stdout and "Traceback" not in proc.stderr, proc.stderr
+
+
+@pytest.mark.docker
+@pytest.mark.skipif(_docker_image() is None and not os.environ.get("CI"),
+                    reason="needs a Docker engine with any local image (CI installs one, so CI never skips)")
+def test_running_container_health_is_shown(tmp_path):
+    name = f"agent-statustest-health-{uuid.uuid4().hex[:8]}"
+    proc = subprocess.run(["docker", "run", "-d", "--name", name, "--health-cmd", "exit 1", "--health-interval", "1s",
+                           "--health-retries", "1", "--entrypoint", "sleep", _docker_image(), "60"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            st = collect_status(tmp_path / "logs", tmp_path / "outputs", tmp_path / "backup")
+            (c,) = [c for c in st["containers"]["containers"] if c["name"] == name]
+            if c["health"] == "unhealthy" or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        assert c["state"] == "running" and c["status"].startswith("up ") and c["exit_code"] is None
+        assert c["health"] == "unhealthy"
+        assert any(w["code"] == "container_unhealthy" and name in w["message"] for w in st["warnings"])
+    finally:
+        subprocess.run(["docker", "rm", "-f", name], capture_output=True, timeout=60)

@@ -20,6 +20,7 @@ import argparse
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -323,39 +324,72 @@ def _docker(args: list[str], timeout: float = 5.0) -> str | None:
     return proc.stdout if proc.returncode == 0 else None
 
 
-def read_containers() -> dict[str, Any]:
-    """The stack's containers (names agent-*, or a compose service of this stack) with state, health, exit code."""
-    if shutil.which("docker") is None:
-        return {"available": False, "message": "docker not available", "containers": []}
-    out = _docker(["ps", "-a", "--no-trunc", "--format", "{{json .}}"])
-    if out is None:
-        return {"available": False, "message": "docker not available (engine not reachable)", "containers": []}
+def _docker_time(value: Any) -> float | None:
+    """Docker's RFC 3339 time (nanoseconds, Z) -> unix seconds; its zero time (never started) -> None."""
+    if not isinstance(value, str) or value.startswith("0001-"):
+        return None
+    m = re.match(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(\.\d+)?(Z|[+-]\d\d:\d\d)$", value)
+    if not m:
+        return None
+    from datetime import datetime
+
+    tz = "+00:00" if m.group(3) == "Z" else m.group(3)
+    try:
+        base = datetime.fromisoformat(m.group(1) + tz).timestamp()
+    except ValueError:
+        return None
+    return base + (float(m.group(2)) if m.group(2) else 0.0)
+
+
+def containers_from_inspect(items: Any, now: float) -> list[dict[str, Any]]:
+    """The stack's containers (name agent-*, or a compose service of this stack) from `docker inspect` output."""
     rows = []
-    for line in out.splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
+    for item in items if isinstance(items, list) else []:
+        if not isinstance(item, dict):
             continue
-        labels = dict(kv.split("=", 1) for kv in str(row.get("Labels", "")).split(",") if "=" in kv)
-        name = str(row.get("Names", "")).split(",")[0]
+        state = item.get("State") if isinstance(item.get("State"), dict) else {}
+        config = item.get("Config") if isinstance(item.get("Config"), dict) else {}
+        labels = config.get("Labels") if isinstance(config.get("Labels"), dict) else {}
+        name = str(item.get("Name", "")).lstrip("/")
         service = labels.get("com.docker.compose.service")
-        if name.startswith("agent-") or service in STACK_SERVICES:
-            rows.append({"id": row.get("ID"), "name": name, "service": service, "image": row.get("Image"),
-                         "state": row.get("State"), "status": row.get("Status")})
-    if rows:
-        inspected = _docker(["inspect", *[r["id"] for r in rows]])
-        by_id = {}
-        try:
-            for item in json.loads(inspected or "[]"):
-                by_id[str(item.get("Id", ""))] = item.get("State") or {}
-        except (json.JSONDecodeError, AttributeError):
-            pass
-        for r in rows:
-            st = next((v for k, v in by_id.items() if r["id"] and k.startswith(str(r["id"]))), {})
-            r["exit_code"] = st.get("ExitCode") if r["state"] == "exited" else None
-            r["health"] = (st.get("Health") or {}).get("Status") if isinstance(st.get("Health"), dict) else None
-            r["finished_at"] = st.get("FinishedAt") if r["state"] == "exited" else None
-    rows.sort(key=lambda r: r["name"])
+        if not (name.startswith("agent-") or service in STACK_SERVICES):
+            continue
+        st = str(state.get("Status", "unknown"))
+        health = state.get("Health") if isinstance(state.get("Health"), dict) else {}
+        started, finished = _docker_time(state.get("StartedAt")), _docker_time(state.get("FinishedAt"))
+        exit_code = _int(state.get("ExitCode")) if st in ("exited", "dead") else None
+        if st == "running" and started is not None:
+            since = f"up {_duration(now - started)}"
+        elif st in ("exited", "dead") and finished is not None:
+            since = f"exited ({exit_code}) {_duration(now - finished)} ago" + (", OOM-killed" if state.get(
+                "OOMKilled") else "")
+        else:
+            since = st
+        rows.append({"id": str(item.get("Id", ""))[:12], "name": name, "service": service,
+                     "image": config.get("Image"), "state": st, "status": since, "exit_code": exit_code,
+                     "oom_killed": bool(state.get("OOMKilled")), "health": health.get("Status")})
+    return sorted(rows, key=lambda r: r["name"])
+
+
+def read_containers(now: float, inspect_json: str | None = None) -> dict[str, Any]:
+    """Containers of the stack: from `docker inspect` run here, or from its output given as text (--docker-inspect,
+    for status running inside a container that has no docker, fed by the host)."""
+    if inspect_json is None:
+        if shutil.which("docker") is None:
+            return {"available": False, "message": "docker not available", "containers": []}
+        ids = _docker(["ps", "-aq", "--no-trunc"])
+        if ids is None:
+            return {"available": False, "message": "docker not available (engine not reachable)", "containers": []}
+        inspect_json = _docker(["inspect", *ids.split()]) if ids.split() else "[]"
+        if inspect_json is None:  # a container removed between ps and inspect: try once more
+            inspect_json = _docker(["inspect", *(_docker(["ps", "-aq", "--no-trunc"]) or "").split()]) or "[]"
+    if not inspect_json.strip():
+        return {"available": False, "message": "docker not available (no docker inspect output)", "containers": []}
+    try:
+        items = json.loads(inspect_json)
+    except json.JSONDecodeError:
+        return {"available": False, "message": "docker inspect output unreadable", "containers": []}
+    rows = containers_from_inspect(items, now)
     return {"available": True, "message": None if rows else "no stack containers", "containers": rows}
 
 
@@ -364,15 +398,20 @@ def read_containers() -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------------------------
 def collect_status(logs_dir: str | os.PathLike = "logs", output_dir: str | os.PathLike = "outputs",
                    backup_dir: str | os.PathLike = "backup", run: str | None = None, now: float | None = None,
-                   docker: bool = True, stale_minutes: float = STALE_MINUTES) -> dict[str, Any]:
-    """Everything the screen shows, as plain data (what --json prints)."""
+                   docker: bool = True, stale_minutes: float = STALE_MINUTES,
+                   docker_inspect: str | None = None) -> dict[str, Any]:
+    """Everything the screen shows, as plain data (what --json prints).
+
+    docker=False: containers are not asked for; docker_inspect: `docker inspect` output (JSON text) to use instead
+    of running docker here.
+    """
     logs_dir, output_dir, backup_dir = Path(logs_dir), Path(output_dir), Path(backup_dir)
     now = time.time() if now is None else now
     runs = list_runs(logs_dir)
     status: dict[str, Any] = {
         "ts": now, "logs_dir": str(logs_dir), "output_dir": str(output_dir), "backup_dir": str(backup_dir),
-        "containers": read_containers() if docker else {"available": False, "message": "docker not queried",
-                                                        "containers": []},
+        "containers": read_containers(now, docker_inspect) if docker or docker_inspect is not None else {
+            "available": False, "message": "docker not queried", "containers": []},
         "gpu": read_gpus(logs_dir, now), "runs": runs, "run": None, "message": None, "warnings": [],
     }
     if run is not None and run not in runs:
@@ -415,9 +454,13 @@ def find_warnings(status: dict[str, Any], output_dir: Path, stale_minutes: float
             warnings.append({"code": "run_failed", "message": f"run {run['name']} failed: {run['error'] or '?'}"})
     for c in status["containers"]["containers"]:
         is_training = c["service"] == TRAINING_SERVICE or TRAINING_SERVICE in c["name"]
-        if is_training and c["state"] == "exited" and c.get("exit_code") not in (0, None):
+        if is_training and c["state"] in ("exited", "dead") and c.get("exit_code") not in (0, None):
+            oom = " (killed for lack of host memory)" if c.get("oom_killed") else ""
             warnings.append({"code": "training_container_failed", "message": (
-                f"container {c['name']} exited with code {c['exit_code']}: see docker logs {c['name']}")})
+                f"container {c['name']} exited with code {c['exit_code']}{oom}: see docker logs {c['name']}")})
+        if c["state"] == "restarting":
+            warnings.append({"code": "container_restarting", "message": (
+                f"container {c['name']} keeps restarting (crash loop?): see docker logs {c['name']}")})
         if c.get("health") == "unhealthy":
             warnings.append({"code": "container_unhealthy", "message": f"container {c['name']} is unhealthy"})
     return warnings
@@ -580,6 +623,9 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--stale-minutes", type=float, default=STALE_MINUTES,
                    help=f"warn when a running run wrote no metrics for this long (default {STALE_MINUTES:g})")
     p.add_argument("--no-docker", action="store_true", help="do not ask docker for the containers")
+    p.add_argument("--docker-inspect", metavar="FILE", default=None,
+                   help="read `docker inspect` output from FILE ('-' = stdin) instead of running docker: for status "
+                        "inside a container, e.g. docker inspect $(docker ps -aq) | ... --docker-inspect -")
     return p
 
 
@@ -590,9 +636,21 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
 
+    docker_inspect = None
+    if args.docker_inspect is not None:
+        try:
+            if args.docker_inspect == "-":
+                docker_inspect = sys.stdin.read()
+            else:
+                docker_inspect = Path(args.docker_inspect).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            print(f"--docker-inspect {args.docker_inspect}: cannot read it ({exc})", file=sys.stderr)
+            return 2
+
     def collect() -> dict[str, Any]:
         return collect_status(args.logs_dir, args.output_dir, args.backup_dir, run=args.run,
-                              docker=not args.no_docker, stale_minutes=args.stale_minutes)
+                              docker=not args.no_docker, stale_minutes=args.stale_minutes,
+                              docker_inspect=docker_inspect)
 
     from rich.console import Console
 
