@@ -85,8 +85,64 @@ def _load_hint(model_path: str, exc: Exception) -> str:
     return f"cannot load '{model_path}': {text.splitlines()[0] if text else type(exc).__name__}\n-> {hint}"
 
 
-def load_qlora_model(cfg: QLoRAConfig, model_path: str, device: Device):
-    """Base weights in 4-bit NF4 (+ double quant), prepared for k-bit training, with LoRA on all linear layers."""
+def model_type_of(model_path: str) -> str | None:
+    """The architecture's model_type from config.json (local folder or the hub's few-KB config), or None."""
+    try:
+        from transformers import AutoConfig
+
+        return AutoConfig.from_pretrained(model_path).model_type
+    except (OSError, ValueError):
+        return None
+
+
+def plan_for_device(cfg: QLoRAConfig, device: Device, backend: str, model_path: str) -> tuple[QLoRAConfig, str]:
+    """On CUDA, let the VRAM planner choose micro-batch and checkpointing for the card, keeping the tokens per
+    optimizer step of the preset. Returns the updated config and a log line."""
+    from dataclasses import replace
+
+    from training.plan import PlanError, arch_for, plan
+
+    if device.kind != "cuda" or not cfg.plan_memory:
+        return cfg, "planner off (CPU or plan_memory=false): micro-batch and checkpointing as configured"
+    gpu_mem = cfg.gpu_mem_gib or device.memory_gib or 0.0
+    sequences = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps
+    try:
+        arch = arch_for(cfg.model_name_or_path if cfg.model_name_or_path.startswith("google/") else model_path)
+        p = plan(arch, sequences, cfg.max_seq_length, cfg.lora_r, gpu_mem, "unsloth" if backend == "unsloth" else "hf",
+                 fused_loss=backend == "unsloth" or device_has_liger(backend),
+                 eager_attention=cfg.attn_implementation == "eager", max_micro_batch=cfg.max_micro_batch)
+    except PlanError as exc:
+        raise ResourceError(str(exc)) from None
+    new = replace(cfg, per_device_train_batch_size=p.micro_batch, gradient_accumulation_steps=p.gradient_accumulation_steps,
+                  gradient_checkpointing=p.gradient_checkpointing)
+    return new, (f"planner ({gpu_mem:.0f} GiB card, {backend}): micro-batch {p.micro_batch} x accumulation "
+                 f"{p.gradient_accumulation_steps}, gradient checkpointing {'on' if p.gradient_checkpointing else 'off'}, "
+                 f"predicted peak {p.predicted_peak_gib:.1f} GiB ({p.reason})")
+
+
+_LIGER_APPLIED: dict[str, bool] = {}
+
+
+def device_has_liger(backend: str) -> bool:
+    return backend == "hf+liger"
+
+
+def load_qlora_model(cfg: QLoRAConfig, model_path: str, device: Device, backend: str = "hf"):
+    """Base weights in 4-bit NF4 (+ double quant) with LoRA on all linear layers, through the chosen backend:
+    'unsloth', 'hf+liger' (transformers + peft with Liger kernels) or 'hf'."""
+    if backend == "unsloth":
+        from training.backends import LORA_TARGETS, load_unsloth
+
+        model = load_unsloth(model_path, cfg.max_seq_length, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout,
+                             cfg.gradient_checkpointing, cfg.seed)
+        log.info("model %s: unsloth 4-bit NF4, LoRA r=%d on %s", model_path, cfg.lora_r, ", ".join(LORA_TARGETS))
+        return model
+    if backend == "hf+liger":
+        from training.backends import apply_liger
+
+        model_type = model_type_of(model_path) or ""
+        if model_type not in _LIGER_APPLIED:
+            _LIGER_APPLIED[model_type] = apply_liger(model_type)
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 

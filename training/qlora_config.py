@@ -24,6 +24,10 @@ class QLoRAConfig:
     # --- model ---
     model_name_or_path: str = ""  # HF hub id or local folder of the base model
     attn_implementation: str = "eager"  # eager keeps Gemma-2's attention logit soft-capping (sdpa drops it)
+    backend: str = "auto"  # auto: unsloth on CUDA if installed and its self-check passes, else hf (+ Liger kernels)
+    plan_memory: bool = True  # on CUDA the VRAM planner picks micro-batch and checkpointing, keeping tokens per step
+    gpu_mem_gib: float = 0.0  # plan for this much GPU memory (0: the card's); e.g. 24 to plan a 4090 run on an H100
+    max_micro_batch: int = 16  # the planner never goes above this micro-batch
     device: str = "auto"  # auto: CUDA when present, else the CPU; cpu/cuda force it
     min_gpu_mem_gib: float = 0.0  # refuse to start below this much GPU memory (0: no check)
     allow_cpu: bool = False  # big presets refuse to run on a CPU (hours per step); tiny allows it
@@ -34,7 +38,7 @@ class QLoRAConfig:
     # --- LoRA ---
     lora_r: int = 32  # higher: more capacity, more memory
     lora_alpha: int = 16  # scale of the LoRA update is alpha / r
-    lora_dropout: float = 0.05  # light regularisation on the LoRA path
+    lora_dropout: float = 0.0  # 0 keeps unsloth's fused LoRA kernels; at fine-tuning data scale dropout buys little
     target_modules: str = "all-linear"  # LoRA on every linear layer (QLoRA paper: best quality per byte)
     # --- data ---
     data: str = ""  # file or folder of .jsonl/.json/.parquet/.csv, or a save_to_disk dataset
@@ -114,14 +118,15 @@ PRESETS: dict[str, QLoRAConfig] = {
 CHOICES: dict[str, tuple[str, ...]] = {
     "attn_implementation": ("eager", "sdpa", "flash_attention_2", "flex_attention"),
     "device": ("auto", "cpu", "cuda"),
+    "backend": ("auto", "unsloth", "hf"),
     "bnb_4bit_quant_type": ("nf4", "fp4"),
     "bf16": ("auto", "true", "false"),
     "lr_scheduler_type": ("linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial"),
     "optim": ("adamw_8bit", "paged_adamw_8bit", "adamw_torch", "paged_adamw_32bit", "adamw_torch_fused"),
 }
-POSITIVE = ("lora_r", "lora_alpha", "max_seq_length", "per_device_train_batch_size", "gradient_accumulation_steps",
+POSITIVE = ("max_micro_batch", "lora_r", "lora_alpha", "max_seq_length", "per_device_train_batch_size", "gradient_accumulation_steps",
             "max_steps", "learning_rate", "logging_steps", "save_steps", "eval_steps", "keep_checkpoints")
-NON_NEGATIVE = ("warmup_steps", "weight_decay", "max_grad_norm", "min_gpu_mem_gib", "dataloader_num_workers")
+NON_NEGATIVE = ("gpu_mem_gib", "warmup_steps", "weight_decay", "max_grad_norm", "min_gpu_mem_gib", "dataloader_num_workers")
 FRACTIONS = ("lora_dropout", "eval_fraction")  # in [0, 1)
 REPORT_TARGETS = ("tensorboard", "wandb", "none")
 

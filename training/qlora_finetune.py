@@ -70,11 +70,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return train(cfg, args.model_config, run_name, run_dir, metrics_path, args.resume)
     except Exception as exc:
-        from training.data import DataError
+        from training.backends import BackendError
         from training.checkpoints import CheckpointError
+        from training.data import DataError
         from training.model import ModelLoadError, ResourceError
 
-        user_error = isinstance(exc, (ConfigError, DataError, ModelLoadError, ResourceError, CheckpointError))
+        user_errors = (BackendError, CheckpointError, ConfigError, DataError, ModelLoadError, ResourceError)
+        user_error = isinstance(exc, user_errors)
         log_event(metrics_path, run_name, 0, "failed", error=f"{type(exc).__name__}: {exc}")
         if user_error:
             log.error("%s", exc)
@@ -86,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
 def train(cfg: QLoRAConfig, preset: str, run_name: str, run_dir: Path, metrics_path: Path, resume: str) -> int:
     from training.data import build_datasets
     from training.metrics import MetricsCallback, log_event
-    from training.model import load_qlora_model, load_tokenizer, pick_device
+    from training.backends import choose_backend
+    from training.model import load_qlora_model, load_tokenizer, model_type_of, pick_device, plan_for_device
     from training.tiny import resolve_builtin
 
     t0 = time.time()
@@ -94,6 +97,10 @@ def train(cfg: QLoRAConfig, preset: str, run_name: str, run_dir: Path, metrics_p
     device = pick_device(cfg, preset)  # refuses a preset the machine cannot run, before loading anything
     model_path = resolve_builtin(cfg.model_name_or_path)
     log.info("run %s: preset %s, base %s, device %s", run_name, preset, cfg.model_name_or_path, device.describe())
+    backend = choose_backend(cfg.backend, device.kind, model_type_of(model_path))  # before model code is imported
+    log.info("backend %s: %s", backend.label, backend.reason)
+    cfg, plan_line = plan_for_device(cfg, device, backend.label, model_path)  # micro-batch + checkpointing
+    log.info("%s", plan_line)
 
     # ---------------------------------------------------------------------------------------------- resume
     from training.checkpoints import CheckpointCallback, check_resume_compatible, resolve_resume
@@ -110,7 +117,10 @@ def train(cfg: QLoRAConfig, preset: str, run_name: str, run_dir: Path, metrics_p
              summary["records_per_format"], stats.n_train, stats.n_eval, stats.truncated, cfg.max_seq_length)
 
     # ----------------------------------------------------------------------------------------------- model
-    model = load_qlora_model(cfg, model_path, device)
+    from transformers import set_seed
+
+    set_seed(cfg.seed)  # LoRA A matrices start random: seed them, or same-seed runs differ (the Trainer seeds later)
+    model = load_qlora_model(cfg, model_path, device, backend.label)
 
     # --------------------------------------------------------------------------------------------- trainer
     from transformers.trainer_callback import PrinterCallback
@@ -130,7 +140,8 @@ def train(cfg: QLoRAConfig, preset: str, run_name: str, run_dir: Path, metrics_p
         weight_decay=cfg.weight_decay,
         max_grad_norm=cfg.max_grad_norm,
         optim=cfg.optim,
-        **checkpointing_args(SFTConfig, cfg.gradient_checkpointing),
+        # unsloth checkpoints (and offloads) activations itself; the Trainer must not wrap it again
+        **checkpointing_args(SFTConfig, cfg.gradient_checkpointing and backend.name != "unsloth"),
         bf16=device.bf16,
         fp16=device.fp16,
         use_cpu=device.kind == "cpu",
@@ -187,6 +198,9 @@ def train(cfg: QLoRAConfig, preset: str, run_name: str, run_dir: Path, metrics_p
         "tokens_seen": int(getattr(state, "num_input_tokens_seen", 0) or 0),
         "duration_s": round(time.time() - t0, 1),
         "device": device.describe(),
+        "backend": backend.label,
+        "backend_reason": backend.reason,
+        "plan": plan_line,
         "data": summary,
         "adapter_dir": str(adapter_dir),
         "versions": library_versions(),

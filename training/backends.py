@@ -1,0 +1,204 @@
+"""Training backends: the fastest correct one for the card, with a safe fallback.
+
+- `unsloth` (optional extra `fast`): unsloth's fused QLoRA kernels. Chosen by `backend: auto` on CUDA only after
+  a one-step self-check passes in a subprocess (so a broken install cannot take the trainer down, and a failed
+  check leaves this process unpatched). UNSLOTH_COMPILE_DISABLE=1 is set: its torch.compile path broke on torch 2.11.
+- `hf`: transformers + peft + bitsandbytes, with Liger kernels on CUDA when installed (fused linear
+  cross-entropy that never materialises the 256k-vocab logits, RMSNorm, GeGLU, RoPE).
+Both keep Gemma-2's attention logit soft-capping: `hf` through eager attention (sdpa would drop it), unsloth
+through its own soft-capped attention.
+
+    python -m training.backends self-check [--backend unsloth]     # what `auto` runs before choosing unsloth
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import logging
+import math
+import os
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger("training")
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+SELF_CHECK_TIMEOUT_S = 600
+
+
+class BackendError(RuntimeError):
+    """An explicitly requested backend cannot run here; the message says why and what to use instead."""
+
+
+@dataclass(frozen=True)
+class BackendChoice:
+    name: str  # "unsloth" or "hf"
+    liger: bool  # hf only: Liger kernels applied
+    reason: str
+
+    @property
+    def label(self) -> str:
+        """What training.model.load_qlora_model takes: unsloth, hf+liger or hf."""
+        return "hf+liger" if self.name == "hf" and self.liger else self.name
+
+
+def _installed(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+def choose_backend(requested: str, device_kind: str, model_type: str | None = None,
+                   self_check=None) -> BackendChoice:
+    """Decide the backend before anything imports transformers' model code (unsloth patches it on import)."""
+    liger = device_kind == "cuda" and _installed("liger_kernel")
+    hf = BackendChoice("hf", liger, "")
+    if requested == "hf":
+        return BackendChoice("hf", liger, "backend=hf asked for")
+    if device_kind != "cuda":
+        if requested == "unsloth":
+            raise BackendError("backend=unsloth needs a CUDA GPU; use --set backend=auto (or hf) on the CPU")
+        return BackendChoice("hf", False, "CPU: the accelerated backend needs CUDA")
+    if model_type not in (None, "gemma2", "gemma", "llama", "mistral", "qwen2", "qwen3"):
+        why = f"unsloth is not used for model type '{model_type}'"
+        if requested == "unsloth":
+            raise BackendError(why)
+        return BackendChoice("hf", liger, why)
+    if not _installed("unsloth"):
+        why = "unsloth is not installed (pip install '.[fast]' or the GPU image)"
+        if requested == "unsloth":
+            raise BackendError(why)
+        return BackendChoice("hf", liger, why + f"; using transformers + peft{' + Liger' if liger else ''}")
+    ok, detail = (self_check or run_self_check)("unsloth")
+    if ok:
+        return BackendChoice("unsloth", False, f"unsloth passed its self-check ({detail})")
+    why = f"unsloth failed its self-check: {detail}"
+    if requested == "unsloth":
+        raise BackendError(why + ". Use --set backend=hf")
+    return BackendChoice(hf.name, liger, why + f"; using transformers + peft{' + Liger' if liger else ''}")
+
+
+# ------------------------------------------------------------------------------------------------ self-check
+
+def run_self_check(backend: str) -> tuple[bool, str]:
+    """Run one QLoRA step of `backend` on a small random Gemma-2 in a subprocess; (passed, detail)."""
+    cmd = [sys.executable, "-m", "training.backends", "self-check", "--backend", backend, "--json"]
+    env = {**os.environ, "UNSLOTH_COMPILE_DISABLE": "1"}
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=SELF_CHECK_TIMEOUT_S, env=env)
+    except subprocess.TimeoutExpired:
+        return False, f"timed out after {SELF_CHECK_TIMEOUT_S}s"
+    result = None
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith("{"):
+            try:
+                result = json.loads(line)
+                break
+            except json.JSONDecodeError:
+                continue
+    if proc.returncode != 0 or not result:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+        return False, f"exit {proc.returncode}: {tail[0][:300]}"
+    return bool(result["ok"]), result["detail"]
+
+
+def _mini_gemma2(folder: Path) -> Path:
+    """A small random Gemma-2 (real head_dim 256 layout, 2 layers) with the tiny tokenizer, for the self-check."""
+    import torch
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    from training.tiny import build_tiny_model, default_dir
+
+    tok_dir = build_tiny_model(default_dir())
+    cfg = Gemma2Config(vocab_size=512, hidden_size=512, intermediate_size=2048, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, head_dim=256, max_position_embeddings=1024,
+                       pad_token_id=0, eos_token_id=1, bos_token_id=2)
+    torch.manual_seed(0)
+    Gemma2ForCausalLM(cfg).to(torch.bfloat16).save_pretrained(str(folder))
+    for f in tok_dir.iterdir():
+        if f.name.startswith("tokenizer") or f.name in ("chat_template.jinja", "special_tokens_map.json"):
+            (folder / f.name).write_bytes(f.read_bytes())
+    return folder
+
+
+def self_check_step(backend: str) -> dict:
+    """One forward/backward/optimizer step; checks a finite loss near ln(vocab) (random init) and finite, non-zero
+    LoRA gradients."""
+    import torch
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = _mini_gemma2(Path(tmp) / "mini")
+        if backend == "unsloth":
+            model = load_unsloth(str(path), seq_len=256, lora_r=8, lora_alpha=16, lora_dropout=0.0,
+                                 gradient_checkpointing=True, seed=0)
+        else:
+            raise BackendError(f"no self-check for backend '{backend}'")
+        model.train()
+        ids = torch.randint(3, 512, (2, 256), generator=torch.Generator().manual_seed(0)).cuda()
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        grads = [p.grad for n, p in model.named_parameters() if p.requires_grad and "lora_" in n]
+        finite = all(g is not None and torch.isfinite(g).all() for g in grads)
+        nonzero = any(g is not None and g.abs().sum() > 0 for g in grads)
+        value = float(loss)
+        near = math.isfinite(value) and abs(value - math.log(512)) < 0.5
+        ok = bool(grads) and finite and nonzero and near
+        detail = f"loss {value:.4f} vs ln(512)={math.log(512):.4f}, {len(grads)} LoRA grads finite={finite} nonzero={nonzero}"
+        return {"ok": ok, "detail": detail, "loss": value}
+
+
+# ------------------------------------------------------------------------------------------------ loading
+
+def apply_liger(model_type: str) -> bool:
+    """Patch transformers' model code with Liger kernels; False when Liger has no kernels for this model."""
+    try:
+        from liger_kernel.transformers.monkey_patch import _apply_liger_kernel
+    except ImportError:
+        return False
+    try:
+        _apply_liger_kernel(model_type, rope=True, rms_norm=True, fused_linear_cross_entropy=True,
+                            cross_entropy=False, **({"geglu": True} if model_type.startswith("gemma") else {}))
+    except Exception as exc:  # Liger raises on unknown model types or kwargs
+        log.warning("Liger kernels not applied to %s: %s", model_type, exc)
+        return False
+    return True
+
+
+def load_unsloth(model_path: str, seq_len: int, lora_r: int, lora_alpha: int, lora_dropout: float,
+                 gradient_checkpointing: bool, seed: int):
+    os.environ.setdefault("UNSLOTH_COMPILE_DISABLE", "1")
+    import torch
+    from unsloth import FastLanguageModel
+
+    model, _ = FastLanguageModel.from_pretrained(model_name=model_path, max_seq_length=seq_len, load_in_4bit=True,
+                                                 dtype=torch.bfloat16 if torch.cuda.is_bf16_supported() else
+                                                 torch.float16, local_files_only=Path(model_path).is_dir())
+    return FastLanguageModel.get_peft_model(model, r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+                                            target_modules=LORA_TARGETS, random_state=seed,
+                                            use_gradient_checkpointing="unsloth" if gradient_checkpointing else False)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m training.backends", description="Backend self-check.")
+    sub = p.add_subparsers(dest="command", required=True)
+    c = sub.add_parser("self-check", help="one training step of a backend on a small random Gemma-2")
+    c.add_argument("--backend", default="unsloth", choices=("unsloth",))
+    c.add_argument("--json", action="store_true")
+    args = p.parse_args(argv)
+    import torch
+
+    if not torch.cuda.is_available():
+        result = {"ok": False, "detail": "no CUDA GPU visible"}
+    else:
+        try:
+            result = self_check_step(args.backend)
+        except Exception as exc:  # the point of the self-check: any failure means "do not use it"
+            result = {"ok": False, "detail": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"}
+    print(json.dumps(result) if args.json else f"{'PASS' if result['ok'] else 'FAIL'}: {result['detail']}")
+    return 0 if result["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

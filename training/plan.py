@@ -1,0 +1,209 @@
+"""VRAM planner: predict the peak GPU memory of a QLoRA step from the model's config (no weights), and pick the
+micro-batch and gradient checkpointing that fit a card while keeping the tokens per optimizer step.
+
+    python -m training.plan --preset gemma-2b --gpu-mem 24 [--backend hf|unsloth] [--json]
+
+The model is arithmetic on the architecture, with per-token constants fitted to measurements on an H100
+(docs/benchmarks.md; `scripts/benchmark.py` re-measures them and prints predicted vs measured). Peak here means
+`torch.cuda.max_memory_allocated()`; the CUDA context and allocator slack come on top, which is why a plan keeps
+headroom (HEADROOM_GIB + HEADROOM_FRACTION of the card).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict, dataclass
+
+GIB = 2**30
+HEADROOM_GIB = 1.5  # CUDA context, cuBLAS workspace, allocator fragmentation
+HEADROOM_FRACTION = 0.08  # and a share of the card for what grows with it (caching allocator blocks)
+MICRO_BATCHES = (1, 2, 4, 8, 16, 32, 64)
+
+# Per-token constants in bytes, fitted to H100 measurements (bf16 compute, NF4 + double quant, LoRA all-linear).
+NF4_BYTES_PER_PARAM = 0.516  # 4 bits + double-quantised absmax (blocksize 64)
+LORA_BYTES_PER_PARAM = 10.0  # fp32 weight (4) + fp32 grad (4) + 8-bit Adam moments (2)
+CKPT_HIDDEN_BYTES = 4.0  # per layer per hidden unit: checkpointed layer inputs (fp32 residual after kbit prep)
+LAYER_WORKSET_BYTES = 40.0  # per intermediate unit: one layer's activations live during recompute + backward
+NO_CKPT_LAYER_BYTES = 142.0  # per layer per hidden unit when every activation is kept (no checkpointing)
+EAGER_ATTN_BYTES = 10.0  # per score: fp32 scores, tanh soft-cap, softmax, bf16 copy of one layer's S x S maps
+LOGIT_BYTES = 18.6  # per vocabulary entry per token when logits are materialised (bf16 + fp32 upcasts + grad)
+UNSLOTH_TOKEN_BYTES = 2.0  # per layer per hidden unit: unsloth offloads checkpoints to host RAM, keeps bf16 copies
+UNSLOTH_EXTRA_TOKEN_BYTES = 35.0  # per hidden unit: unsloth's fused kernels' working set
+
+
+@dataclass(frozen=True)
+class Arch:
+    """What the planner needs from a model config."""
+
+    num_layers: int
+    hidden: int
+    intermediate: int
+    vocab: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+
+    @classmethod
+    def from_config(cls, cfg) -> "Arch":
+        get = cfg.get if isinstance(cfg, dict) else lambda k, d=None: getattr(cfg, k, d)
+        heads = get("num_attention_heads")
+        return cls(get("num_hidden_layers"), get("hidden_size"), get("intermediate_size"), get("vocab_size"),
+                   heads, get("num_key_value_heads") or heads, get("head_dim") or get("hidden_size") // heads)
+
+    def linear_params(self) -> int:
+        attn = self.hidden * self.head_dim * (self.heads + 2 * self.kv_heads) + self.heads * self.head_dim * self.hidden
+        return self.num_layers * (attn + 3 * self.hidden * self.intermediate)
+
+    def lora_params(self, r: int) -> int:
+        h, q, kv = self.hidden, self.heads * self.head_dim, self.kv_heads * self.head_dim
+        per_layer = r * ((h + q) * 2 + (h + kv) * 2 + (h + self.intermediate) * 3)
+        return self.num_layers * per_layer
+
+
+# Architectures of the presets' base models (from their config.json), so planning needs no download.
+KNOWN_ARCHS = {
+    "google/gemma-2-2b": Arch(26, 2304, 9216, 256000, 8, 4, 256),
+    "google/gemma-2-9b": Arch(42, 3584, 14336, 256000, 16, 8, 256),
+    "google/gemma-2-27b": Arch(46, 4608, 36864, 256000, 32, 16, 128),
+}
+
+
+@dataclass(frozen=True)
+class Estimate:
+    micro_batch: int
+    gradient_checkpointing: bool
+    weights_gib: float
+    lora_gib: float
+    activations_gib: float
+    logits_gib: float
+    peak_gib: float
+
+
+def estimate_peak(arch: Arch, micro_batch: int, seq_len: int, lora_r: int, backend: str = "hf",
+                  gradient_checkpointing: bool = True, fused_loss: bool = True, eager_attention: bool = True,
+                  fp32_embeddings: bool = True) -> Estimate:
+    """Peak allocated bytes of one training step. backend: 'hf' (transformers + peft, optional fused loss from
+    Liger) or 'unsloth'."""
+    tokens = micro_batch * seq_len
+    embed_bytes = arch.vocab * arch.hidden * (4 if fp32_embeddings and backend == "hf" else 2)
+    weights = arch.linear_params() * NF4_BYTES_PER_PARAM + embed_bytes
+    lora = arch.lora_params(lora_r) * LORA_BYTES_PER_PARAM
+    if backend == "unsloth":
+        acts = tokens * (arch.num_layers * arch.hidden * UNSLOTH_TOKEN_BYTES + arch.hidden * UNSLOTH_EXTRA_TOKEN_BYTES)
+        logits = 0.0  # fused, chunked cross-entropy
+    else:
+        if gradient_checkpointing:
+            acts = tokens * (arch.num_layers * arch.hidden * CKPT_HIDDEN_BYTES + arch.intermediate * LAYER_WORKSET_BYTES)
+            layers_with_scores = 1
+        else:
+            acts = tokens * arch.num_layers * arch.hidden * NO_CKPT_LAYER_BYTES
+            layers_with_scores = arch.num_layers
+        if eager_attention:
+            acts += micro_batch * arch.heads * seq_len * seq_len * EAGER_ATTN_BYTES * layers_with_scores
+        logits = 0.0 if fused_loss else tokens * arch.vocab * LOGIT_BYTES
+    total = weights + lora + acts + logits
+    return Estimate(micro_batch, gradient_checkpointing, round(weights / GIB, 2), round(lora / GIB, 2),
+                    round(acts / GIB, 2), round(logits / GIB, 2), round(total / GIB, 2))
+
+
+def budget_gib(gpu_mem_gib: float) -> float:
+    return gpu_mem_gib * (1 - HEADROOM_FRACTION) - HEADROOM_GIB
+
+
+@dataclass(frozen=True)
+class Plan:
+    micro_batch: int
+    gradient_accumulation_steps: int
+    gradient_checkpointing: bool
+    predicted_peak_gib: float
+    budget_gib: float
+    gpu_mem_gib: float
+    backend: str
+    reason: str
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+class PlanError(ValueError):
+    """Nothing fits the card; the message says what would."""
+
+
+def plan(arch: Arch, sequences_per_step: int, seq_len: int, lora_r: int, gpu_mem_gib: float, backend: str = "hf",
+         fused_loss: bool = True, eager_attention: bool = True, max_micro_batch: int | None = None,
+         allow_no_checkpointing: bool = True) -> Plan:
+    """Largest micro-batch (a divisor of sequences_per_step) that fits the budget; without gradient checkpointing
+    only when that fits at the same micro-batch (faster); keeps sequences_per_step x seq_len tokens per step."""
+    budget = budget_gib(gpu_mem_gib)
+    cap = min(sequences_per_step, max_micro_batch or sequences_per_step)
+    candidates = [b for b in MICRO_BATCHES if b <= cap and sequences_per_step % b == 0]
+    best: tuple[Estimate, str] | None = None
+    for b in candidates:
+        est = estimate_peak(arch, b, seq_len, lora_r, backend, True, fused_loss, eager_attention)
+        if est.peak_gib <= budget:
+            best = (est, "largest micro-batch that fits with gradient checkpointing")
+    if best is None:
+        smallest = estimate_peak(arch, 1, seq_len, lora_r, backend, True, fused_loss, eager_attention)
+        raise PlanError(f"even micro-batch 1 needs about {smallest.peak_gib:.1f} GiB at {seq_len} tokens "
+                        f"(budget {budget:.1f} GiB of a {gpu_mem_gib:g} GiB card). Shorten sequences "
+                        "(--set max_seq_length=1024), lower lora_r, or use a larger card")
+    if allow_no_checkpointing and backend == "hf":
+        est = estimate_peak(arch, best[0].micro_batch, seq_len, lora_r, backend, False, fused_loss, eager_attention)
+        if est.peak_gib <= budget:
+            best = (est, "fits without gradient checkpointing (faster)")
+    est, reason = best
+    return Plan(est.micro_batch, sequences_per_step // est.micro_batch, est.gradient_checkpointing, est.peak_gib,
+                round(budget, 2), gpu_mem_gib, backend, reason)
+
+
+def arch_for(model_name_or_path: str) -> Arch:
+    """From the known table, or a local config.json, or the hub's config (a few KB, never weights)."""
+    if model_name_or_path in KNOWN_ARCHS:
+        return KNOWN_ARCHS[model_name_or_path]
+    from transformers import AutoConfig
+
+    from training.tiny import resolve_builtin
+
+    return Arch.from_config(AutoConfig.from_pretrained(resolve_builtin(model_name_or_path)))
+
+
+def main(argv: list[str] | None = None) -> int:
+    from training.qlora_config import PRESETS
+
+    p = argparse.ArgumentParser(prog="python -m training.plan", description=__doc__.splitlines()[0])
+    p.add_argument("--preset", default="gemma-2b", choices=list(PRESETS))
+    p.add_argument("--model", help="base model id or path (default: the preset's)")
+    p.add_argument("--gpu-mem", type=float, required=True, help="card memory in GiB, e.g. 24 for an RTX 4090")
+    p.add_argument("--backend", default="hf", choices=("hf", "unsloth"))
+    p.add_argument("--seq-len", type=int, help="default: the preset's max_seq_length")
+    p.add_argument("--no-fused-loss", action="store_true", help="logits materialised (no Liger / unsloth loss)")
+    p.add_argument("--json", action="store_true")
+    args = p.parse_args(argv)
+    preset = PRESETS[args.preset]
+    model = args.model or preset.model_name_or_path
+    if not model:
+        print("error: preset 'custom' needs --model ID_OR_PATH", file=sys.stderr)
+        return 2
+    seq = args.seq_len or preset.max_seq_length
+    sequences = preset.per_device_train_batch_size * preset.gradient_accumulation_steps
+    try:
+        result = plan(arch_for(model), sequences, seq, preset.lora_r, args.gpu_mem, args.backend,
+                      fused_loss=not args.no_fused_loss, eager_attention=preset.attn_implementation == "eager")
+    except PlanError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(result.as_dict(), indent=2))
+        return 0
+    print(f"{args.preset} ({model}) on a {args.gpu_mem:g} GiB card, backend {args.backend}, {seq} tokens/sequence:")
+    print(f"  micro-batch {result.micro_batch} x accumulation {result.gradient_accumulation_steps} "
+          f"= {sequences} sequences per optimizer step; gradient checkpointing "
+          f"{'on' if result.gradient_checkpointing else 'off'}")
+    print(f"  predicted peak {result.predicted_peak_gib:.1f} GiB of a {result.budget_gib:.1f} GiB budget ({result.reason})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
