@@ -18,7 +18,7 @@ from pathlib import Path
 import pynvml
 import pytest
 
-from fake_nvml import MIB, FakeGpu, FakeNvml
+from fake_nvml import FakeGpu, FakeNvml
 from training.gpu_monitor import GpuMonitor, RotatingJsonlWriter, decode_throttle_reasons, main, rotated_files
 from training.jsonl import read_jsonl
 

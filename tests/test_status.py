@@ -119,8 +119,8 @@ def test_running_run_with_incomplete_checkpoint(tmp_path):
     assert run["last_record_age_s"] == pytest.approx(20)
     assert st["warnings"] == []
     text = screen(st)
-    for needle in ("running", "30 / 100", "(30.0%)", "ETA", "5m 50s", "checkpoint-20", "not complete: checkpoint-30: no COMPLETE marker",
-                   "last backup      none"):
+    for needle in ("running", "30 / 100", "(30.0%)", "ETA", "5m 50s", "checkpoint-20",
+                   "not complete: checkpoint-30: no COMPLETE marker", "last backup      none"):
         assert needle in text, needle
 
 

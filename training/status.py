@@ -11,6 +11,8 @@ nearly full, disk too small for the next checkpoint, no metrics for a while duri
 exited non-zero). `--json` prints the same content as one JSON object; `--watch` refreshes until Ctrl-C.
 
 It only reads files (and asks `docker ps`/`docker inspect`), so it works while a run trains and after it stopped.
+Inside a container without docker, pass the host's view: `docker inspect $(docker ps -aq) | ... --docker-inspect -`
+(a snapshot: with --watch the containers part does not refresh).
 Missing, cut-off or garbled files are reported as missing data, never as a traceback.
 """
 
