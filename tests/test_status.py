@@ -408,3 +408,12 @@ def test_running_container_health_is_shown(tmp_path):
         assert any(w["code"] == "container_unhealthy" and name in w["message"] for w in st["warnings"])
     finally:
         subprocess.run(["docker", "rm", "-f", name], capture_output=True, timeout=60)
+
+
+def test_old_gpu_samples_during_a_run_warn(tmp_path):
+    write_run(tmp_path, "r", steps=5, max_steps=100, t0=T0 + 19 * 60)  # metrics until T0 + 19 min 50 s
+    append_jsonl(tmp_path / "logs" / "gpu_metrics.jsonl", {"ts": T0, "index": 0, "name": "g", "util_pct": 90,
+                                                          "mem_used_mib": 1000, "mem_total_mib": 24000})
+    assert status_of(tmp_path, T0 + 20 * 60, stale_minutes=25)["warnings"] == []
+    warnings = status_of(tmp_path, T0 + 20 * 60, stale_minutes=15)["warnings"]
+    assert [w["code"] for w in warnings] == ["gpu_samples_stale"], "metrics are fresh; the GPU sample is 20 min old"

@@ -452,6 +452,11 @@ def find_warnings(status: dict[str, Any], output_dir: Path, stale_minutes: float
         if bk is not None and bk.get("last_error"):
             warnings.append({"code": "backup_failed", "message": f"last backup of {run['name']} failed: "
                              f"{bk['last_error']} (see the training-backup container's log)"})
+        newest_gpu = max((g["ts"] for g in status["gpu"]["gpus"]), default=None)
+        if run["status"] == "running" and newest_gpu is not None and status["ts"] - newest_gpu > stale_minutes * 60:
+            warnings.append({"code": "gpu_samples_stale", "message": (
+                f"the newest GPU sample is {_duration(status['ts'] - newest_gpu)} old while {run['name']} runs: "
+                "is the gpu-monitor service up?")})
         if run["status"] == "failed":
             warnings.append({"code": "run_failed", "message": f"run {run['name']} failed: {run['error'] or '?'}"})
     for c in status["containers"]["containers"]:
