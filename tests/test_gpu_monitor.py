@@ -18,7 +18,7 @@ from pathlib import Path
 import pynvml
 import pytest
 
-from fake_nvml import FakeGpu, FakeNvml
+from tests.fake_nvml import FakeGpu, FakeNvml
 from training.gpu_monitor import GpuMonitor, RotatingJsonlWriter, decode_throttle_reasons, main, rotated_files
 from training.jsonl import read_jsonl
 
@@ -228,7 +228,7 @@ def test_env_interval_is_used(tmp_path, monkeypatch):
 
 
 def _start(code: str, tmp_path: Path) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")])}
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
     return subprocess.Popen([sys.executable, "-c", code], cwd=tmp_path, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -245,7 +245,7 @@ def _wait_for_lines(path: Path, n: int, proc: subprocess.Popen, timeout: float =
 
 def test_sigterm_while_sampling_exits_zero_with_whole_lines(tmp_path):
     out = tmp_path / "gpu_metrics.jsonl"
-    code = ("import sys; from fake_nvml import FakeNvml, FakeGpu; from training.gpu_monitor import main; "
+    code = ("import sys; from tests.fake_nvml import FakeNvml, FakeGpu; from training.gpu_monitor import main; "
             f"sys.exit(main(['--output', {str(out)!r}, '--interval', '0.002', '--disk-path', '.'], "
             "nvml=FakeNvml([FakeGpu(), FakeGpu(uuid='GPU-1')])))")
     proc = _start(code, tmp_path)
