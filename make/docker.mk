@@ -1,0 +1,121 @@
+# Docker Compose verbs (included by the top-level Makefile). README_DOCKER.md explains the stack.
+# Variables: GPU=auto|1|0  PRESET  MODEL=  DATA=  ARGS='--max-steps 50'  FORCE=1  BACKUP=1  IMAGE  BIND_ADDRESS
+# Every recipe only calls `docker compose`, so `make -n VERB` works on a machine without Docker.
+
+DOCKER ?= docker
+COMPOSE_MAIN_FILE ?= docker-compose.training.yml
+# GPU=auto adds docker-compose.gpu.yml when `nvidia-smi` answers; GPU=1 forces it, GPU=0 keeps the stack on the CPU.
+GPU ?= auto
+ifeq ($(GPU),auto)
+GPU_ON := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1 || echo 0)
+else
+GPU_ON := $(GPU)
+endif
+COMPOSE_FILES := -f $(COMPOSE_MAIN_FILE) $(if $(filter 1 yes true,$(GPU_ON)),-f docker-compose.gpu.yml)
+COMPOSE := $(DOCKER) compose $(COMPOSE_FILES)
+ALL_PROFILES := --profile training --profile training-dev --profile monitoring
+
+# BuildKit: cache and secret mounts in the Dockerfile.
+export DOCKER_BUILDKIT := 1
+export COMPOSE_DOCKER_CLI_BUILD := 1
+# The image's user gets the host user's ids (files in bind mounts stay the user's); root on the host maps to 1000,
+# because the container never runs as root.
+HOST_UID := $(shell id -u 2>/dev/null || echo 1000)
+HOST_GID := $(shell id -g 2>/dev/null || echo 1000)
+APP_UID ?= $(if $(filter 0,$(HOST_UID)),1000,$(HOST_UID))
+APP_GID ?= $(if $(filter 0,$(HOST_GID)),1000,$(HOST_GID))
+# CA bundle handed to the build as a secret (corporate proxies); /dev/null when the host has none.
+CA_BUNDLE ?= $(firstword $(wildcard /etc/ssl/certs/ca-certificates.crt /etc/pki/tls/certs/ca-bundle.crt /etc/ssl/cert.pem) /dev/null)
+CONTAINER_PREFIX ?= agent
+VOLUME_PREFIX ?= training
+export APP_UID APP_GID CA_BUNDLE CONTAINER_PREFIX VOLUME_PREFIX
+JUPYTER_TOKEN_FILE ?= .jupyter_token
+BIND_ADDRESS ?= 127.0.0.1
+JUPYTER_PORT ?= 8888
+TENSORBOARD_PORT ?= 6006
+WANDB_PORT ?= 8080
+export BIND_ADDRESS JUPYTER_PORT TENSORBOARD_PORT WANDB_PORT
+TRAINING_CONTAINER = $(CONTAINER_PREFIX)-qlora-training
+
+# A host path given as DATA= / MODEL= is bind-mounted read-only; anything else (a hub id) is passed as is.
+# Only values the user gave count (the top-level Makefile's own DATA default is for native verbs).
+USER_DATA := $(if $(filter command line environment environment override,$(origin DATA)),$(DATA))
+USER_MODEL := $(if $(filter command line environment environment override,$(origin MODEL)),$(MODEL))
+DATA_PATH := $(patsubst %/,%,$(USER_DATA))
+MODEL_PATH := $(patsubst %/,%,$(USER_MODEL))
+DATA_MOUNT := $(if $(and $(DATA_PATH),$(wildcard $(DATA_PATH))),DATASETS_DIR=$(abspath $(dir $(DATA_PATH))))
+DATA_ARG := $(if $(DATA_PATH),--data $(if $(wildcard $(DATA_PATH)),/app/datasets/$(notdir $(DATA_PATH)),$(DATA_PATH)))
+MODEL_MOUNT := $(if $(and $(MODEL_PATH),$(wildcard $(MODEL_PATH))),BASE_MODEL_DIR=$(abspath $(MODEL_PATH)))
+MODEL_ARG := $(if $(MODEL_PATH),--model $(if $(wildcard $(MODEL_PATH)),/app/base-model,$(MODEL_PATH)))
+
+# $(1): preset. Refuses to replace a running run; starts the run and its sidecars in the background, then follows
+# the log until the run ends (Ctrl-C stops following, not training) and exits with the run's exit code.
+define compose_train
+	@if [ -n "$$($(COMPOSE) --profile training ps -q --status running qlora-training 2>/dev/null)" ]; then \
+	  echo "A training run is already running in $(TRAINING_CONTAINER): 'make train-logs' follows it, 'make train-stop' stops it." >&2; exit 1; fi
+	$(DATA_MOUNT) $(MODEL_MOUNT) PRESET=$(1) TRAIN_ARGS='$(strip $(MODEL_ARG) $(DATA_ARG) $(ARGS))' $(COMPOSE) --profile training up -d
+	@echo "Training runs in the background; Ctrl-C stops following the log, 'make train-stop' stops the run."
+	$(COMPOSE) --profile training logs -f --no-log-prefix qlora-training; \
+	  exit $$($(DOCKER) inspect -f '{{.State.ExitCode}}' $(TRAINING_CONTAINER))
+endef
+
+.PHONY: build train-gemma-2b train-gemma-9b train-custom train-tiny train-dev train-monitor train-status train-logs \
+        train-stop train-clean doctor
+
+build: ## Build the training image (GPU=0/1, TORCH_INDEX_URL=, TORCH_SPEC=, BASE_IMAGE= to override)
+	@mkdir -p wheelhouse
+	$(COMPOSE) $(ALL_PROFILES) build qlora-training
+
+train-gemma-2b: ## QLoRA fine-tune Gemma-2 2B in the container (needs HF_TOKEN; ARGS='--max-steps 50')
+	$(call compose_train,gemma-2b)
+
+train-gemma-9b: ## QLoRA fine-tune Gemma-2 9B in the container (needs HF_TOKEN)
+	$(call compose_train,gemma-9b)
+
+train-custom: ## Fine-tune any model: make train-custom MODEL=hub-id-or-path DATA=path-or-dataset
+	@if [ -z "$(USER_MODEL)" ] || [ -z "$(USER_DATA)" ]; then \
+	  echo "train-custom needs MODEL and DATA, e.g. make train-custom MODEL=google/gemma-2-2b DATA=datasets/my.jsonl" >&2; \
+	  echo "  MODEL: a Hugging Face model id or a local folder; DATA: a .jsonl/.json/.parquet/.csv file or folder" >&2; exit 2; fi
+	$(call compose_train,custom)
+
+train-tiny: ## The built-in tiny model on the sample data, through compose (CPU, under a minute)
+	$(call compose_train,tiny)
+
+train-dev: ## JupyterLab + TensorBoard (token from JUPYTER_TOKEN, else generated into .jupyter_token)
+	@mkdir -p notebooks
+	@if [ -z "$$JUPYTER_TOKEN" ] && [ ! -s $(JUPYTER_TOKEN_FILE) ]; then \
+	  (umask 077; od -An -N24 -tx1 /dev/urandom | tr -d ' \n' > $(JUPYTER_TOKEN_FILE)); fi
+	JUPYTER_TOKEN="$${JUPYTER_TOKEN:-$$(cat $(JUPYTER_TOKEN_FILE))}" $(COMPOSE) --profile training-dev up -d
+	@token="$${JUPYTER_TOKEN:-$$(cat $(JUPYTER_TOKEN_FILE))}"; \
+	  echo "JupyterLab:  http://$(BIND_ADDRESS):$(JUPYTER_PORT)/lab?token=$$token"; \
+	  echo "TensorBoard: http://$(BIND_ADDRESS):$(TENSORBOARD_PORT)/"; \
+	  echo "Jupyter token: $$token (in $(JUPYTER_TOKEN_FILE) unless JUPYTER_TOKEN was set)"
+
+train-monitor: ## W&B local server (8080) + Jupyter/TensorBoard + GPU monitor
+	@$(MAKE) --no-print-directory train-dev
+	$(COMPOSE) --profile monitoring up -d
+	@echo "W&B local:   http://$(BIND_ADDRESS):$(WANDB_PORT)/"
+
+train-status: ## Containers, GPUs, the current run, checkpoints and backups on one screen
+	$(COMPOSE) $(ALL_PROFILES) ps -a
+	@mkdir -p notebooks; ids="$$($(COMPOSE) $(ALL_PROFILES) ps -aq)"; \
+	  { if [ -n "$$ids" ]; then $(DOCKER) inspect $$ids; else echo '[]'; fi; } \
+	  | $(COMPOSE) run --rm --no-deps -T training-dev python -m training.status --docker-inspect - \
+	    --logs-dir /app/logs --output-dir /app/outputs --backup-dir /app/backup $(ARGS)
+
+train-logs: ## Follow the training container's log (Ctrl-C to stop following)
+	$(COMPOSE) --profile training logs -f --tail 200 qlora-training
+
+train-stop: ## Stop every service (SIGTERM: the run saves a checkpoint first; containers and volumes kept)
+	$(COMPOSE) $(ALL_PROFILES) stop
+
+train-clean: ## Remove containers and volumes (checkpoints!); asks unless FORCE=1; keeps backups unless BACKUP=1
+	@if [ "$(FORCE)" != 1 ]; then \
+	  printf 'This deletes the containers and the volumes %s_{models_cache,models_gguf,checkpoints,logs,wandb}%s.\nType yes to go on: ' \
+	    "$(VOLUME_PREFIX)" "$(if $(filter 1,$(BACKUP)), and $(VOLUME_PREFIX)_backup)"; \
+	  read answer; [ "$$answer" = yes ] || { echo "Nothing deleted."; exit 1; }; fi
+	$(COMPOSE) $(ALL_PROFILES) down --remove-orphans
+	$(DOCKER) volume rm -f $(foreach v,models_cache models_gguf checkpoints logs wandb $(if $(filter 1,$(BACKUP)),backup),$(VOLUME_PREFIX)_$(v))
+
+doctor: ## Check the host for the Docker stack (driver, GPU runtime, Compose v2, compose file, security, disk)
+	python3 scripts/test_docker_training.py $(if $(filter 1 yes true,$(GPU_ON)),,--cpu-only) --compose-file $(COMPOSE_MAIN_FILE)
