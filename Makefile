@@ -9,12 +9,12 @@ RUN    ?=
 DATA   ?= datasets/sample
 PRESET ?= tiny
 
-.PHONY: help setup demo train-native validate-data tiny-model report status test test-fast
+.PHONY: help setup demo train-native validate-data tiny-model report status export test test-fast
 
 help: ## list the verbs
 	@awk 'BEGIN {FS = ":.*?## "} /^[a-zA-Z0-9_-]+:.*?## / {printf "  \033[36m%-16s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 	@echo ""
-	@echo "Variables: PRESET=tiny|gemma-2b|gemma-9b|custom  MODEL=id-or-path  DATA=path  RUN=name  GPUS=n  FORCE=1"
+	@echo "Variables: PRESET=tiny|gemma-2b|gemma-9b|custom  MODEL=id-or-path  DATA=path  RUN=name  GPUS=n  FORCE=1  FORMAT=gguf|merged  QUANT=q8_0|q4_k_m|f16|bf16|f32"
 
 setup: $(VENV)/.installed ## create .venv and install the package (CUDA torch on a GPU host, CPU torch otherwise)
 
@@ -36,6 +36,9 @@ tiny-model: setup ## build the built-in tiny model into models/tiny-gemma2 (done
 
 report: setup ## plots + summary of a run into outputs/RUN/report/ (RUN=name, default: latest)
 	$(PY) -m training.report --logs-dir logs $(if $(RUN),--run $(RUN))
+
+export: setup ## merge + GGUF + Ollama Modelfile, checked against the trained model (RUN=name FORMAT=gguf|merged QUANT=q8_0|q4_k_m|f16|bf16|f32)
+	$(PY) -m training.export $(if $(RUN),--run $(RUN)) --format $(or $(FORMAT),gguf) --quant $(or $(QUANT),q8_0)
 
 status: setup ## one screen of truth from the files, without Docker (same as train-status)
 	$(PY) -m training.status --logs-dir logs --output-dir outputs --backup-dir backup
