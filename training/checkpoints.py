@@ -392,6 +392,29 @@ def set_aside_later_checkpoints(run_dir: str | os.PathLike, step: int, log: Log 
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def keep_adapter_dtype_on_resume(model: Any) -> bool:
+    """Make HF's resume load the adapter weights into the dtype the fresh trainer gave them.
+
+    The Trainer resumes a PEFT model with `load_adapter()`, which by default upcasts bf16/fp16 adapter weights to
+    fp32 (`autocast_adapter_dtype=True`), while TRL keeps QLoRA adapters in bf16: the resumed run would then train
+    in another precision than an uninterrupted one (measured on the tiny preset: losses 2e-5 relative apart two
+    steps after the resume point, adapter weights 5e-4 apart). Returns whether the model was adjusted.
+    """
+    import functools
+    import inspect
+
+    load = getattr(model, "load_adapter", None)
+    if load is None:
+        return False
+    try:
+        if "autocast_adapter_dtype" not in inspect.signature(load).parameters:
+            return False
+    except (TypeError, ValueError):
+        return False
+    model.load_adapter = functools.partial(load, autocast_adapter_dtype=False)
+    return True
+
+
 def _signal_name(signum: int) -> str:
     try:
         return signal.Signals(signum).name
@@ -514,6 +537,10 @@ class _CheckpointCallbackLogic:
             time.sleep(0.05)
 
     # -- trainer hooks -----------------------------------------------------------------------------------------
+    def on_init_end(self, args, state, control, model=None, **kwargs):
+        if self.resumed_from is not None and model is not None:
+            keep_adapter_dtype_on_resume(model)
+
     def on_train_begin(self, args, state, control, **kwargs):
         if not state.is_world_process_zero:
             return
