@@ -252,7 +252,8 @@ def test_remove_tree_atomically(tmp_path):
 
 # ------------------------------------------------------------------------- the callback in a real HF Trainer
 
-def train_tiny(out: Path, metrics: Path, mode: str, max_steps: int = 8, save_steps: int = 100):
+def train_tiny(out: Path, metrics: Path, mode: str, max_steps: int = 8, save_steps: int = 100,
+               sig: int = signal.SIGTERM):
     """A tiny real HF Trainer run (linear model, real optimizer/scheduler/RNG state) with CheckpointCallback.
 
     `mode` makes a helper callback deliver a real SIGTERM to this process at a chosen moment: "mid-step" (while
@@ -287,13 +288,15 @@ def train_tiny(out: Path, metrics: Path, mode: str, max_steps: int = 8, save_ste
         def _send(self, n=1):
             self.sent = True
             for _ in range(n):
-                os.kill(os.getpid(), signal.SIGTERM)
+                os.kill(os.getpid(), sig)
 
         def on_step_begin(self, args, state, control, **kw):
             if mode == "mid-step" and state.global_step == 2 and not self.sent:
                 self._send()
             if mode == "twice" and state.global_step == 3 and not self.sent:
                 self._send(2)
+            if mode == "last-step" and state.global_step == max_steps - 1 and not self.sent:
+                self._send()
 
         def on_prediction_step(self, args, state, control, **kw):
             if mode == "eval" and state.global_step == 3 and not self.sent:
@@ -337,18 +340,20 @@ def test_callback_marks_every_save_keeps_newest_and_records_events(tmp_path):
     assert not [e for e in events if e.get("event") == "stopped"]
 
 
-@pytest.mark.parametrize("mode, stop_step", [("mid-step", 3), ("eval", 3), ("save", 4)])
-def test_first_signal_saves_a_complete_checkpoint_at_the_current_step(tmp_path, mode, stop_step):
+@pytest.mark.parametrize("mode, stop_step, sig", [("mid-step", 3, signal.SIGTERM), ("eval", 3, signal.SIGTERM),
+                                                  ("save", 4, signal.SIGTERM), ("mid-step", 3, signal.SIGINT)])
+def test_first_signal_saves_a_complete_checkpoint_at_the_current_step(tmp_path, mode, stop_step, sig):
     """SIGTERM while step 3 runs -> that step finishes, checkpoint-3; during eval at step 3 -> checkpoint-3;
-    during HF's save of step 4 -> checkpoint-4 completes and training stops there. Exit status 143 each time."""
+    during HF's save of step 4 -> checkpoint-4 completes and training stops there. Exit status 128+signum
+    (143 SIGTERM, 130 SIGINT / Ctrl+C)."""
     out, metrics = tmp_path / "out", tmp_path / "metrics.jsonl"
-    trainer, cb = train_tiny(out, metrics, mode, max_steps=8, save_steps=4 if mode == "save" else 100)
-    assert cb.exit_status == 143 and trainer.state.global_step == stop_step
+    trainer, cb = train_tiny(out, metrics, mode, max_steps=8, save_steps=4 if mode == "save" else 100, sig=sig)
+    assert cb.exit_status == 128 + sig and trainer.state.global_step == stop_step
     ckpt = out / f"checkpoint-{stop_step}"
     assert is_complete_checkpoint(ckpt) == (True, "complete")
     assert find_latest_complete_checkpoint(out) == ckpt
     stopped = [e for e in read_jsonl(metrics) if e.get("event") == "stopped"]
-    assert len(stopped) == 1 and stopped[0]["signal"] == "SIGTERM" and stopped[0]["step"] == stop_step
+    assert len(stopped) == 1 and stopped[0]["signal"] == signal.Signals(sig).name and stopped[0]["step"] == stop_step
     assert stopped[0]["checkpoint"] == str(ckpt)
     assert json.loads((ckpt / "trainer_state.json").read_text())["global_step"] == stop_step
 
@@ -365,4 +370,13 @@ def test_second_signal_exits_at_once_without_a_checkpoint(tmp_path):
     # checkpoint-2 is the newest and intact; nothing was saved for steps 3+
     assert find_latest_complete_checkpoint(out) == out / "checkpoint-2"
     assert [p.name for _, p in list_checkpoints(out)] == ["checkpoint-2"]
+    assert not [e for e in read_jsonl(metrics) if e.get("event") == "stopped"]
+
+
+def test_signal_during_the_last_step_lets_the_run_finish(tmp_path):
+    """Nothing is left to resume: the run ends normally (exit status None -> the recipe saves and exits 0)."""
+    out, metrics = tmp_path / "out", tmp_path / "metrics.jsonl"
+    trainer, cb = train_tiny(out, metrics, "last-step", max_steps=5, save_steps=100)
+    assert cb.stop_requested and cb.exit_status is None and trainer.state.global_step == 5
+    assert is_complete_checkpoint(out / "checkpoint-5") == (True, "complete")
     assert not [e for e in read_jsonl(metrics) if e.get("event") == "stopped"]

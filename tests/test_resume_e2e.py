@@ -32,6 +32,7 @@ from training.checkpoints import (
 from training.jsonl import read_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.usefixtures("tiny_model_dir")  # built once (conftest) before parallel runs would race
 GRACE_S = 120  # docker-compose.training.yml stop_grace_period for the trainer
 # Exact resume tolerance: none (bit for bit). Both runs use the same machine, binary and single thread, dropout is 0
 # and the checkpoint restores adapter, optimizer, scheduler, RNG and data position, so nothing may differ. Any
