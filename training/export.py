@@ -57,7 +57,7 @@ GIB = 2**30
 
 @dataclass(frozen=True)
 class Quant:
-    outtype: str  # what convert_hf_to_gguf.py writes (--outtype)
+    outtype: str  # what convert_hf_to_gguf.py writes (--outtype); lossless: the merged model's own precision
     ftype: str | None  # llama.cpp ftype for llama_model_quantize (k-quants), None: the converter's output is final
     bytes_per_param: float  # for the disk estimate
     min_top1: float  # least share of positions where the GGUF's top token equals the merged model's
@@ -73,7 +73,7 @@ QUANTS: dict[str, Quant] = {
     "f16": Quant("f16", None, 2.0, 0.98, 0.5),
     "bf16": Quant("bf16", None, 2.0, 0.97, 0.75),
     "q8_0": Quant("q8_0", None, 34 / 32, 0.95, 1.5),
-    "q4_k_m": Quant("f32", "LLAMA_FTYPE_MOSTLY_Q4_K_M", 4.9 / 8, 0.85, 4.0),  # quantised from the f32/bf16 file
+    "q4_k_m": Quant("lossless", "LLAMA_FTYPE_MOSTLY_Q4_K_M", 4.9 / 8, 0.85, 4.0),  # quantised from a lossless file
 }
 DTYPES = {"float32": 4, "bfloat16": 2, "float16": 2}
 # merged vs adapter-on-base: the same maths, one rounding of W + BA apart
@@ -266,7 +266,7 @@ def check_resources(params: int, dtype: str, quant: str | None, merged_dir: Path
     if quant:
         q = QUANTS[quant]
         out = params * q.bytes_per_param
-        tmp = params * QUANTS[q.outtype].bytes_per_param if q.ftype else 0  # the converter's file, then quantised
+        tmp = params * DTYPES[dtype] if q.ftype else 0  # the converter's lossless file, then quantised
         need(gguf_dir, int(out + tmp) + 50 * 2**20)
     plan["disk"] = []
     for nbytes, path in disk.values():
@@ -304,6 +304,9 @@ def fetch_converter(folder: Path, sdist: Path | None = None) -> Path:
     if converter_ready(folder):
         return folder
     ver = llama_cpp_version() or LLAMA_CPP_PYTHON_VERSION
+    if sdist is not None and not (sdist.is_file() and tarfile.is_tarfile(sdist)):
+        raise ExportError(f"--converter-sdist {sdist}: not a readable .tar.gz.\n-> pip download --no-binary :all: "
+                          f"--no-deps llama-cpp-python=={ver} -d DIR, then pass DIR/llama_cpp_python-{ver}.tar.gz")
     with tempfile.TemporaryDirectory(prefix="llama-sdist-") as td:
         if sdist is None:
             log.info("fetching llama-cpp-python %s source (~75 MB, once) for llama.cpp's converter", ver)
@@ -708,6 +711,9 @@ def export(args) -> dict:
     plan = check_resources(params, dtype, quant, merged_dir, gguf_root, reuse is not None)
     log.info("run %s: base %s (%s, %.3gB parameters) merged in %s; needs ~%.1f GiB RAM", run, base_name,
              base_path, params / 1e9, dtype, plan["ram_needed_bytes"] / GIB)
+    from training.qlora_finetune import quiet_libraries
+
+    quiet_libraries()
     converter = None
     if quant:  # fail on a missing converter now, not after the merge
         converter = Path(args.converter_dir) if args.converter_dir else default_converter_dir()
@@ -780,8 +786,9 @@ def gguf_export(converter: Path, merged_dir: Path, work: Path, name: str, quant:
     gguf_path = work / f"{name}.gguf"
     t0 = time.time()
     first = work / "intermediate.gguf" if q.ftype else gguf_path
-    log.info("converting to GGUF (%s) with %s ...", q.outtype, converter / "convert_hf_to_gguf.py")
-    convert_to_gguf(converter, merged_dir, first, q.outtype, work / "convert.log")
+    outtype = q.outtype if q.outtype != "lossless" else ("f32" if dtype == "float32" else "bf16")
+    log.info("converting to GGUF (%s) with %s ...", outtype, converter / "convert_hf_to_gguf.py")
+    convert_to_gguf(converter, merged_dir, first, outtype, work / "convert.log")
     timings["convert_s"] = round(time.time() - t0, 2)
     if q.ftype:
         t0 = time.time()
@@ -863,9 +870,6 @@ def main(argv: list[str] | None = None) -> int:
         return worker_main(Path(args.worker))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
                         datefmt="%Y-%m-%d %H:%M:%S")
-    from training.qlora_finetune import quiet_libraries
-
-    quiet_libraries()
     try:
         if args.fetch_converter:
             folder = Path(args.converter_dir) if args.converter_dir else default_converter_dir()

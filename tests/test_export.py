@@ -1,0 +1,300 @@
+"""training/export.py on a really trained tiny run: merge (== adapter-on-base), GGUF f32 / q8_0 / q4_k_m through
+llama.cpp's real converter, loaded back with the real llama-cpp-python and compared with the merged model here,
+independently of the export's own checks; the Modelfile; each bad input a clear error with exit 2; a failed check
+exit 3 with nothing left in the GGUF folder.
+
+llama-cpp-python is an extra (`.[export]`, a ~5 minute compile): without it the GGUF tests skip, except in CI."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.conftest import REPO, run_recipe
+
+HAVE_LLAMA = importlib.util.find_spec("llama_cpp") is not None
+needs_llama = pytest.mark.skipif(not HAVE_LLAMA and not os.environ.get("CI"),
+                                 reason="needs llama-cpp-python (pip install -e '.[export]'; CI installs it, so CI "
+                                        "never skips)")
+
+# What the tiny model must reach (float32 reference): stricter than the export's own limits, so a regression in
+# the conversion shows here before it reaches a user.
+EXPECTED = {"f32": 0.02, "q8_0": 0.5, "q4_k_m": 2.0}
+
+
+def run_export(args: list[str], cwd: Path = REPO, env: dict | None = None,
+               timeout: int = 900) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
+    return subprocess.run([sys.executable, "-m", "training.export", *args], cwd=cwd, env=full_env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def assert_user_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 2, out
+    assert "Traceback" not in out, out
+    for needle in needles:
+        assert needle in out, f"{needle!r} not in:\n{out}"
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_model_dir) -> Path:
+    """A real 20-step QLoRA run of the tiny model: outputs/<run>/adapter + run_summary.json."""
+    root = tmp_path_factory.mktemp("export")
+    proc = run_recipe(["--model-config", "tiny", "--output-dir", str(root / "outputs" / "tiny-run"),
+                       "--logs-dir", str(root / "logs"), "--max-steps", "20", "--resume", "never"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return root
+
+
+def tiny_prompt_ids(tokenizer) -> list[int]:
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "Name the four seasons of the year."}],
+                                         tokenize=False, add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def hf_logits(model, ids) -> np.ndarray:
+    import torch
+
+    with torch.inference_mode():
+        return model(input_ids=torch.tensor([ids])).logits[0].float().numpy()
+
+
+def load(path, **kw):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, attn_implementation="eager",
+                                                **kw).eval()
+
+
+# ---------------------------------------------------------------------------------------------------------- merge
+@pytest.mark.slow
+def test_merge_equals_adapter_on_base(trained, tiny_model_dir):
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    proc = run_export(["--run", "tiny-run", "--output-dir", str(trained / "outputs"), "--format", "merged"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_dir = trained / "outputs" / "tiny-run"
+    merged = run_dir / "merged"
+    for name in ("model.safetensors", "config.json", "tokenizer.json", "tokenizer.model", "merge_info.json",
+                 "export_report.json"):
+        assert (merged / name).is_file(), name
+    assert not list(merged.parent.glob(".merged.tmp*")), "temporary merge folder left behind"
+    config = json.loads((merged / "config.json").read_text())
+    assert "quantization_config" not in config, "the merge must not come from 4-bit weights"
+    assert config.get("dtype") == "float32"  # the tiny base's own precision
+    assert (merged / "tokenizer.model").read_bytes() == (tiny_model_dir / "tokenizer.model").read_bytes()
+    tok = AutoTokenizer.from_pretrained(str(merged))
+    assert "<start_of_turn>" in (tok.chat_template or "")
+
+    # independently of the export's own check: merged == base + adapter, and the adapter changed the base
+    ids = tiny_prompt_ids(tok)
+    base_only = hf_logits(load(tiny_model_dir), ids)
+    on_base = hf_logits(PeftModel.from_pretrained(load(tiny_model_dir), str(run_dir / "adapter")).eval(), ids)
+    merged_out = hf_logits(load(merged), ids)
+    assert np.abs(merged_out - on_base).max() < 1e-4
+    assert np.abs(on_base - base_only).max() > 1e-2, "the trained adapter should change the base's outputs"
+    info = json.loads((merged / "merge_info.json").read_text())
+    assert info["merged_vs_adapter_on_base"]["passed"] and info["merged_vs_adapter_on_base"]["top1_agreement"] == 1.0
+
+
+# ----------------------------------------------------------------------------------------------------------- GGUF
+@pytest.mark.slow
+@needs_llama
+@pytest.mark.parametrize("quant", ["f32", "q8_0", "q4_k_m"])
+def test_gguf_export_agrees_with_merged_model(trained, quant):
+    assert HAVE_LLAMA, "CI: llama-cpp-python missing (CMAKE_ARGS=-DGGML_NATIVE=OFF pip install -e '.[export]')"
+    import llama_cpp
+    from transformers import AutoTokenizer
+
+    gguf_dir = trained / "gguf"
+    proc = run_export(["--run", "tiny-run", "--output-dir", str(trained / "outputs"), "--gguf-dir", str(gguf_dir),
+                       "--quant", quant])
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    folder = gguf_dir / f"tiny-run-{quant}"
+    gguf = folder / f"tiny-run-{quant}.gguf"
+    assert gguf.is_file() and (folder / "Modelfile").is_file() and (folder / "export_report.json").is_file()
+    assert not list(gguf_dir.glob(".tmp-*")), "temporary export folder left behind"
+    assert not (folder / "reference_logits.npz").exists() and not (folder / "intermediate.gguf").exists()
+
+    report = json.loads((folder / "export_report.json").read_text())
+    assert report["passed"] and all(c["passed"] for c in report["checks"].values()), report["checks"]
+    assert report["gguf_bytes"] == gguf.stat().st_size
+    assert report["checks"]["tensor_count"]["gguf"] == 2 + 11 * 2  # Gemma-2: embeddings, final norm, 11 per layer
+    assert set(report["timings"]) >= {"merge_s", "convert_s", "check_s", "total_s"}
+
+    # independently: this test's own llama-cpp-python load against the merged HF model
+    merged = trained / "outputs" / "tiny-run" / "merged"
+    tok = AutoTokenizer.from_pretrained(str(merged))
+    ids = tiny_prompt_ids(tok)
+    ref = hf_logits(load(merged), ids)
+    llm = llama_cpp.Llama(model_path=str(gguf), n_ctx=256, logits_all=True, n_gpu_layers=0, verbose=False)
+    llm.eval(ids)
+    got = np.array(llm.scores[:len(ids)])
+    assert got.shape == ref.shape
+    assert (got.argmax(-1) == ref.argmax(-1)).all()
+    assert np.abs(got - ref).max() < EXPECTED[quant]
+    assert list(llm.tokenize(tok.decode(ids).encode(), add_bos=False, special=True)) == ids
+    assert llm.metadata.get("tokenizer.chat_template", "").strip() == tok.chat_template.strip()
+
+    mf = parse_modelfile((folder / "Modelfile").read_text())
+    assert (folder / mf["from"]).resolve() == gguf.resolve()
+    assert ("stop", "<end_of_turn>") in mf["parameters"] and ("stop", "<start_of_turn>") in mf["parameters"]
+    for piece in ("<start_of_turn>user", "<start_of_turn>model", "<end_of_turn>", ".Content", "range"):
+        assert piece in mf["template"], piece
+    if quant != "f32":
+        assert "reusing the merge" in proc.stderr  # a second quantisation does not merge again
+
+
+def parse_modelfile(text: str) -> dict:
+    from training.export import parse_modelfile as parse
+
+    return parse(text)
+
+
+def test_modelfile_parser_reads_what_we_write_and_rejects_garbage():
+    from training.export import OLLAMA_GEMMA_TEMPLATE, modelfile_text
+
+    mf = parse_modelfile(modelfile_text("x-q8_0.gguf", 4096))
+    assert mf["from"] == "./x-q8_0.gguf" and mf["template"] == OLLAMA_GEMMA_TEMPLATE
+    assert ("num_ctx", "4096") in mf["parameters"]
+    with pytest.raises(ValueError):
+        parse_modelfile('FROM ./a.gguf\nTEMPLATE """never closed\n')
+    with pytest.raises(ValueError):
+        parse_modelfile("FROM ./a.gguf\nBOGUS 1\n")
+
+
+@pytest.mark.slow
+@needs_llama
+def test_failed_check_fails_the_export_and_leaves_nothing(trained, monkeypatch, caplog):
+    """A limit no real conversion meets (max logit difference 0): exit 3, no new folder, the old export intact."""
+    assert HAVE_LLAMA, "CI: llama-cpp-python missing"
+    import dataclasses
+
+    from training import export
+
+    gguf_dir = trained / "gguf-failed"
+    previous = gguf_dir / "tiny-run-f32"
+    previous.mkdir(parents=True)
+    (previous / "export_report.json").write_text('{"old": true}')
+    monkeypatch.setitem(export.QUANTS, "f32", dataclasses.replace(export.QUANTS["f32"], max_logit_diff=0.0))
+    monkeypatch.chdir(REPO)
+    rc = export.main(["--run", "tiny-run", "--output-dir", str(trained / "outputs"), "--gguf-dir", str(gguf_dir),
+                      "--quant", "f32"])
+    assert rc == 3
+    assert sorted(p.name for p in gguf_dir.iterdir()) == ["tiny-run-f32"]
+    assert (previous / "export_report.json").read_text() == '{"old": true}'
+    assert "logits_vs_merged" in caplog.text
+
+
+# ------------------------------------------------------------------------------------------------------ bad input
+def test_no_such_run(tmp_path):
+    (tmp_path / "outputs" / "other" / "adapter").mkdir(parents=True)
+    (tmp_path / "outputs" / "other" / "adapter" / "adapter_config.json").write_text("{}")
+    proc = run_export(["--run", "nope", "--output-dir", str(tmp_path / "outputs"), "--format", "merged"])
+    assert_user_error(proc, "run 'nope'", "does not exist", "other")
+
+
+def test_unknown_quantisation(tmp_path):
+    proc = run_export(["--run", "x", "--output-dir", str(tmp_path), "--quant", "q3_weird"])
+    assert_user_error(proc, "--quant q3_weird", "q4_k_m")
+
+
+def test_unreadable_converter_source(tmp_path):
+    bad = tmp_path / "llama_cpp_python-0.3.36.tar.gz"
+    bad.write_text("not a tarball")
+    proc = run_export(["--fetch-converter", "--converter-dir", str(tmp_path / "conv"), "--converter-sdist", str(bad)])
+    assert_user_error(proc, "--converter-sdist", "not a readable")
+    assert not (tmp_path / "conv").exists()
+
+
+def _copy_run(trained: Path, dest: Path) -> Path:
+    run = dest / "outputs" / "tiny-run"
+    shutil.copytree(trained / "outputs" / "tiny-run" / "adapter", run / "adapter")
+    shutil.copy(trained / "outputs" / "tiny-run" / "run_summary.json", run / "run_summary.json")
+    return run
+
+
+@pytest.mark.slow
+def test_adapter_whose_base_does_not_match(trained, tiny_model_dir, tmp_path):
+    _copy_run(trained, tmp_path)
+    other = tmp_path / "other-model"
+    shutil.copytree(tiny_model_dir, other)
+    proc = run_export(["--run", "tiny-run", "--output-dir", str(tmp_path / "outputs"), "--format", "merged",
+                       "--base", str(other)])
+    assert_user_error(proc, "was trained on", "base_model_name_or_path", "--allow-other-base")
+    assert not (tmp_path / "outputs" / "tiny-run" / "merged").exists()
+
+
+@pytest.mark.slow
+def test_missing_tokenizer_model(trained, tiny_model_dir, tmp_path):
+    run = _copy_run(trained, tmp_path)
+    (run / "adapter" / "tokenizer.model").unlink()
+    base = tmp_path / "base-without-spm"
+    shutil.copytree(tiny_model_dir, base)
+    (base / "tokenizer.model").unlink()
+    proc = run_export(["--run", "tiny-run", "--output-dir", str(tmp_path / "outputs"), "--format", "merged",
+                       "--base", str(base), "--allow-other-base"])
+    assert_user_error(proc, "no tokenizer.model", "copy tokenizer.model")
+    assert not (run / "merged").exists()
+
+
+@pytest.mark.slow
+def test_too_little_memory(trained, tiny_model_dir, tmp_path):
+    """A base whose safetensors declares 2^38 bf16 parameters (512 GiB): refused from the headers, nothing loaded."""
+    _copy_run(trained, tmp_path)
+    huge = tmp_path / "huge-base"
+    huge.mkdir()
+    shutil.copy(tiny_model_dir / "config.json", huge / "config.json")
+    header = json.dumps({"w": {"dtype": "BF16", "shape": [2**19, 2**19], "data_offsets": [0, 2**39]}}).encode()
+    with open(huge / "model.safetensors", "wb") as fh:
+        fh.write(struct.pack("<Q", len(header)) + header)
+    try:
+        os.truncate(huge / "model.safetensors", 8 + len(header) + 2**39)  # sparse: no real disk used
+    except OSError as exc:
+        pytest.skip(f"this filesystem cannot hold a sparse 512 GiB file: {exc}")
+    cfg = json.loads((huge / "config.json").read_text())
+    cfg["dtype"] = "bfloat16"
+    (huge / "config.json").write_text(json.dumps(cfg))
+    proc = run_export(["--run", "tiny-run", "--output-dir", str(tmp_path / "outputs"), "--format", "merged",
+                       "--base", str(huge), "--allow-other-base"])
+    assert_user_error(proc, "not enough memory", "GiB")
+
+
+@pytest.mark.slow
+@needs_llama
+def test_too_little_disk(trained, tmp_path):
+    """A real 1 MiB tmpfs as the GGUF folder."""
+    assert HAVE_LLAMA, "CI: llama-cpp-python missing"
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a 1 MiB tmpfs (needs root/CAP_SYS_ADMIN): {proc.stderr.strip()}")
+    try:
+        proc = run_export(["--run", "tiny-run", "--output-dir", str(trained / "outputs"), "--gguf-dir", str(mnt),
+                           "--quant", "f32"])
+        assert_user_error(proc, "not enough disk space", str(mnt))
+        assert list(mnt.iterdir()) == []
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_hub_base_matches_its_cache_snapshot(tmp_path):
+    from training.export import _same_base
+
+    snap = tmp_path / "hub" / "models--google--gemma-2-2b" / "snapshots" / "abc123"
+    snap.mkdir(parents=True)
+    assert _same_base("google/gemma-2-2b", snap)
+    assert not _same_base("google/gemma-2-9b", snap)
