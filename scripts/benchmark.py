@@ -156,6 +156,7 @@ def run_variant(name: str, root: Path, steps: int, warmup: int) -> dict:
     m, bs, ckpt, desc, predicted = load_variant(kind, path, gpu_mem)
     load_s = time.perf_counter() - t_load
     m.train()
+    torch.cuda.reset_peak_memory_stats()  # the peak a user hits includes the first steps
     params = [p for p in m.parameters() if p.requires_grad]
     opt = bnb.optim.PagedAdamW8bit(params, lr=2e-4)
     accum = SEQUENCES_PER_STEP // bs
@@ -175,11 +176,11 @@ def run_variant(name: str, root: Path, steps: int, warmup: int) -> dict:
         opt.zero_grad(set_to_none=True)
         return total, gnorm
 
+    print(f"loaded in {load_s:.0f}s: {desc}", file=sys.stderr, flush=True)
     first_loss, first_gnorm = optimizer_step(first_grad_check=True)
     for _ in range(max(0, warmup - 1)):
         optimizer_step()
     torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
     times, loss = [], first_loss
     for _ in range(steps):
         t = time.perf_counter()
@@ -247,7 +248,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--models-dir", default="/tmp/qlora-bench-models")
     p.add_argument("--out", default=str(REPO / "docs" / "benchmarks.md"))
-    p.add_argument("--json-out", help="also write the raw results here")
+    p.add_argument("--json-out", help="also write the raw results here (rewritten after every variant)")
+    p.add_argument("--variant-timeout", type=int, default=900, help="seconds before a variant counts as failed")
     p.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one variant in this process
     args = p.parse_args(argv)
     root = Path(args.models_dir)
@@ -264,8 +266,13 @@ def main(argv: list[str] | None = None) -> int:
     env = {**os.environ, "UNSLOTH_COMPILE_DISABLE": "1", "PYTHONUNBUFFERED": "1"}
     for name in args.variants.split(","):
         print(f"== {name}", flush=True)
-        proc = subprocess.run([sys.executable, __file__, "--one", name, "--steps", str(args.steps), "--warmup",
-                               str(args.warmup), "--models-dir", str(root)], capture_output=True, text=True, env=env)
+        try:
+            proc = subprocess.run([sys.executable, __file__, "--one", name, "--steps", str(args.steps), "--warmup",
+                                   str(args.warmup), "--models-dir", str(root)], capture_output=True, text=True,
+                                  env=env, timeout=args.variant_timeout)
+        except subprocess.TimeoutExpired as exc:
+            text = [x.decode() if isinstance(x, bytes) else (x or "") for x in (exc.stdout, exc.stderr)]
+            proc = subprocess.CompletedProcess(exc.cmd, -9, text[0], text[1] + f"\ntimed out after {exc.timeout}s")
         line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
         if line:
             results.append(json.loads(line[7:]))
@@ -274,10 +281,10 @@ def main(argv: list[str] | None = None) -> int:
             err = (proc.stderr.strip().splitlines() or ["no output"])[-1]
             results.append({"variant": name, "error": err})
             print(f"   failed: {proc.stderr[-2500:]}", flush=True)
+        if args.json_out:
+            Path(args.json_out).write_text(json.dumps(results, indent=1))
     command = "python scripts/benchmark.py " + " ".join(sys.argv[1:] if argv is None else argv)
     write_markdown(results, Path(args.out), command.strip())
-    if args.json_out:
-        Path(args.json_out).write_text(json.dumps(results, indent=1))
     print(Path(args.out).read_text())
     return 0
 

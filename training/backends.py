@@ -82,8 +82,45 @@ def choose_backend(requested: str, device_kind: str, model_type: str | None = No
 
 # ------------------------------------------------------------------------------------------------ self-check
 
+def _self_check_cache() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "qlora-stack" / "backend_self_check.json"
+
+
+def _self_check_key(backend: str) -> str:
+    """Same backend version, torch, and GPU: same verdict."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    import torch
+
+    try:
+        backend_version = version(backend)
+    except PackageNotFoundError:
+        backend_version = "missing"
+    return f"{backend}={backend_version} torch={torch.__version__} gpu={torch.cuda.get_device_name(0)}"
+
+
 def run_self_check(backend: str) -> tuple[bool, str]:
-    """Run one QLoRA step of `backend` on a small random Gemma-2 in a subprocess; (passed, detail)."""
+    """One QLoRA step of `backend` on a small random Gemma-2 in a subprocess; (passed, detail). A pass is cached
+    per (backend version, torch version, GPU); a failure is retried next time."""
+    cache, key = _self_check_cache(), _self_check_key(backend)
+    try:
+        cached = json.loads(cache.read_text()).get(key)
+    except (OSError, ValueError):
+        cached = None
+    if cached:
+        return True, cached + " (cached)"
+    ok, detail = _run_self_check_subprocess(backend)
+    if ok:
+        try:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            old = json.loads(cache.read_text()) if cache.is_file() else {}
+            cache.write_text(json.dumps({**old, key: detail}, indent=1))
+        except (OSError, ValueError):
+            pass
+    return ok, detail
+
+
+def _run_self_check_subprocess(backend: str) -> tuple[bool, str]:
     cmd = [sys.executable, "-m", "training.backends", "self-check", "--backend", backend, "--json"]
     env = {**os.environ, "UNSLOTH_COMPILE_DISABLE": "1"}
     try:
@@ -142,7 +179,7 @@ def self_check_step(backend: str) -> dict:
         grads = [p.grad for n, p in model.named_parameters() if p.requires_grad and "lora_" in n]
         finite = all(g is not None and torch.isfinite(g).all() for g in grads)
         nonzero = any(g is not None and g.abs().sum() > 0 for g in grads)
-        value = float(loss)
+        value = float(loss.detach())
         near = math.isfinite(value) and abs(value - math.log(512)) < 0.5
         ok = bool(grads) and finite and nonzero and near
         detail = f"loss {value:.4f} vs ln(512)={math.log(512):.4f}, {len(grads)} LoRA grads finite={finite} nonzero={nonzero}"
