@@ -161,7 +161,7 @@ def check_compose_files(r: Report, docker: str, compose_file: Path, gpu_file: Pa
         for profile in PROFILES:
             name = f"compose config [{label}] profile {profile}"
             p = compose_config(docker, files, profile)
-            if p.returncode != 0:
+            if p.returncode != 0 or not p.stdout.strip():  # some Compose releases exit 0 on a YAML error
                 r.fail(name, first_line(p.stderr or p.stdout),
                        f"fix the file (line numbers above), then check: {docker} compose -f {files[0]} "
                        f"--profile {profile} config")
@@ -169,7 +169,8 @@ def check_compose_files(r: Report, docker: str, compose_file: Path, gpu_file: Pa
             try:
                 cfg = json.loads(p.stdout)
             except json.JSONDecodeError as e:
-                r.fail(name, f"unreadable output from compose config ({e})", "upgrade Docker Compose (>= 2.20)")
+                r.fail(name, f"unreadable output from compose config ({e}; {first_line(p.stderr)})",
+                       f"fix the file, then check: {docker} compose -f {files[0]} --profile {profile} config")
                 continue
             services = sorted(cfg.get("services", {}))
             if not services:

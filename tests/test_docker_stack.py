@@ -1,0 +1,347 @@
+"""The Docker Compose stack on a real engine: the Makefile verbs, the image, the services, the security rules.
+
+Needs a Docker engine and Compose v2 (scripts/ci_install_docker.sh sets both up). Without them these tests skip
+locally and FAIL when CI=true. They never touch a real stack on the same host: containers, volumes, the compose
+project, the image tag, the ports and the Jupyter token file all get names of their own.
+
+The image is (re)built from the working tree first (`make build`, warm cache: seconds). On a host with the
+debootstrap base image (`local/debian:bookworm`) and the CPU torch wheel in wheelhouse/ (CI), the build uses them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import socket
+import stat
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+DOCKER = os.environ.get("DOCKER", "docker")
+TEST_IMAGE = os.environ.get("DOCKER_TEST_IMAGE", "qlora-training:test")
+VERBS = ["build", "train-gemma-2b", "train-gemma-9b", "train-tiny", "train-dev", "train-monitor", "train-status",
+         "train-logs", "train-stop", "train-clean", "doctor"]
+
+
+def _engine_problem() -> str | None:
+    """Why the Docker tests cannot run here, or None when an engine and Compose v2 answer."""
+    if shutil.which(DOCKER) is None:
+        return f"no `{DOCKER}` client on PATH"
+    try:
+        info = subprocess.run([DOCKER, "info", "--format", "{{.ServerVersion}}"], capture_output=True, text=True,
+                              timeout=20)
+        compose = subprocess.run([DOCKER, "compose", "version", "--short"], capture_output=True, text=True,
+                                 timeout=20)
+    except subprocess.TimeoutExpired:
+        return "the Docker engine does not answer (timeout)"
+    if info.returncode != 0 or not info.stdout.strip():
+        return f"no Docker engine answers: {info.stderr.strip()[-200:]}"
+    if compose.returncode != 0:
+        return "Docker Compose v2 is missing (`docker compose version` failed)"
+    return None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _make(env: dict[str, str], *args: str, timeout: float = 900, stdin: str | None = None
+          ) -> subprocess.CompletedProcess:
+    return subprocess.run(["make", "--no-print-directory", *args], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=timeout, input=stdin)
+
+
+def _docker(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([DOCKER, *args], capture_output=True, text=True, timeout=timeout)
+
+
+def _inspect(name: str) -> dict | None:
+    p = _docker("inspect", name)
+    return json.loads(p.stdout)[0] if p.returncode == 0 else None
+
+
+def _in_volume(env: dict[str, str], volume: str, script: str) -> str:
+    """Run a shell snippet in a throwaway container of the test image with the volume at /v."""
+    p = _docker("run", "--rm", "-v", f"{env['VOLUME_PREFIX']}_{volume}:/v", "--entrypoint", "sh", env["IMAGE"],
+                "-c", script)
+    assert p.returncode == 0, p.stderr
+    return p.stdout
+
+
+def _http(url: str, headers: dict[str, str] | None = None, timeout: float = 5) -> tuple[int, str]:
+    req = urllib.request.Request(url, headers=headers or {})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return resp.status, resp.read().decode("utf-8", "replace")
+    except urllib.error.HTTPError as e:
+        return e.code, ""
+
+
+def _wait_http(url: str, headers: dict[str, str] | None = None, timeout: float = 180) -> tuple[int, str]:
+    deadline = time.monotonic() + timeout
+    last: Exception | tuple[int, str] = (0, "")
+    while time.monotonic() < deadline:
+        try:
+            status, body = _http(url, headers)
+            if status < 500:
+                return status, body
+            last = (status, body)
+        except (urllib.error.URLError, ConnectionError, OSError) as e:
+            last = e
+        time.sleep(2)
+    raise AssertionError(f"{url} did not answer within {timeout:.0f} s: {last}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Without an engine: the Makefile's docker verbs still parse and print their commands
+# ---------------------------------------------------------------------------------------------------------------
+def test_every_docker_verb_dry_runs_without_docker(tmp_path):
+    env = {**os.environ, "DOCKER": str(tmp_path / "no-docker-here"), "GPU": "auto"}
+    for verb in VERBS:
+        p = _make(env, "-n", verb, timeout=60)
+        assert p.returncode == 0, f"make -n {verb}: {p.stderr}"
+        assert "compose" in p.stdout or verb == "doctor", verb
+    help_text = _make(env, "help", timeout=60).stdout
+    for verb in VERBS + ["train-custom"]:
+        assert re.search(rf"^\s*(\x1b\[[0-9;]*m)?{re.escape(verb)}\b", help_text, re.M), f"{verb} not in make help"
+
+
+def test_train_custom_without_model_or_data_says_what_to_pass():
+    for args in ([], ["MODEL=google/gemma-2-2b"], ["DATA=datasets/sample"]):
+        p = _make({**os.environ, "DOCKER": "/nonexistent/docker"}, "train-custom", *args, timeout=60)
+        assert p.returncode != 0
+        assert "train-custom needs MODEL and DATA" in p.stderr, p.stderr
+        assert "compose" not in p.stdout  # nothing was started
+
+
+def test_gpu_override_follows_gpu_variable():
+    env = {**os.environ, "DOCKER": "/nonexistent/docker"}
+    assert "docker-compose.gpu.yml" in _make({**env, "GPU": "1"}, "-n", "train-tiny", timeout=60).stdout
+    assert "docker-compose.gpu.yml" not in _make({**env, "GPU": "0"}, "-n", "train-tiny", timeout=60).stdout
+
+
+def test_host_paths_for_data_and_model_are_mounted_read_only(tmp_path):
+    data = tmp_path / "my data"
+    data.mkdir()
+    (tmp_path / "corpus.jsonl").write_text('{"text": "hi"}\n')
+    model = tmp_path / "base"
+    model.mkdir()
+    env = {**os.environ, "DOCKER": "/nonexistent/docker", "GPU": "0"}
+    out = _make(env, "-n", "train-custom", f"MODEL={model}", f"DATA={tmp_path / 'corpus.jsonl'}", timeout=60).stdout
+    assert f"DATASETS_DIR={tmp_path}" in out and "--data /app/datasets/corpus.jsonl" in out
+    assert f"BASE_MODEL_DIR={model}" in out and "--model /app/base-model" in out
+    hub = _make(env, "-n", "train-custom", "MODEL=google/gemma-2-2b", "DATA=someuser/some-dataset", timeout=60).stdout
+    assert "--model google/gemma-2-2b --data someuser/some-dataset" in hub and "DATASETS_DIR=" not in hub
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# With a real engine
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    problem = _engine_problem()
+    if problem:
+        if IN_CI:
+            pytest.fail(f"CI=true but the Docker tests cannot run: {problem}. Run scripts/ci_install_docker.sh first.")
+        pytest.skip(f"Docker tests skipped: {problem}")
+    tmp = tmp_path_factory.mktemp("docker-stack")
+    prefix = f"qt{os.getpid()}"
+    env = {
+        **os.environ,
+        "COMPOSE_PROJECT_NAME": prefix, "CONTAINER_PREFIX": prefix, "VOLUME_PREFIX": prefix, "IMAGE": TEST_IMAGE,
+        "JUPYTER_PORT": str(_free_port()), "TENSORBOARD_PORT": str(_free_port()), "WANDB_PORT": str(_free_port()),
+        "JUPYTER_TOKEN_FILE": str(tmp / "jupyter_token"), "GPU": os.environ.get("DOCKER_TEST_GPU", "0"),
+        "BACKUP_INTERVAL": "5",  # the backup sidecar copies the tiny run's checkpoints during the test
+        "STOP_GRACE": "30s",
+    }
+    for key in ("JUPYTER_TOKEN", "HF_TOKEN", "BIND_ADDRESS", "PRESET", "MODEL", "DATA", "ARGS"):
+        env.pop(key, None)
+    if _docker("image", "inspect", "local/debian:bookworm").returncode == 0 and "BASE_IMAGE" not in os.environ:
+        env["BASE_IMAGE"] = "local/debian:bookworm"  # no registry here: the debootstrap-made base (CI)
+    wheels = sorted((REPO / "wheelhouse").glob("torch-*.whl"))
+    if wheels and "TORCH_SPEC" not in os.environ:
+        env["TORCH_INDEX_URL"] = ""
+        env["TORCH_SPEC"] = "torch==" + wheels[-1].name.split("-")[1].split("+")[0]
+    env["APP_UID_EXPECTED"] = str(os.getuid() or 1000)
+    build = _make(env, "build", timeout=1800)
+    assert build.returncode == 0, f"make build failed:\n{build.stdout[-3000:]}\n{build.stderr[-3000:]}"
+    yield env
+    _make(env, "train-clean", "FORCE=1", "BACKUP=1", timeout=300)
+    for suffix in ("models_cache", "models_gguf", "checkpoints", "logs", "backup", "wandb"):
+        _docker("volume", "rm", "-f", f"{prefix}_{suffix}")
+
+
+@pytest.mark.docker
+def test_architecture_check_passes_its_non_gpu_checks_on_the_repo(stack):
+    p = subprocess.run(["python3", "scripts/test_docker_training.py", "--cpu-only"], cwd=REPO, env=stack,
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "SKIP  NVIDIA driver: --cpu-only" in p.stdout
+    assert p.stdout.rstrip().endswith("All tests passed!")
+
+
+@pytest.mark.docker
+def test_architecture_check_fails_with_the_fix_on_a_broken_compose_file(stack, tmp_path):
+    good = (REPO / "docker-compose.training.yml").read_text()
+    cases = {
+        # the Jupyter port published on every interface
+        "open-port.yml": (good.replace('"${BIND_ADDRESS:-127.0.0.1}:${JUPYTER_PORT:-8888}:8888"', '"8888:8888"'),
+                          "FAIL  ports bound to 127.0.0.1", "bind each port to the loopback"),
+        # a token written in the file
+        "literal-token.yml": (good.replace("      JUPYTER_TOKEN:  ", "      JUPYTER_TOKEN: agent-dev-2024  "),
+                              "FAIL  no token or password in the files", "pass secrets from the environment only"),
+        # not YAML any more
+        "broken.yml": (good.replace("services:\n", "services:\n  - :\n", 1), "FAIL  compose config", "fix the file"),
+    }
+    for name, (text, failure, fix) in cases.items():
+        assert text != good, name
+        path = tmp_path / name
+        path.write_text(text)
+        p = subprocess.run(["python3", "scripts/test_docker_training.py", "--cpu-only", "--compose-file", str(path),
+                            "--dockerfile", str(REPO / "Dockerfile"), "--gpu-file", str(tmp_path / "none.yml")],
+                           cwd=REPO, env=stack, capture_output=True, text=True, timeout=300)
+        assert p.returncode == 1, f"{name}: {p.stdout}"
+        assert failure in p.stdout, f"{name}: {p.stdout}"
+        assert f"fix: {fix}" in p.stdout, f"{name}: {p.stdout}"
+        assert "All tests passed!" not in p.stdout
+
+
+@pytest.mark.docker
+def test_train_tiny_through_compose_writes_the_adapter_as_the_host_user(stack):
+    # Few steps, a checkpoint every 5: enough for the adapter and for the backup sidecar to copy something.
+    p = _make(stack, "train-tiny", "ARGS=--max-steps 10 --set save_steps=5 --set eval_steps=5", timeout=900)
+    assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-2000:]
+    container = _inspect(f"{stack['CONTAINER_PREFIX']}-qlora-training")
+    assert container["State"]["ExitCode"] == 0
+    listing = _in_volume(stack, "checkpoints", "find /v/tiny -type f -printf '%U:%G %p\\n'")
+    files = dict(line.split(" ", 1)[::-1] for line in listing.splitlines())
+    assert "/v/tiny/adapter/adapter_model.safetensors" in files and "/v/tiny/adapter/adapter_config.json" in files
+    expected = stack["APP_UID_EXPECTED"]
+    owners = {owner.split(":")[0] for owner in files.values()}
+    # Every file the run wrote belongs to the host user's uid (1000 for a root host): the process was not root.
+    assert owners == {expected}, owners
+    assert expected != "0"
+    summary = json.loads(_in_volume(stack, "checkpoints", "cat /v/tiny/run_summary.json"))
+    assert summary["status"] == "finished" and summary["steps"] == 10
+
+
+@pytest.mark.docker
+def test_training_process_in_the_container_is_not_root(stack):
+    p = _docker("run", "--rm", stack["IMAGE"], "python", "-c", "import os; print(os.getuid(), os.getgid())")
+    uid, gid = p.stdout.split()
+    assert uid == stack["APP_UID_EXPECTED"] and uid != "0" and gid != "0"
+
+
+@pytest.mark.docker
+def test_sidecars_start_and_stay_up_on_a_cpu_only_host(stack):
+    names = [f"{stack['CONTAINER_PREFIX']}-gpu-monitor", f"{stack['CONTAINER_PREFIX']}-training-backup"]
+    deadline = time.monotonic() + 60
+    while True:  # the backup sidecar (every 5 s here) copies the tiny run's complete checkpoints
+        backups = _in_volume(stack, "backup", "ls /v/tiny 2>/dev/null || true").split()
+        if any(b.startswith("checkpoint-") for b in backups) or time.monotonic() > deadline:
+            break
+        time.sleep(3)
+    assert any(b.startswith("checkpoint-") for b in backups), backups
+    for name in names:
+        info = _inspect(name)
+        assert info and info["State"]["Running"], f"{name} is not running"
+        assert info["RestartCount"] == 0, f"{name} restarted {info['RestartCount']} times"
+    gpu_log = _in_volume(stack, "logs", "cat /v/gpu_metrics.jsonl")
+    events = [json.loads(line) for line in gpu_log.splitlines() if line.strip()]
+    assert any(e.get("event") in ("no_nvml", "no_gpu") for e in events), events[:3]
+
+
+@pytest.mark.docker
+def test_train_status_shows_the_run(stack):
+    p = _make(stack, "train-status", timeout=300)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert f"{stack['CONTAINER_PREFIX']}-gpu-monitor" in p.stdout
+    assert "run tiny" in p.stdout and "finished" in p.stdout
+
+
+@pytest.mark.docker
+def test_train_dev_jupyter_needs_the_token_and_tensorboard_lists_the_run(stack):
+    p = _make(stack, "train-dev", timeout=300)
+    assert p.returncode == 0, p.stdout + p.stderr
+    token_file = Path(stack["JUPYTER_TOKEN_FILE"])
+    token = token_file.read_text().strip()
+    assert len(token) >= 32 and stat.S_IMODE(token_file.stat().st_mode) == 0o600
+    jport, tport = stack["JUPYTER_PORT"], stack["TENSORBOARD_PORT"]
+    assert f"http://127.0.0.1:{jport}/lab?token={token}" in p.stdout
+    assert f"http://127.0.0.1:{tport}/" in p.stdout
+
+    status, _ = _wait_http(f"http://127.0.0.1:{jport}/api/contents")
+    assert status == 403  # no token: refused
+    status, body = _http(f"http://127.0.0.1:{jport}/api/contents", {"Authorization": f"token {token}"})
+    assert status == 200 and "outputs" in body
+    status, _ = _http(f"http://127.0.0.1:{jport}/api/contents", {"Authorization": "token wrong-token"})
+    assert status == 403
+
+    status, body = _wait_http(f"http://127.0.0.1:{tport}/data/plugin/scalars/tags")
+    assert status == 200
+    tags = json.loads(body)
+    tiny_runs = [run for run in tags if run.startswith("tiny")]
+    assert tiny_runs, tags
+    assert any("loss" in tag for run in tiny_runs for tag in tags[run]), tags
+
+    # Published on the loopback only: the container's port map, and a refused connection on another host address.
+    ports = _inspect(f"{stack['CONTAINER_PREFIX']}-training-dev")["NetworkSettings"]["Ports"]
+    for container_port in ("8888/tcp", "6006/tcp"):
+        assert {b["HostIp"] for b in ports[container_port]} == {"127.0.0.1"}, ports
+    gateway = _docker("network", "inspect", "bridge", "--format", "{{(index .IPAM.Config 0).Gateway}}").stdout.strip()
+    if gateway:
+        for port in (jport, tport):
+            with socket.socket() as s:
+                s.settimeout(3)
+                assert s.connect_ex((gateway, int(port))) != 0, f"port {port} answers on {gateway}"
+
+
+@pytest.mark.docker
+def test_jupyter_refuses_to_start_without_a_token(stack):
+    env = {k: v for k, v in stack.items() if k != "JUPYTER_TOKEN"}
+    name = f"{stack['CONTAINER_PREFIX']}-no-token"
+    # `compose run -d` + `docker wait`: Compose 2.40's `run` exits 0 whatever the container's status.
+    p = subprocess.run([DOCKER, "compose", "-f", "docker-compose.training.yml", "run", "-d", "--name", name,
+                        "--no-deps", "training-dev"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    try:
+        assert p.returncode == 0, p.stderr
+        assert _docker("wait", name).stdout.strip() == "64"
+        assert "JUPYTER_TOKEN is empty" in _docker("logs", name).stderr
+    finally:
+        _docker("rm", "-f", name)
+
+
+@pytest.mark.docker
+def test_train_stop_then_clean_remove_everything_but_backups_unless_asked(stack):
+    prefix = stack["CONTAINER_PREFIX"]
+    p = _make(stack, "train-stop", timeout=300)
+    assert p.returncode == 0, p.stderr
+    running = _docker("ps", "-q", "--filter", f"label=com.docker.compose.project={stack['COMPOSE_PROJECT_NAME']}")
+    assert running.stdout.strip() == ""
+
+    p = _make(stack, "train-clean", stdin="no\n", timeout=120)  # asks, and a "no" deletes nothing
+    assert p.returncode != 0 and "Nothing deleted" in p.stdout
+    assert _docker("volume", "inspect", f"{prefix}_checkpoints").returncode == 0
+
+    p = _make(stack, "train-clean", "FORCE=1", timeout=300)
+    assert p.returncode == 0, p.stderr
+    left = _docker("ps", "-aq", "--filter", f"label=com.docker.compose.project={stack['COMPOSE_PROJECT_NAME']}")
+    assert left.stdout.strip() == ""
+    for suffix in ("models_cache", "models_gguf", "checkpoints", "logs"):
+        assert _docker("volume", "inspect", f"{prefix}_{suffix}").returncode != 0, suffix
+    assert _docker("volume", "inspect", f"{prefix}_backup").returncode == 0  # backups survive a clean
+
+    p = _make(stack, "train-clean", "FORCE=1", "BACKUP=1", timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert _docker("volume", "inspect", f"{prefix}_backup").returncode != 0
