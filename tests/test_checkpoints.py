@@ -253,7 +253,7 @@ def test_remove_tree_atomically(tmp_path):
 # ------------------------------------------------------------------------- the callback in a real HF Trainer
 
 def train_tiny(out: Path, metrics: Path, mode: str, max_steps: int = 8, save_steps: int = 100,
-               sig: int = signal.SIGTERM):
+               sig: int = signal.SIGTERM, workers: int = 0):
     """A tiny real HF Trainer run (linear model, real optimizer/scheduler/RNG state) with CheckpointCallback.
 
     `mode` makes a helper callback deliver a real SIGTERM to this process at a chosen moment: "mid-step" (while
@@ -297,6 +297,9 @@ def train_tiny(out: Path, metrics: Path, mode: str, max_steps: int = 8, save_ste
                 self._send(2)
             if mode == "last-step" and state.global_step == max_steps - 1 and not self.sent:
                 self._send()
+            if mode == "ctrl-c" and state.global_step == 2 and not self.sent:
+                self.sent = True  # what a terminal does on Ctrl+C: SIGINT to the whole foreground process group
+                os.killpg(os.getpgrp(), signal.SIGINT)
 
         def on_prediction_step(self, args, state, control, **kw):
             if mode == "eval" and state.global_step == 3 and not self.sent:
@@ -313,7 +316,7 @@ def train_tiny(out: Path, metrics: Path, mode: str, max_steps: int = 8, save_ste
                              save_total_limit=None, per_device_train_batch_size=4, per_device_eval_batch_size=16,
                              eval_strategy="steps" if mode == "eval" else "no", eval_steps=3, logging_steps=1,
                              report_to="none", use_cpu=True, learning_rate=0.05, seed=1,
-                             remove_unused_columns=False, disable_tqdm=True)
+                             remove_unused_columns=False, disable_tqdm=True, dataloader_num_workers=workers)
     trainer = Trainer(model=Tiny(), args=args, train_dataset=Data(), eval_dataset=Data(),
                       callbacks=[SendSignal(), cb])
     try:
@@ -380,3 +383,17 @@ def test_signal_during_the_last_step_lets_the_run_finish(tmp_path):
     assert cb.stop_requested and cb.exit_status is None and trainer.state.global_step == 5
     assert is_complete_checkpoint(out / "checkpoint-5") == (True, "complete")
     assert not [e for e in read_jsonl(metrics) if e.get("event") == "stopped"]
+
+
+def test_ctrl_c_with_dataloader_workers_still_saves(tmp_path):
+    """Ctrl+C in a terminal reaches the DataLoader worker processes too (same process group); they must not die
+    (a dead worker crashes the step) but leave the decision to the main process: complete checkpoint, exit 130."""
+    out, metrics = tmp_path / "out", tmp_path / "metrics.jsonl"
+    code = ("import sys; sys.path.insert(0, 'tests'); from pathlib import Path; import test_checkpoints as t; "
+            f"tr, cb = t.train_tiny(Path({str(out)!r}), Path({str(metrics)!r}), 'ctrl-c', max_steps=8, workers=2); "
+            "sys.exit(cb.exit_status or 0)")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, PYTHONPATH=str(REPO)), start_new_session=True)  # own process group
+    assert proc.returncode == 130, proc.stderr[-3000:]
+    assert is_complete_checkpoint(out / "checkpoint-3") == (True, "complete")
+    assert proc.stderr.count("SIGINT received") == 1  # the main process only, not each worker

@@ -472,11 +472,13 @@ class _CheckpointCallbackLogic:
         self._stop_announced = False
         self._test_pause = _parse_test_pause(os.environ.get(TEST_PAUSE_ENV))
         self._previous_handlers: dict[int, Any] = {}
+        self._owner_pid = os.getpid()
         if install_signal_handlers:
             self.install_signal_handlers()
 
     # -- signals -----------------------------------------------------------------------------------------------
     def install_signal_handlers(self) -> None:
+        self._owner_pid = os.getpid()
         for sig in (signal.SIGTERM, signal.SIGINT):
             self._previous_handlers[sig] = signal.signal(sig, self._on_signal)
 
@@ -487,6 +489,10 @@ class _CheckpointCallbackLogic:
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         # Runs in the main thread between bytecodes; os.write, not print/logging (not reentrant-safe).
+        if os.getpid() != self._owner_pid:
+            # A forked DataLoader worker (it inherits this handler): Ctrl+C reaches the whole process group, and
+            # the worker must keep serving batches while the main process finishes the step and saves.
+            return
         if self.stop_signal is not None:
             os.write(2, f"\n[checkpoints] second {_signal_name(signum)}: exiting now without saving; the last "
                         f"complete checkpoint is untouched\n".encode())
