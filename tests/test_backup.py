@@ -292,6 +292,19 @@ def test_full_backup_disk_fails_cleanly_and_keeps_earlier_backups(tmp_path, tiny
     assert failed and failed[-1]["disk_full"] is True and failed[-1]["checkpoint"] == "checkpoint-2"
     assert read_manifest(tiny_disk / "run" / "checkpoint-1") == read_manifest(src / "run" / "checkpoint-1")
 
+    # completely full (not even room for the event record): still a clear error, no traceback, backups intact
+    with open(tiny_disk / "filler", "wb") as fh:
+        try:
+            while True:
+                fh.write(b"\0" * 65536)
+        except OSError:
+            pass
+    proc = backup("run", "--source", str(src), "--dest", str(tiny_disk), "--once")
+    assert proc.returncode == 1 and "Traceback" not in proc.stdout + proc.stderr, proc.stdout + proc.stderr
+    assert "is full" in proc.stdout
+    (tiny_disk / "filler").unlink()
+    assert backup("verify", "--dest", str(tiny_disk)).returncode == 0
+
 
 def test_bad_arguments_are_errors_for_people(dirs):
     src, dest = dirs

@@ -99,14 +99,20 @@ class BackupLock:
                 return False
             log(f"waiting for {self.path}, held by {holder}")
             fcntl.flock(fd, fcntl.LOCK_EX)
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} since {time.strftime('%Y-%m-%dT%H:%M:%S')}\n".encode(), 0)
+        try:  # who holds it, for the "waiting for" message; best effort (a full disk must not stop us here)
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"pid {os.getpid()} since {time.strftime('%Y-%m-%dT%H:%M:%S')}\n".encode(), 0)
+        except OSError:
+            pass
         self.fd = fd
         return True
 
     def release(self) -> None:
         if self.fd is not None:
-            os.ftruncate(self.fd, 0)
+            try:
+                os.ftruncate(self.fd, 0)
+            except OSError:
+                pass
             fcntl.flock(self.fd, fcntl.LOCK_UN)
             os.close(self.fd)
             self.fd = None
@@ -230,7 +236,10 @@ def complete_checkpoints(run_dir: Path, level: str = "sizes", quiet: bool = Fals
 
 
 def _event(dest: Path, event: str, **fields: Any) -> None:
-    append_jsonl(dest / EVENTS_NAME, {"ts": time.time(), "event": event, **fields})
+    try:
+        append_jsonl(dest / EVENTS_NAME, {"ts": time.time(), "event": event, **fields})
+    except OSError as exc:  # a full backup volume must not turn a logged failure into a crash
+        log(f"could not record the {event!r} event in {dest / EVENTS_NAME}: {exc}")
 
 
 def prune_backups(run_backup: Path, keep: int) -> list[Path]:
@@ -290,7 +299,10 @@ def backup_round(source: Path, dest: Path, keep: int, stop: Callable[[], bool] =
             record = {"run": run_dir.name, "checkpoint": src.name, "step": step, "path": str(dst),
                       "source": str(src), "bytes": size, "seconds": seconds}
             _event(dest, "copied", **record)
-            write_json_atomic(run_backup / LAST_BACKUP_NAME, {"ts": time.time(), **record})
+            try:
+                write_json_atomic(run_backup / LAST_BACKUP_NAME, {"ts": time.time(), **record})
+            except OSError as exc:
+                log(f"could not write {run_backup / LAST_BACKUP_NAME}: {exc}")
             result.copied.append(str(src))
         for path in prune_backups(run_backup, keep):
             _event(dest, "pruned", run=run_dir.name, checkpoint=path.name)
@@ -340,6 +352,11 @@ def cmd_run(args: argparse.Namespace) -> int:
                 log(f"ERROR: {exc}")
                 if args.once:
                     return 2
+                result = None
+            except OSError as exc:  # e.g. the backup volume full or read-only outside a copy
+                log(f"ERROR: {exc.strerror or exc} ({exc.filename or dest}); earlier backups are intact")
+                if args.once:
+                    return 1
                 result = None
             finally:
                 lock.release()
