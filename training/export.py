@@ -452,6 +452,7 @@ def merge_adapter(run_dir: Path, base_name: str, base_path: Path, dtype: str, me
     shutil.rmtree(tmp, ignore_errors=True)
     merged.save_pretrained(str(tmp))
     tokenizer.save_pretrained(str(tmp))
+    write_added_tokens_decoder(tokenizer, tmp / "tokenizer_config.json")
     shutil.copyfile(spm, tmp / "tokenizer.model")
     del model, merged, base
     gc.collect()
@@ -476,6 +477,21 @@ def merge_adapter(run_dir: Path, base_name: str, base_path: Path, dtype: str, me
     write_json_atomic(tmp / "merge_info.json", info)  # written last: its presence means a complete merge
     _replace_dir(tmp, merged_dir)
     return info
+
+
+def write_added_tokens_decoder(tokenizer, config_path: Path) -> None:
+    """transformers 5 no longer writes `added_tokens_decoder` into tokenizer_config.json, and llama.cpp's converter
+    reads the token types from it: without it <start_of_turn>/<end_of_turn> become plain text pieces in the GGUF
+    and llama.cpp / Ollama split them into characters. Write it back, special tokens marked as such."""
+    cfg = read_json(config_path)
+    if cfg.get("added_tokens_decoder"):
+        return
+    special = set(tokenizer.all_special_tokens)
+    cfg["added_tokens_decoder"] = {
+        str(i): {"content": t.content, "lstrip": t.lstrip, "normalized": t.normalized, "rstrip": t.rstrip,
+                 "single_word": t.single_word, "special": bool(t.special or t.content in special)}
+        for i, t in sorted(tokenizer.added_tokens_decoder.items())}
+    write_json_atomic(config_path, cfg)
 
 
 def reusable_merge(merged_dir: Path, run_dir: Path, base_path: Path, dtype: str) -> dict | None:
