@@ -1,0 +1,139 @@
+"""VRAM planner arithmetic and backend selection (the GPU side is measured by scripts/benchmark.py on a card)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from training.backends import BackendError, _run_self_check_subprocess, choose_backend
+from training.model import Device, plan_for_device
+from training.plan import (GIB, KNOWN_ARCHS, LOGIT_BYTES, NF4_BYTES_PER_PARAM, Arch, PlanError, budget_gib,
+                           estimate_peak, main, plan)
+from training.qlora_config import PRESETS
+
+TINY = Arch(num_layers=2, hidden=64, intermediate=128, vocab=512, heads=4, kv_heads=2, head_dim=16)
+
+
+def test_parameter_counts_by_hand():
+    # per layer: q 64x64, k and v 64x32, o 64x64, gate/up/down 64x128 -> 4096+2048+2048+4096+3*8192
+    assert TINY.linear_params() == 2 * (4096 + 2048 + 2048 + 4096 + 3 * 8192)
+    # LoRA r=8: r*(in+out) per linear
+    assert TINY.lora_params(8) == 2 * 8 * ((64 + 64) * 2 + (64 + 32) * 2 + (64 + 128) * 3)
+    # Gemma-2-2B's published size: 2.6B parameters, of which 0.59B embedding
+    g2 = KNOWN_ARCHS["google/gemma-2-2b"]
+    assert 1.9e9 < g2.linear_params() < 2.1e9 and g2.vocab * g2.hidden == 589_824_000
+
+
+def test_planner_lora_count_matches_peft_on_the_tiny_model(tiny_model_dir):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir))
+    arch = Arch.from_config(model.config)
+    peft_model = get_peft_model(model, LoraConfig(r=8, target_modules="all-linear", task_type="CAUSAL_LM"))
+    trainable, _ = peft_model.get_nb_trainable_parameters()
+    assert arch.lora_params(8) == trainable == 16_384
+
+
+def test_estimate_by_hand():
+    est = estimate_peak(TINY, micro_batch=2, seq_len=128, lora_r=8, backend="hf", gradient_checkpointing=True,
+                        fused_loss=False, eager_attention=True)
+    tokens = 2 * 128
+    weights = TINY.linear_params() * NF4_BYTES_PER_PARAM + 512 * 64 * 4
+    lora = TINY.lora_params(8) * 10
+    acts = tokens * (2 * 64 * 4.0 + 128 * 40.0) + 2 * 4 * 128 * 128 * 10.0
+    logits = tokens * 512 * LOGIT_BYTES
+    assert est.peak_gib == round((weights + lora + acts + logits) / GIB, 2)
+    assert est.logits_gib == round(logits / GIB, 2)
+    fused = estimate_peak(TINY, 2, 128, 8, "hf", True, fused_loss=True)
+    assert fused.logits_gib == 0
+
+
+def test_estimates_match_the_h100_measurements_within_15_percent():
+    """The shared H100 baseline measurements the constants were fitted on (../shared/bench/baseline-h100.json)."""
+    g2, g9 = KNOWN_ARCHS["google/gemma-2-2b"], KNOWN_ARCHS["google/gemma-2-9b"]
+    cases = [(g2, 4, False, True, "hf", 44.66), (g2, 1, False, True, "hf", 13.74), (g2, 4, True, False, "hf", 8.30),
+             (g9, 2, False, True, "hf", 29.96), (g9, 2, True, False, "hf", 12.77), (g2, 4, True, True, "unsloth", 4.06)]
+    for arch, bs, fused, eager, backend, measured in cases:
+        est = estimate_peak(arch, bs, 2048, 32, backend, True, fused, eager).peak_gib
+        assert abs(est / measured - 1) < 0.15, (arch, bs, est, measured)
+
+
+def test_plan_keeps_tokens_per_step_and_fits():
+    g2 = KNOWN_ARCHS["google/gemma-2-2b"]
+    p = plan(g2, 16, 2048, 32, 24, "hf", fused_loss=True)
+    assert p.micro_batch * p.gradient_accumulation_steps == 16
+    assert p.predicted_peak_gib <= budget_gib(24)
+    bigger = estimate_peak(g2, p.micro_batch * 2, 2048, 32, "hf", True, True, True)
+    assert bigger.peak_gib > budget_gib(24)  # the largest that fits
+    # without the fused loss the 256k-vocab logits dominate: a smaller micro-batch
+    unfused = plan(g2, 16, 2048, 32, 24, "hf", fused_loss=False)
+    assert unfused.micro_batch < p.micro_batch
+    assert plan(g2, 16, 2048, 32, 24, "hf", max_micro_batch=2).micro_batch == 2
+
+
+def test_plan_turns_checkpointing_off_only_when_it_fits():
+    assert plan(TINY, 8, 256, 8, 80, "hf").gradient_checkpointing is False
+    g2 = KNOWN_ARCHS["google/gemma-2-2b"]
+    assert plan(g2, 16, 2048, 32, 24, "hf").gradient_checkpointing is True
+
+
+def test_plan_error_when_nothing_fits():
+    with pytest.raises(PlanError, match="micro-batch 1 needs about"):
+        plan(KNOWN_ARCHS["google/gemma-2-9b"], 16, 2048, 32, 8, "hf", fused_loss=False)
+
+
+def test_plan_cli(capsys):
+    assert main(["--preset", "gemma-2b", "--gpu-mem", "24", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["micro_batch"] * out["gradient_accumulation_steps"] == 16 and out["gpu_mem_gib"] == 24
+    assert main(["--preset", "gemma-9b", "--gpu-mem", "6"]) == 2
+    assert "Shorten sequences" in capsys.readouterr().err
+
+
+def test_trainer_uses_the_planner_choice():
+    cfg = PRESETS["gemma-2b"]
+    card = Device("cuda", "RTX 4090", 24.0, torch.bfloat16, True, False)
+    planned, line = plan_for_device(cfg, card, "hf+liger", cfg.model_name_or_path)
+    expected = plan(KNOWN_ARCHS["google/gemma-2-2b"], 16, cfg.max_seq_length, cfg.lora_r, 24.0, "hf",
+                    fused_loss=True, max_micro_batch=cfg.max_micro_batch)
+    assert planned.per_device_train_batch_size == expected.micro_batch
+    assert planned.gradient_accumulation_steps == expected.gradient_accumulation_steps
+    assert f"micro-batch {expected.micro_batch}" in line
+    cpu = Device("cpu", "CPU", None, torch.float32, False, False)
+    assert plan_for_device(cfg, cpu, "hf", "x")[0] == cfg  # the CPU keeps the configured values
+
+
+def test_backend_cpu_and_explicit_choices():
+    assert choose_backend("auto", "cpu").name == "hf"
+    assert "CPU" in choose_backend("auto", "cpu").reason
+    assert choose_backend("hf", "cuda").name == "hf"
+    with pytest.raises(BackendError, match="needs a CUDA GPU"):
+        choose_backend("unsloth", "cpu")
+
+
+def test_backend_falls_back_with_the_reason(monkeypatch):
+    import training.backends as b
+
+    monkeypatch.setattr(b, "_installed", lambda m: m == "unsloth")  # unsloth present, Liger absent
+    failed = choose_backend("auto", "cuda", "gemma2", self_check=lambda name: (False, "loss nan"))
+    assert failed.name == "hf" and "failed its self-check: loss nan" in failed.reason
+    passed = choose_backend("auto", "cuda", "gemma2", self_check=lambda name: (True, "loss 6.2"))
+    assert passed.name == "unsloth" and passed.label == "unsloth"
+    with pytest.raises(BackendError, match="failed its self-check"):
+        choose_backend("unsloth", "cuda", "gemma2", self_check=lambda name: (False, "boom"))
+    other = choose_backend("auto", "cuda", "phi3", self_check=lambda name: (True, ""))
+    assert other.name == "hf" and "phi3" in other.reason
+
+
+def test_backend_missing_package_is_the_real_case_here():
+    """unsloth is not installed on this machine: auto falls back and says how to get it."""
+    choice = choose_backend("auto", "cuda", "gemma2")
+    assert choice.name == "hf" and "not installed" in choice.reason and "[fast]" in choice.reason
+
+
+def test_self_check_subprocess_fails_cleanly_without_cuda():
+    ok, detail = _run_self_check_subprocess("unsloth")
+    assert ok is False and "exit 1" in detail
