@@ -26,9 +26,10 @@ needs_llama = pytest.mark.skipif(not HAVE_LLAMA and not os.environ.get("CI"),
                                  reason="needs llama-cpp-python (pip install -e '.[export]'; CI installs it, so CI "
                                         "never skips)")
 
-# What the tiny model must reach (float32 reference): stricter than the export's own limits, so a regression in
-# the conversion shows here before it reaches a user.
-EXPECTED = {"f32": 0.02, "q8_0": 0.5, "q4_k_m": 2.0}
+# What the tiny model must reach against a float32 reference, measured here independently of the export's own
+# check: (max |logit difference|, least top-1 agreement). Measured: f32 5e-4 / 1.0, q8_0 0.03 / 0.98,
+# q4_k_m 0.08 / 0.89; the merged model without its adapter is 0.93 / 0.01 away, so these catch a broken conversion.
+EXPECTED = {"f32": (0.01, 1.0), "q8_0": (0.1, 0.9), "q4_k_m": (0.3, 0.75)}
 
 
 def run_export(args: list[str], cwd: Path = REPO, env: dict | None = None,
@@ -142,11 +143,15 @@ def test_gguf_export_agrees_with_merged_model(trained, quant):
     llm = llama_cpp.Llama(model_path=str(gguf), n_ctx=256, logits_all=True, n_gpu_layers=0, verbose=False)
     llm.eval(ids)
     got = np.array(llm.scores[:len(ids)])
+    tokens_again = list(llm.tokenize(tok.decode(ids).encode(), add_bos=False, special=True))
+    chat_template = llm.metadata.get("tokenizer.chat_template", "")
+    llm.close()
     assert got.shape == ref.shape
-    assert (got.argmax(-1) == ref.argmax(-1)).all()
-    assert np.abs(got - ref).max() < EXPECTED[quant]
-    assert list(llm.tokenize(tok.decode(ids).encode(), add_bos=False, special=True)) == ids
-    assert llm.metadata.get("tokenizer.chat_template", "").strip() == tok.chat_template.strip()
+    max_diff, min_top1 = EXPECTED[quant]
+    assert np.abs(got - ref).max() < max_diff
+    assert (got.argmax(-1) == ref.argmax(-1)).mean() >= min_top1
+    assert tokens_again == ids  # llama.cpp / Ollama read <start_of_turn> etc. as the same tokens
+    assert chat_template.strip() == tok.chat_template.strip()
 
     mf = parse_modelfile((folder / "Modelfile").read_text())
     assert (folder / mf["from"]).resolve() == gguf.resolve()
@@ -178,7 +183,7 @@ def test_modelfile_parser_reads_what_we_write_and_rejects_garbage():
 @pytest.mark.slow
 @needs_llama
 def test_failed_check_fails_the_export_and_leaves_nothing(trained, monkeypatch, caplog):
-    """A limit no real conversion meets (max logit difference 0): exit 3, no new folder, the old export intact."""
+    """A limit no real conversion meets (max logit difference 0 sd): exit 3, no new folder, the old export intact."""
     assert HAVE_LLAMA, "CI: llama-cpp-python missing"
     import dataclasses
 
@@ -188,7 +193,7 @@ def test_failed_check_fails_the_export_and_leaves_nothing(trained, monkeypatch, 
     previous = gguf_dir / "tiny-run-f32"
     previous.mkdir(parents=True)
     (previous / "export_report.json").write_text('{"old": true}')
-    monkeypatch.setitem(export.QUANTS, "f32", dataclasses.replace(export.QUANTS["f32"], max_logit_diff=0.0))
+    monkeypatch.setitem(export.QUANTS, "f32", dataclasses.replace(export.QUANTS["f32"], max_diff_std=0.0))
     monkeypatch.chdir(REPO)
     rc = export.main(["--run", "tiny-run", "--output-dir", str(trained / "outputs"), "--gguf-dir", str(gguf_dir),
                       "--quant", "f32"])

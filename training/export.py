@@ -61,23 +61,24 @@ class Quant:
     ftype: str | None  # llama.cpp ftype for llama_model_quantize (k-quants), None: the converter's output is final
     bytes_per_param: float  # for the disk estimate
     min_top1: float  # least share of positions where the GGUF's top token equals the merged model's
-    max_logit_diff: float  # largest |logit difference| allowed at any position and vocabulary entry
-    ollama_ok: bool = True
+    max_diff_std: float  # largest |logit difference| allowed, in standard deviations of the reference's logits
 
 
-# Limits: a wrong conversion (tokenizer, RoPE, soft-capping, norms) shows as many disagreeing top tokens and logit
-# differences of several units; honest rounding does not. On the tiny model with a float32 reference the measured
-# values are far inside these (docs/export.md has the table); a bf16 reference adds its own rounding.
+# Limits. Logit differences are measured in units of the reference logits' standard deviation, so the same limit
+# serves the tiny model (logits within +-1) and Gemma (+-30). Measured on the tiny model (float32 reference):
+# f32 0.003 sd, q8_0 0.17 sd, q4_k_m 0.5 sd; the same merged model without its adapter is 5.7 sd away, with 1% of
+# its top tokens equal. Top-1 agreement is loose: where the reference's two best tokens are within rounding of each
+# other, either is what the model says (the tiny model's near-flat logits flip 2% at q8_0, 11% at q4_k_m).
 QUANTS: dict[str, Quant] = {
-    "f32": Quant("f32", None, 4.0, 0.99, 0.1),
-    "f16": Quant("f16", None, 2.0, 0.98, 0.5),
-    "bf16": Quant("bf16", None, 2.0, 0.97, 0.75),
-    "q8_0": Quant("q8_0", None, 34 / 32, 0.95, 1.5),
-    "q4_k_m": Quant("lossless", "LLAMA_FTYPE_MOSTLY_Q4_K_M", 4.9 / 8, 0.85, 4.0),  # quantised from a lossless file
+    "f32": Quant("f32", None, 4.0, 0.98, 0.1),
+    "f16": Quant("f16", None, 2.0, 0.95, 0.3),
+    "bf16": Quant("bf16", None, 2.0, 0.95, 0.5),
+    "q8_0": Quant("q8_0", None, 34 / 32, 0.90, 1.0),
+    "q4_k_m": Quant("lossless", "LLAMA_FTYPE_MOSTLY_Q4_K_M", 4.9 / 8, 0.75, 2.5),  # quantised from a lossless file
 }
 DTYPES = {"float32": 4, "bfloat16": 2, "float16": 2}
-# merged vs adapter-on-base: the same maths, one rounding of W + BA apart
-MERGE_LIMITS = {"float32": (1.0, 1e-3), "bfloat16": (0.97, 0.75), "float16": (0.97, 0.75)}
+# merged vs adapter-on-base (min top-1, max diff in sd): the same maths, one rounding of W + BA apart
+MERGE_LIMITS = {"float32": (0.99, 1e-3), "bfloat16": (0.95, 0.5), "float16": (0.95, 0.5)}
 
 # Fixed prompts, chat-formatted with the run's own template: the same token ids go through both models.
 CHECK_CONVERSATIONS = [
@@ -401,6 +402,8 @@ def prompt_logits(model, ids: list[list[int]]):
 
 
 def compare_logits(ref: list, other: list) -> dict:
+    """Top-1 agreement and max |difference| over every position and vocabulary entry; the difference also in
+    standard deviations of the reference logits (scale-free)."""
     import numpy as np
 
     positions = agree = 0
@@ -411,7 +414,14 @@ def compare_logits(ref: list, other: list) -> dict:
         positions += a.shape[0]
         agree += int((a.argmax(-1) == b.argmax(-1)).sum())
         max_diff = max(max_diff, float(np.abs(a - b).max()))
-    return {"positions": positions, "top1_agreement": agree / max(positions, 1), "max_logit_diff": max_diff}
+    std = float(np.concatenate([a.reshape(-1) for a in ref]).std()) or 1.0
+    return {"positions": positions, "top1_agreement": agree / max(positions, 1), "max_logit_diff": max_diff,
+            "reference_logit_std": std, "max_logit_diff_sd": max_diff / std}
+
+
+def within(cmp: dict, min_top1: float, max_diff_std: float) -> dict:
+    return {**cmp, "limit_top1": min_top1, "limit_max_logit_diff_sd": max_diff_std,
+            "passed": cmp["top1_agreement"] >= min_top1 and cmp["max_logit_diff_sd"] <= max_diff_std}
 
 
 def adapter_fingerprint(adapter_dir: Path) -> str:
@@ -462,18 +472,15 @@ def merge_adapter(run_dir: Path, base_name: str, base_path: Path, dtype: str, me
     merged_logits = prompt_logits(reloaded, ids)
     del reloaded
     gc.collect()
-    cmp = compare_logits(adapter_logits, merged_logits)
-    min_top1, max_diff = MERGE_LIMITS[dtype]
-    cmp.update(limit_top1=min_top1, limit_max_logit_diff=max_diff,
-               passed=cmp["top1_agreement"] >= min_top1 and cmp["max_logit_diff"] <= max_diff)
+    cmp = within(compare_logits(adapter_logits, merged_logits), *MERGE_LIMITS[dtype])
     info = {"base": base_name, "base_path": str(base_path.resolve()), "dtype": dtype,
             "adapter_sha256": adapter_fingerprint(adapter_dir), "merged_vs_adapter_on_base": cmp,
             "merge_seconds": round(t_merge, 2), "check_seconds": round(time.time() - t0 - t_merge, 2)}
     if not cmp["passed"]:
         shutil.rmtree(tmp, ignore_errors=True)
         raise CheckFailed(f"the merged model does not say what adapter-on-base says: top-1 agreement "
-                          f"{cmp['top1_agreement']:.3f} (limit {min_top1}), max logit difference "
-                          f"{cmp['max_logit_diff']:.4g} (limit {max_diff})")
+                          f"{cmp['top1_agreement']:.3f} (limit {cmp['limit_top1']}), max logit difference "
+                          f"{cmp['max_logit_diff_sd']:.3g} sd (limit {cmp['limit_max_logit_diff_sd']})")
     write_json_atomic(tmp / "merge_info.json", info)  # written last: its presence means a complete merge
     _replace_dir(tmp, merged_dir)
     return info
@@ -619,6 +626,7 @@ def _worker_check(job: dict) -> dict:
         llm.eval(ids)
         logits.append(np.array(llm.scores[:len(ids)], dtype=np.float32))
     result["n_vocab_llama_cpp"] = llm.n_vocab()
+    llm.close()
     result["tokenizer_mismatches"] = token_mismatch
     result["logits"] = compare_logits([ref[f"p{i}"] for i in range(len(job["ids"]))], logits)
     return result
@@ -647,10 +655,8 @@ def evaluate_checks(res: dict, expected: dict, quant: str) -> dict:
         "chat_template": {"passed": (res["chat_template_in_gguf"] or "").strip() == expected["chat_template"].strip()},
         "tokenizer": {"passed": not res["tokenizer_mismatches"] and res["n_vocab_llama_cpp"] == cfg.get("vocab_size"),
                       "n_vocab": res["n_vocab_llama_cpp"], "mismatches": res["tokenizer_mismatches"]},
-        "logits_vs_merged": {**logits, "limit_top1": q.min_top1, "limit_max_logit_diff": q.max_logit_diff,
-                             "reference_dtype": expected["reference_dtype"],
-                             "passed": logits["top1_agreement"] >= q.min_top1
-                             and logits["max_logit_diff"] <= q.max_logit_diff},
+        "logits_vs_merged": {**within(logits, q.min_top1, q.max_diff_std),
+                             "reference_dtype": expected["reference_dtype"]},
     }
     return checks
 
@@ -743,8 +749,8 @@ def export(args) -> dict:
         log.info("merging the adapter into the base in %s ...", dtype)
         merge_info = merge_adapter(run_dir, base_name, base_path, dtype, merged_dir)
         c = merge_info["merged_vs_adapter_on_base"]
-        log.info("merged into %s: vs adapter-on-base top-1 %.3f, max logit diff %.2g", merged_dir,
-                 c["top1_agreement"], c["max_logit_diff"])
+        log.info("merged into %s: vs adapter-on-base top-1 %.3f, max logit diff %.2g (%.2g sd)", merged_dir,
+                 c["top1_agreement"], c["max_logit_diff"], c["max_logit_diff_sd"])
     timings["merge_s"] = round(time.time() - t0, 2)
     report = {"run": run, "format": args.format, "quant": quant, "created": time.time(), "base": base_name,
               "base_path": str(base_path), "resources": plan, "merge": merge_info, "merged_dir": str(merged_dir),
@@ -822,9 +828,9 @@ def gguf_export(converter: Path, merged_dir: Path, work: Path, name: str, quant:
     checks = evaluate_checks(res, expected, quant)
     timings["check_s"] = round(time.time() - t0, 2)
     c = checks["logits_vs_merged"]
-    log.info("GGUF %s: top-1 agreement %.3f (limit %.2f), max logit diff %.3g (limit %.3g) over %d positions", quant,
-             c["top1_agreement"], c["limit_top1"], c["max_logit_diff"],
-             c["limit_max_logit_diff"], c["positions"])
+    log.info("GGUF %s vs merged model over %d positions: top-1 agreement %.3f (limit %.2f), max logit diff %.3g = "
+             "%.3g sd (limit %.3g sd)", quant, c["positions"], c["top1_agreement"], c["limit_top1"],
+             c["max_logit_diff"], c["max_logit_diff_sd"], c["limit_max_logit_diff_sd"])
     (work / "Modelfile").write_text(modelfile_text(gguf_path.name, min(int(config.get("max_position_embeddings")
                                                                            or 8192), 8192)), encoding="utf-8")
     return {"gguf_file": gguf_path.name, "gguf_bytes": gguf_path.stat().st_size, "modelfile": "Modelfile",
@@ -902,7 +908,7 @@ def main(argv: list[str] | None = None) -> int:
     if report.get("gguf_dir"):
         c = report["checks"]["logits_vs_merged"]
         print(f"exported {report['gguf_dir']}/{report['gguf_file']} ({report['gguf_bytes'] / 2**20:.1f} MiB): "
-              f"top-1 agreement {c['top1_agreement']:.3f}, max logit diff {c['max_logit_diff']:.3g}; "
+              f"top-1 agreement {c['top1_agreement']:.3f}, max logit diff {c['max_logit_diff_sd']:.3g} sd; "
               f"ollama create {report['run']} -f {report['gguf_dir']}/Modelfile")
     else:
         print(f"merged model in {report['merged_dir']} ({report['merged_bytes'] / 2**20:.1f} MiB)")
