@@ -7,12 +7,28 @@
 # Any Debian/Ubuntu image with apt works (CI uses a debootstrap-made `local/debian:bookworm` and CPU torch).
 ARG BASE_IMAGE=nvidia/cuda:12.6.3-runtime-ubuntu24.04
 
-# ---------------------------------------------------------------------------------------------- builder
-FROM ${BASE_IMAGE} AS builder
+# ---------------------------------------------------------------------------------------------- python-base
+FROM ${BASE_IMAGE} AS python-base
 ARG DEBIAN_FRONTEND=noninteractive
 RUN apt-get update \
  && apt-get install -y --no-install-recommends python3 python3-venv python3-pip ca-certificates \
  && rm -rf /var/lib/apt/lists/*
+
+# ---------------------------------------------------------------------------------------------- requirements
+# The dependency list, extracted from pyproject.toml: edits elsewhere in pyproject.toml keep the venv layer cached.
+# (tomllib: Python >= 3.11; pip's vendored tomli on 3.10 bases such as Ubuntu 22.04.)
+FROM python-base AS requirements
+ARG EXTRAS=notebook
+COPY pyproject.toml /tmp/pyproject.toml
+RUN python3 -c 'import os, sys; \
+toml = __import__("tomllib") if sys.version_info >= (3, 11) else __import__("pip._vendor.tomli", fromlist=["loads"]); \
+p = toml.load(open("/tmp/pyproject.toml", "rb"))["project"]; \
+extras = [e.strip() for e in os.environ.get("EXTRAS", "").split(",") if e.strip()]; \
+reqs = list(p.get("dependencies", [])) + [r for e in extras for r in p["optional-dependencies"][e]]; \
+open("/requirements.txt", "w").write("\n".join(reqs) + "\n")'
+
+# ---------------------------------------------------------------------------------------------- builder
+FROM python-base AS builder
 RUN python3 -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
@@ -33,27 +49,27 @@ RUN --mount=type=cache,target=/root/.cache/pip \
  && python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" \
  && pip freeze | grep -i '^torch==' > /opt/torch-constraint.txt
 
-# Dependencies of the project (with a stub package, so editing training/*.py does not redo this layer).
-# The constraint keeps the torch chosen above (a plain `torch` requirement would pull another multi-GB build).
-ARG EXTRAS=notebook
-WORKDIR /src
-COPY pyproject.toml ./
+# The project's dependencies (+ setuptools/wheel: the project wheel below builds without an isolated env, faster).
+# The constraint keeps the torch chosen above (the plain `torch` requirement would
+# otherwise be free to pull another multi-GB build).
+COPY --from=requirements /requirements.txt /opt/requirements.txt
 RUN --mount=type=cache,target=/root/.cache/pip \
     --mount=type=secret,id=ca,required=false \
     --mount=type=bind,source=wheelhouse,target=/wheelhouse \
     if [ -s /run/secrets/ca ]; then export PIP_CERT=/run/secrets/ca; fi; \
-    mkdir -p training && touch training/__init__.py README.md \
- && pip install --find-links /wheelhouse -c /opt/torch-constraint.txt ".${EXTRAS:+[$EXTRAS]}" \
- && rm -rf training README.md build *.egg-info
+    pip install --find-links /wheelhouse -c /opt/torch-constraint.txt -r /opt/requirements.txt "setuptools>=68" wheel
 
-# The project itself.
+# ---------------------------------------------------------------------------------------------- project
+# The project as a wheel, in its own stage: editing training/*.py rebuilds only this and one small runtime layer,
+# never the multi-GB venv layer.
+FROM builder AS project
+WORKDIR /src
 COPY pyproject.toml README* ./
 COPY training/ ./training/
 RUN --mount=type=cache,target=/root/.cache/pip \
     --mount=type=secret,id=ca,required=false \
     if [ -s /run/secrets/ca ]; then export PIP_CERT=/run/secrets/ca; fi; \
-    pip install --no-deps --force-reinstall . \
- && python -c "import training"
+    pip wheel --no-deps --no-build-isolation --wheel-dir /wheels .
 
 # ---------------------------------------------------------------------------------------------- runtime
 FROM ${BASE_IMAGE} AS runtime
@@ -77,6 +93,9 @@ RUN set -e; \
     chown -R "$APP_UID:$APP_GID" /app
 
 COPY --from=builder /opt/venv /opt/venv
+RUN --mount=type=bind,from=project,source=/wheels,target=/tmp/wheels \
+    /opt/venv/bin/pip install --no-deps --no-index /tmp/wheels/*.whl \
+ && /opt/venv/bin/python -c "import training"
 COPY --chown=${APP_UID}:${APP_GID} datasets/sample/ /app/datasets/sample/
 
 ENV PATH=/opt/venv/bin:$PATH \

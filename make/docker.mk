@@ -1,5 +1,6 @@
 # Docker Compose verbs (included by the top-level Makefile). README_DOCKER.md explains the stack.
-# Variables: GPU=auto|1|0  PRESET  MODEL=  DATA=  ARGS='--max-steps 50'  FORCE=1  BACKUP=1  IMAGE  BIND_ADDRESS
+# Variables: GPU=auto|1|0  MODEL=  DATA=  RUN=  ARGS='--max-steps 50'  FORCE=1  BACKUP=1  IMAGE  BIND_ADDRESS
+#            GPUS=N FSDP=1 NNODES/NODE_RANK/MASTER_ADDR/MASTER_PORT (several GPUs: LAUNCH, from the Makefile)
 # Every recipe only calls `docker compose`, so `make -n VERB` works on a machine without Docker.
 
 DOCKER ?= docker
@@ -50,19 +51,19 @@ MODEL_ARG := $(if $(MODEL_PATH),--model $(if $(wildcard $(MODEL_PATH)),/app/base
 
 # $(1): preset. Refuses to replace a running run; starts the run and its sidecars in the background, then follows
 # the log until the run ends (Ctrl-C stops following, not training) and exits with the run's exit code.
+# `docker logs -f` (not `compose logs -f`, which waits for a restart): it returns once the container has stopped.
 define compose_train
 	@if [ -n "$$($(COMPOSE) --profile training ps -q --status running qlora-training 2>/dev/null)" ]; then \
 	  echo "A training run is already running in $(TRAINING_CONTAINER): 'make train-logs' follows it, 'make train-stop' stops it." >&2; exit 1; fi
-	$(DATA_MOUNT) $(MODEL_MOUNT) PRESET=$(1) TRAIN_ARGS='$(strip $(MODEL_ARG) $(DATA_ARG) $(ARGS))' $(COMPOSE) --profile training up -d
+	$(DATA_MOUNT) $(MODEL_MOUNT) LAUNCH='$(LAUNCH)' PRESET=$(1) TRAIN_ARGS='$(strip $(MODEL_ARG) $(DATA_ARG) $(if $(RUN),--run-name $(RUN)) $(ARGS))' $(COMPOSE) --profile training up -d
 	@echo "Training runs in the background; Ctrl-C stops following the log, 'make train-stop' stops the run."
-	$(COMPOSE) --profile training logs -f --no-log-prefix qlora-training; \
-	  exit $$($(DOCKER) inspect -f '{{.State.ExitCode}}' $(TRAINING_CONTAINER))
+	$(DOCKER) logs -f $(TRAINING_CONTAINER); exit $$($(DOCKER) inspect -f '{{.State.ExitCode}}' $(TRAINING_CONTAINER))
 endef
 
 .PHONY: build train-gemma-2b train-gemma-9b train-custom train-tiny train-dev train-monitor train-status train-logs \
         train-stop train-clean doctor
 
-build: ## Build the training image (GPU=0/1, TORCH_INDEX_URL=, TORCH_SPEC=, BASE_IMAGE= to override)
+build: ## build the training image (GPU=0/1, TORCH_INDEX_URL=, TORCH_SPEC=, BASE_IMAGE= to override)
 	@mkdir -p wheelhouse
 	$(COMPOSE) $(ALL_PROFILES) build qlora-training
 
@@ -72,13 +73,13 @@ train-gemma-2b: ## QLoRA fine-tune Gemma-2 2B in the container (needs HF_TOKEN; 
 train-gemma-9b: ## QLoRA fine-tune Gemma-2 9B in the container (needs HF_TOKEN)
 	$(call compose_train,gemma-9b)
 
-train-custom: ## Fine-tune any model: make train-custom MODEL=hub-id-or-path DATA=path-or-dataset
+train-custom: ## fine-tune any model: make train-custom MODEL=hub-id-or-path DATA=path-or-dataset
 	@if [ -z "$(USER_MODEL)" ] || [ -z "$(USER_DATA)" ]; then \
 	  echo "train-custom needs MODEL and DATA, e.g. make train-custom MODEL=google/gemma-2-2b DATA=datasets/my.jsonl" >&2; \
 	  echo "  MODEL: a Hugging Face model id or a local folder; DATA: a .jsonl/.json/.parquet/.csv file or folder" >&2; exit 2; fi
 	$(call compose_train,custom)
 
-train-tiny: ## The built-in tiny model on the sample data, through compose (CPU, under a minute)
+train-tiny: ## the built-in tiny model on the sample data, through compose (CPU; ARGS='--max-steps 10' for a smoke test)
 	$(call compose_train,tiny)
 
 train-dev: ## JupyterLab + TensorBoard (token from JUPYTER_TOKEN, else generated into .jupyter_token)
@@ -96,20 +97,20 @@ train-monitor: ## W&B local server (8080) + Jupyter/TensorBoard + GPU monitor
 	$(COMPOSE) --profile monitoring up -d
 	@echo "W&B local:   http://$(BIND_ADDRESS):$(WANDB_PORT)/"
 
-train-status: ## Containers, GPUs, the current run, checkpoints and backups on one screen
+train-status: ## containers, GPUs, the current run, checkpoints and backups on one screen
 	$(COMPOSE) $(ALL_PROFILES) ps -a
 	@mkdir -p notebooks; ids="$$($(COMPOSE) $(ALL_PROFILES) ps -aq)"; \
 	  { if [ -n "$$ids" ]; then $(DOCKER) inspect $$ids; else echo '[]'; fi; } \
 	  | $(COMPOSE) run --rm --no-deps -T training-dev python -m training.status --docker-inspect - \
 	    --logs-dir /app/logs --output-dir /app/outputs --backup-dir /app/backup $(ARGS)
 
-train-logs: ## Follow the training container's log (Ctrl-C to stop following)
-	$(COMPOSE) --profile training logs -f --tail 200 qlora-training
+train-logs: ## follow the training container's log (Ctrl-C to stop following; returns when the run ends)
+	$(DOCKER) logs -f --tail 200 $(TRAINING_CONTAINER)
 
-train-stop: ## Stop every service (SIGTERM: the run saves a checkpoint first; containers and volumes kept)
+train-stop: ## stop every service (SIGTERM: the run saves a checkpoint first; containers and volumes kept)
 	$(COMPOSE) $(ALL_PROFILES) stop
 
-train-clean: ## Remove containers and volumes (checkpoints!); asks unless FORCE=1; keeps backups unless BACKUP=1
+train-clean: ## remove containers and volumes (checkpoints!); asks unless FORCE=1; keeps backups unless BACKUP=1
 	@if [ "$(FORCE)" != 1 ]; then \
 	  printf 'This deletes the containers and the volumes %s_{models_cache,models_gguf,checkpoints,logs,wandb}%s.\nType yes to go on: ' \
 	    "$(VOLUME_PREFIX)" "$(if $(filter 1,$(BACKUP)), and $(VOLUME_PREFIX)_backup)"; \
@@ -117,5 +118,6 @@ train-clean: ## Remove containers and volumes (checkpoints!); asks unless FORCE=
 	$(COMPOSE) $(ALL_PROFILES) down --remove-orphans
 	$(DOCKER) volume rm -f $(foreach v,models_cache models_gguf checkpoints logs wandb $(if $(filter 1,$(BACKUP)),backup),$(VOLUME_PREFIX)_$(v))
 
-doctor: ## Check the host for the Docker stack (driver, GPU runtime, Compose v2, compose file, security, disk)
-	python3 scripts/test_docker_training.py $(if $(filter 1 yes true,$(GPU_ON)),,--cpu-only) --compose-file $(COMPOSE_MAIN_FILE)
+doctor: ## check the host for the Docker stack (driver, GPU runtime, Compose v2, compose file, security, disk)
+	python3 scripts/test_docker_training.py $(if $(filter 1 yes true,$(GPU_ON)),,--cpu-only) --compose-file $(COMPOSE_MAIN_FILE) \
+	  $(if $(filter command line environment,$(origin PRESET)),--preset $(PRESET)) $(if $(USER_MODEL),--model $(USER_MODEL))
