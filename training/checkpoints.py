@@ -10,8 +10,10 @@ few seconds once per start, and it is the only check that catches a flipped or z
 candidates are hashed: the search stops at the first one that passes. `level="sizes"` (stat only) is for listings
 that run often, such as the status screen.
 
-Limits: the stop-signal save covers the main process of a single-process run (the reference setup); under
-`accelerate launch` every rank gets the signal, and rank 0 writes the marker after HF's save.
+Limits: the stop-signal save is made for a single-process run (the reference setup). Under `accelerate launch`
+rank 0 writes the marker, but each rank acts on the signal at the step where it sees it; the ranks do not agree
+on a common stop step yet. DataLoader workers must be forked (Linux default up to Python 3.13) to inherit the
+handler that keeps them alive on Ctrl+C.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+from training import distributed
 from training.jsonl import append_jsonl, write_json_atomic
 
 logger = logging.getLogger(__name__)
@@ -466,7 +469,10 @@ class _CheckpointCallbackLogic:
         self.resumed_from = Path(resumed_from) if resumed_from else None
         self.resume_changes = list(resume_changes)
         self.log = logger.warning if log is None else log
-        self.stop_signal: int | None = None
+        self.stop_signal: int | None = None  # the signal this process received
+        # Several ranks (accelerate launch): the signal every rank agreed to act on at the end of an optimizer step
+        # (another rank's, when this one has not received it yet).
+        self._agreed_signal: int | None = None
         self.stopped_early = False
         self.last_complete: Path | None = None
         self._stop_announced = False
@@ -506,17 +512,35 @@ class _CheckpointCallbackLogic:
         return self.stop_signal is not None
 
     @property
+    def _signum(self) -> int | None:
+        return self.stop_signal or self._agreed_signal
+
+    @property
     def exit_status(self) -> int | None:
         """128+signum when a signal stopped training before max_steps, else None (a signal during the last step
         lets the run finish normally)."""
-        return 128 + self.stop_signal if self.stopped_early else None
+        return 128 + self._signum if self.stopped_early else None
+
+    def _should_stop(self) -> bool:
+        """Alone: act on a signal at the next hook. Several ranks: only once all of them agreed on it at the end of
+        an optimizer step (`_agree_on_stop`), so that every rank saves the same step together; a rank that saved or
+        stopped alone would wait forever for the others in the next collective."""
+        if distributed.initialised():
+            return self._agreed_signal is not None
+        return self.stop_requested
+
+    def _agree_on_stop(self) -> None:
+        """Every rank calls this at every optimizer step end: one tiny all-reduce (max of the signal numbers)."""
+        if distributed.initialised() and self._agreed_signal is None:
+            agreed = distributed.agree_max(self.stop_signal or 0)
+            self._agreed_signal = agreed or None
 
     def _request_save_and_stop(self, state: Any, control: Any, where: str) -> None:
         control.should_save = True
         control.should_training_stop = True
         if not self._stop_announced:
             self._stop_announced = True
-            self.log(f"{_signal_name(self.stop_signal)}: saving a complete checkpoint at step {state.global_step} "
+            self.log(f"{_signal_name(self._signum)}: saving a complete checkpoint at step {state.global_step} "
                      f"({where}) and stopping")
 
     # -- events ------------------------------------------------------------------------------------------------
@@ -561,11 +585,12 @@ class _CheckpointCallbackLogic:
         self._maybe_pause("step", state.global_step + 1, args.output_dir)
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.stop_requested:
+        self._agree_on_stop()
+        if self._should_stop():
             self._request_save_and_stop(state, control, "end of the current optimizer step")
 
     def on_log(self, args, state, control, **kwargs):
-        if self.stop_requested:
+        if self._should_stop():
             self._request_save_and_stop(state, control, "after logging")
 
     def on_prediction_step(self, args, state, control, **kwargs):
@@ -573,10 +598,13 @@ class _CheckpointCallbackLogic:
 
     def on_evaluate(self, args, state, control, **kwargs):
         # Evaluation runs after on_step_end; the save decision comes right after this hook.
-        if self.stop_requested:
+        if self._should_stop():
             self._request_save_and_stop(state, control, "after evaluation")
 
     def on_save(self, args, state, control, **kwargs):
+        # Several ranks: each writes its own files (rng_state_R.pth; FSDP: its shards) and HF does not wait for
+        # them, so the manifest is built only once every rank has finished its part of this save.
+        distributed.barrier()
         if state.is_world_process_zero:
             started = time.time()
             ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
@@ -592,17 +620,17 @@ class _CheckpointCallbackLogic:
                 self._event(state, "checkpoint", path=str(ckpt), bytes=size,
                             marker_s=round(time.time() - started, 3))
                 prune_checkpoints(args.output_dir, self.keep, log=logger.info)
-        if self.stop_requested:
+        if self._should_stop():
             # A signal that arrived during HF's save: this checkpoint is at the current step; stop here.
             control.should_training_stop = True
 
     def on_train_end(self, args, state, control, **kwargs):
-        self.stopped_early = self.stop_requested and state.global_step < state.max_steps
+        self.stopped_early = self._should_stop() and state.global_step < state.max_steps
         if self.stopped_early:
             path = self.last_complete if self.last_complete and checkpoint_step(self.last_complete) == \
                 state.global_step else None
-            self._event(state, "stopped", signal=_signal_name(self.stop_signal), checkpoint=str(path) if path else None)
-            self.log(f"stopped by {_signal_name(self.stop_signal)} at step {state.global_step}; complete checkpoint: "
+            self._event(state, "stopped", signal=_signal_name(self._signum), checkpoint=str(path) if path else None)
+            self.log(f"stopped by {_signal_name(self._signum)} at step {state.global_step}; complete checkpoint: "
                      f"{path or 'none at this step'}; run again with --resume auto to continue")
 
 
