@@ -144,6 +144,8 @@ def test_gguf_export_agrees_with_merged_model(trained, quant):
     llm.eval(ids)
     got = np.array(llm.scores[:len(ids)])
     tokens_again = list(llm.tokenize(tok.decode(ids).encode(), add_bos=False, special=True))
+    # Ollama's template has no <bos>; the chat template starts with it, so llama.cpp must add it
+    bos_first = llm.tokenize(b"hello", add_bos=True, special=False)[0] == tok.bos_token_id
     chat_template = llm.metadata.get("tokenizer.chat_template", "")
     llm.close()
     assert got.shape == ref.shape
@@ -151,6 +153,7 @@ def test_gguf_export_agrees_with_merged_model(trained, quant):
     assert np.abs(got - ref).max() < max_diff
     assert (got.argmax(-1) == ref.argmax(-1)).mean() >= min_top1
     assert tokens_again == ids  # llama.cpp / Ollama read <start_of_turn> etc. as the same tokens
+    assert bos_first and report["checks"]["tokenizer"]["bos_added_by_llama_cpp"] is True
     assert chat_template.strip() == tok.chat_template.strip()
 
     mf = parse_modelfile((folder / "Modelfile").read_text())
@@ -294,6 +297,18 @@ def test_too_little_disk(trained, tmp_path):
         assert list(mnt.iterdir()) == []
     finally:
         subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_stale_temporary_export_folders_are_removed(tmp_path):
+    from training.export import _remove_stale_tmp
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (tmp_path / f".tmp-run-q8_0-{dead.pid}").mkdir()
+    (tmp_path / f".tmp-run-f32-{os.getpid()}").mkdir()  # a live export's folder stays
+    (tmp_path / "run-q8_0").mkdir()
+    _remove_stale_tmp(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([f".tmp-run-f32-{os.getpid()}", "run-q8_0"])
 
 
 def test_hub_base_matches_its_cache_snapshot(tmp_path):

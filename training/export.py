@@ -91,14 +91,14 @@ CHECK_CONVERSATIONS = [
 ]
 
 # Ollama's Go template for Gemma: no system role (a system message joins the first user turn, as in training).
-OLLAMA_GEMMA_TEMPLATE = """{{- $system := .System }}
+OLLAMA_GEMMA_TEMPLATE = """{{- $system := .System }}{{- $first := true }}
 {{- range $i, $_ := .Messages }}
 {{- $last := eq (len (slice $.Messages $i)) 1 }}
 {{- if eq .Role "system" }}{{ $system = .Content }}
 {{- else if eq .Role "user" }}<start_of_turn>user
-{{ if and $system (eq $i 1) }}{{ $system }}
+{{ if and $first $system }}{{ $system }}
 
-{{ end }}{{ .Content }}<end_of_turn>
+{{ end }}{{ $first = false }}{{ .Content }}<end_of_turn>
 {{ if $last }}<start_of_turn>model
 {{ end }}
 {{- else if eq .Role "assistant" }}<start_of_turn>model
@@ -487,18 +487,32 @@ def merge_adapter(run_dir: Path, base_name: str, base_path: Path, dtype: str, me
 
 
 def write_added_tokens_decoder(tokenizer, config_path: Path) -> None:
-    """transformers 5 no longer writes `added_tokens_decoder` into tokenizer_config.json, and llama.cpp's converter
-    reads the token types from it: without it <start_of_turn>/<end_of_turn> become plain text pieces in the GGUF
-    and llama.cpp / Ollama split them into characters. Write it back, special tokens marked as such."""
+    """transformers 5 no longer writes `added_tokens_decoder` nor `add_bos_token` into tokenizer_config.json, and
+    llama.cpp's converter reads them: without the first, <start_of_turn>/<end_of_turn> become plain text pieces in
+    the GGUF and llama.cpp / Ollama split them into characters; the second says whether llama.cpp adds <bos>
+    (Ollama's templates leave it to the runtime). Write both back from the tokenizer's actual behaviour."""
     cfg = read_json(config_path)
-    if cfg.get("added_tokens_decoder"):
-        return
-    special = set(tokenizer.all_special_tokens)
-    cfg["added_tokens_decoder"] = {
-        str(i): {"content": t.content, "lstrip": t.lstrip, "normalized": t.normalized, "rstrip": t.rstrip,
-                 "single_word": t.single_word, "special": bool(t.special or t.content in special)}
-        for i, t in sorted(tokenizer.added_tokens_decoder.items())}
+    if not cfg.get("added_tokens_decoder"):
+        special = set(tokenizer.all_special_tokens)
+        cfg["added_tokens_decoder"] = {
+            str(i): {"content": t.content, "lstrip": t.lstrip, "normalized": t.normalized, "rstrip": t.rstrip,
+                     "single_word": t.single_word, "special": bool(t.special or t.content in special)}
+            for i, t in sorted(tokenizer.added_tokens_decoder.items())}
+    probe = tokenizer("a")["input_ids"]
+    cfg.setdefault("add_bos_token", wants_bos(tokenizer))
+    cfg.setdefault("add_eos_token", bool(probe) and probe[-1] == tokenizer.eos_token_id)
     write_json_atomic(config_path, cfg)
+
+
+def wants_bos(tokenizer) -> bool:
+    """Whether prompts start with <bos>: the tokenizer adds it, or the chat template writes it (Gemma's does; Ollama's
+    Go template does not, so the GGUF must tell llama.cpp to add it)."""
+    if tokenizer.bos_token_id is None:
+        return False
+    if tokenizer("a")["input_ids"][:1] == [tokenizer.bos_token_id]:
+        return True
+    rendered = tokenizer.apply_chat_template([{"role": "user", "content": "a"}], tokenize=False)
+    return rendered.startswith(tokenizer.bos_token)
 
 
 def reusable_merge(merged_dir: Path, run_dir: Path, base_path: Path, dtype: str) -> dict | None:
@@ -626,6 +640,7 @@ def _worker_check(job: dict) -> dict:
         llm.eval(ids)
         logits.append(np.array(llm.scores[:len(ids)], dtype=np.float32))
     result["n_vocab_llama_cpp"] = llm.n_vocab()
+    result["bos_added_by_llama_cpp"] = llm.tokenize(b"a", add_bos=True, special=False)[:1] == [llm.token_bos()]
     llm.close()
     result["tokenizer_mismatches"] = token_mismatch
     result["logits"] = compare_logits([ref[f"p{i}"] for i in range(len(job["ids"]))], logits)
@@ -653,8 +668,10 @@ def evaluate_checks(res: dict, expected: dict, quant: str) -> dict:
                          "layers": res["layers_with_tensors"], "types": res["tensor_types"]},
         "tensors_finite": {"passed": not res["nonfinite_tensors"], "nonfinite": res["nonfinite_tensors"]},
         "chat_template": {"passed": (res["chat_template_in_gguf"] or "").strip() == expected["chat_template"].strip()},
-        "tokenizer": {"passed": not res["tokenizer_mismatches"] and res["n_vocab_llama_cpp"] == cfg.get("vocab_size"),
-                      "n_vocab": res["n_vocab_llama_cpp"], "mismatches": res["tokenizer_mismatches"]},
+        "tokenizer": {"passed": not res["tokenizer_mismatches"] and res["n_vocab_llama_cpp"] == cfg.get("vocab_size")
+                      and res["bos_added_by_llama_cpp"] == expected["adds_bos"],
+                      "n_vocab": res["n_vocab_llama_cpp"], "mismatches": res["tokenizer_mismatches"],
+                      "bos_added_by_llama_cpp": res["bos_added_by_llama_cpp"], "bos_added_by_hf": expected["adds_bos"]},
         "logits_vs_merged": {**within(logits, q.min_top1, q.max_diff_std),
                              "reference_dtype": expected["reference_dtype"]},
     }
@@ -824,7 +841,8 @@ def gguf_export(converter: Path, merged_dir: Path, work: Path, name: str, quant:
     res = run_worker({"task": "check", "gguf": str(gguf_path), "converter": str(converter), "texts": texts,
                       "ids": ids, "reference": str(work / "reference_logits.npz")}, work)
     expected = {"config": config, "arch": config.get("model_type"), "tensors": expected_tensor_count(merged_dir, config),
-                "chat_template": tokenizer.chat_template, "reference_dtype": ref_dtype}
+                "chat_template": tokenizer.chat_template, "reference_dtype": ref_dtype,
+                "adds_bos": wants_bos(tokenizer)}
     checks = evaluate_checks(res, expected, quant)
     timings["check_s"] = round(time.time() - t0, 2)
     c = checks["logits_vs_merged"]
