@@ -8,13 +8,38 @@ PY     := $(VENV)/bin/python
 RUN    ?=
 DATA   ?= datasets/sample
 PRESET ?= tiny
+ARGS   ?=
 
-.PHONY: help setup demo train-native validate-data tiny-model report status export test test-fast
+# Several GPUs (docs/multi_gpu.md): GPUS=N runs one process per GPU through `accelerate launch` (DDP), FSDP=1 shards
+# the model (FSDP + QLoRA), NNODES/NODE_RANK/MASTER_ADDR/MASTER_PORT join several hosts. GPUS=1: plain python.
+GPUS        ?= 1
+FSDP        ?= 0
+NNODES      ?= 1
+NODE_RANK   ?= 0
+MASTER_ADDR ?= 127.0.0.1
+MASTER_PORT ?= 29500
+FSDP_CONFIG ?= configs/accelerate/fsdp_qlora.yaml
+ACCELERATE_ARGS ?=
+ifneq ($(shell echo '$(GPUS) $(NNODES)' | grep -Ex '[1-9][0-9]* [1-9][0-9]*'),$(GPUS) $(NNODES))
+$(error GPUS and NNODES must be whole numbers >= 1 (got GPUS=$(GPUS) NNODES=$(NNODES)), e.g. make train-gemma-2b GPUS=2)
+endif
+MULTI_PROCESS := $(if $(filter-out 1,$(GPUS) $(NNODES))$(filter 1 yes true,$(FSDP)),1)
+# --multi_gpu on a machine without CUDA still starts N processes; the recipe then trains on the CPU over gloo.
+ACCELERATE_LAUNCH := accelerate launch \
+  $(if $(filter 1 yes true,$(FSDP)),--config_file $(FSDP_CONFIG),--multi_gpu) \
+  --num_processes $(shell echo $$(($(GPUS) * $(NNODES)))) --num_machines $(NNODES) \
+  $(if $(filter-out 1,$(NNODES)),--machine_rank $(NODE_RANK) --main_process_ip $(MASTER_ADDR) --main_process_port $(MASTER_PORT)) \
+  --mixed_precision no --dynamo_backend no $(ACCELERATE_ARGS) -m
+# How a training module is started: `python -m` or `accelerate launch ... -m` (the Docker verbs pass it as LAUNCH).
+LAUNCH := $(if $(MULTI_PROCESS),$(strip $(ACCELERATE_LAUNCH)),python -m)
+LAUNCH_NATIVE := $(if $(MULTI_PROCESS),$(VENV)/bin/$(strip $(ACCELERATE_LAUNCH)),$(PY) -m)
+
+.PHONY: help setup demo train-native validate-data tiny-model report status export logs plan bench test test-fast
 
 help: ## list the verbs
 	@awk 'BEGIN {FS = ":.*?## "} /^[a-zA-Z0-9_-]+:.*?## / {printf "  \033[36m%-16s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 	@echo ""
-	@echo "Variables: PRESET=tiny|gemma-2b|gemma-9b|custom  MODEL=id-or-path  DATA=path  RUN=name  GPUS=n  FORCE=1  FORMAT=gguf|merged  QUANT=q8_0|q4_k_m|f16|bf16|f32"
+	@echo "Variables: PRESET=tiny|gemma-2b|gemma-9b|custom  MODEL=id-or-path  DATA=path  RUN=name  GPUS=n  FSDP=1  NNODES=n  FORCE=1  FORMAT=gguf|merged  QUANT=q8_0|q4_k_m|f16|bf16|f32"
 
 setup: $(VENV)/.installed ## create .venv and install the package (CUDA torch on a GPU host, CPU torch otherwise)
 
@@ -25,8 +50,8 @@ $(VENV)/.installed: pyproject.toml scripts/setup_venv.sh
 demo: setup ## set up, then fine-tune the built-in tiny model on the sample data (CPU, about a minute)
 	$(PY) -m training.qlora_finetune --model-config tiny --data $(DATA) --run-name demo --resume never
 
-train-native: setup ## fine-tune natively (no Docker): make train-native PRESET=gemma-2b DATA=...
-	$(PY) -m training.qlora_finetune --model-config $(PRESET) --data $(DATA) $(if $(RUN),--run-name $(RUN)) $(if $(MODEL),--model $(MODEL))
+train-native: setup ## fine-tune natively (no Docker): make train-native PRESET=gemma-2b DATA=... [GPUS=2 FSDP=1 ARGS=...]
+	$(LAUNCH_NATIVE) training.qlora_finetune --model-config $(PRESET) --data $(DATA) $(if $(RUN),--run-name $(RUN)) $(if $(MODEL),--model $(MODEL)) $(ARGS)
 
 validate-data: setup ## check a dataset: formats, counts, token lengths, truncation (DATA=path MODEL=tokenizer)
 	$(PY) -m training.data validate $(DATA) $(if $(MODEL),--model $(MODEL))
@@ -42,6 +67,18 @@ export: setup ## merge + GGUF + Ollama Modelfile, checked against the trained mo
 
 status: setup ## one screen of truth from the files, without Docker (same as train-status)
 	$(PY) -m training.status --logs-dir logs --output-dir outputs --backup-dir backup
+
+logs: ## follow a run's log natively (RUN=name; default: the newest run under logs/)
+	@run="$(RUN)"; [ -n "$$run" ] || run=$$(ls -td logs/*/ 2>/dev/null | head -1 | xargs -r basename); \
+	  if [ -z "$$run" ] || [ ! -f "logs/$$run/train.log" ]; then \
+	    echo "no run log at logs/$${run:-<run>}/train.log: start a run with 'make demo', or pass RUN=name" >&2; exit 1; fi; \
+	  echo "following logs/$$run/train.log (Ctrl-C stops following, not training)"; tail -n 200 -F "logs/$$run/train.log"
+
+plan: setup ## VRAM plan for a preset on a card: make plan PRESET=gemma-9b GPU_MEM=24 [BACKEND=unsloth]
+	$(PY) -m training.plan --preset $(if $(filter tiny,$(PRESET)),gemma-2b,$(PRESET)) --gpu-mem $(or $(GPU_MEM),24) --backend $(or $(BACKEND),hf)
+
+bench: setup ## GPU benchmark: baseline vs unsloth vs the project path, writes docs/benchmarks.md (CUDA only)
+	$(PY) scripts/benchmark.py $(ARGS)
 
 test: setup ## run the test suite (Docker tests skip without an engine, except in CI)
 	$(PY) -m pytest -q

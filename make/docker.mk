@@ -9,6 +9,11 @@ COMPOSE_MAIN_FILE ?= docker-compose.training.yml
 GPU ?= auto
 ifeq ($(GPU),auto)
 GPU_ON := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1 || echo 0)
+ifeq ($(GPU_ON),1)
+ifeq ($(shell command -v nvidia-container-runtime-hook nvidia-ctk nvidia-container-toolkit 2>/dev/null),)
+$(warning An NVIDIA GPU answers but no NVIDIA Container Toolkit was found: containers will fail with 'could not select device driver "nvidia"'. Install it (README_DOCKER.md, GPU not found) or use GPU=0.)
+endif
+endif
 else
 GPU_ON := $(GPU)
 endif
@@ -37,6 +42,8 @@ TENSORBOARD_PORT ?= 6006
 WANDB_PORT ?= 8080
 export BIND_ADDRESS JUPYTER_PORT TENSORBOARD_PORT WANDB_PORT
 TRAINING_CONTAINER = $(CONTAINER_PREFIX)-qlora-training
+# ./notebooks is bind-mounted into the dev service; as root on the host, hand it to the container user.
+NOTEBOOKS_DIR_READY = mkdir -p notebooks && { [ "$(HOST_UID)" != 0 ] || chown $(APP_UID):$(APP_GID) notebooks; }
 
 # A host path given as DATA= / MODEL= is bind-mounted read-only; anything else (a hub id) is passed as is.
 # Only values the user gave count (the top-level Makefile's own DATA default is for native verbs).
@@ -83,7 +90,7 @@ train-tiny: ## the built-in tiny model on the sample data, through compose (CPU;
 	$(call compose_train,tiny)
 
 train-dev: ## JupyterLab + TensorBoard (token from JUPYTER_TOKEN, else generated into .jupyter_token)
-	@mkdir -p notebooks
+	@$(NOTEBOOKS_DIR_READY)
 	@if [ -z "$$JUPYTER_TOKEN" ] && [ ! -s $(JUPYTER_TOKEN_FILE) ]; then \
 	  (umask 077; od -An -N24 -tx1 /dev/urandom | tr -d ' \n' > $(JUPYTER_TOKEN_FILE)); fi
 	JUPYTER_TOKEN="$${JUPYTER_TOKEN:-$$(cat $(JUPYTER_TOKEN_FILE))}" $(COMPOSE) --profile training-dev up -d
@@ -99,9 +106,10 @@ train-monitor: ## W&B local server (8080) + Jupyter/TensorBoard + GPU monitor
 
 train-status: ## containers, GPUs, the current run, checkpoints and backups on one screen
 	$(COMPOSE) $(ALL_PROFILES) ps -a
-	@mkdir -p notebooks; ids="$$($(COMPOSE) $(ALL_PROFILES) ps -aq)"; \
+	@$(NOTEBOOKS_DIR_READY); ids="$$($(COMPOSE) $(ALL_PROFILES) ps -aq)"; \
 	  { if [ -n "$$ids" ]; then $(DOCKER) inspect $$ids; else echo '[]'; fi; } \
-	  | $(COMPOSE) run --rm --no-deps -T training-dev python -m training.status --docker-inspect - \
+	  | $(COMPOSE) run --rm --no-deps -T -e COLUMNS="$$(tput cols 2>/dev/null || echo 100)" training-dev \
+	    python -m training.status --docker-inspect - \
 	    --logs-dir /app/logs --output-dir /app/outputs --backup-dir /app/backup $(ARGS)
 
 train-logs: ## follow the training container's log (Ctrl-C to stop following; returns when the run ends)
@@ -121,3 +129,14 @@ train-clean: ## remove containers and volumes (checkpoints!); asks unless FORCE=
 doctor: ## check the host for the Docker stack (driver, GPU runtime, Compose v2, compose file, security, disk)
 	python3 scripts/test_docker_training.py $(if $(filter 1 yes true,$(GPU_ON)),,--cpu-only) --compose-file $(COMPOSE_MAIN_FILE) \
 	  $(if $(filter command line environment,$(origin PRESET)),--preset $(PRESET)) $(if $(USER_MODEL),--model $(USER_MODEL))
+
+.PHONY: backup-now backup-verify restore
+backup-now: ## copy new complete checkpoints to the backup volume now (verified; waits for a running backup)
+	$(COMPOSE) --profile training run --rm --no-deps -T training-backup python -m training.backup run --source /app/outputs --dest /app/backup --once
+
+backup-verify: ## re-hash every backed-up file; lists each damaged one (non-zero exit if any)
+	$(COMPOSE) --profile training run --rm --no-deps -T training-backup python -m training.backup verify --dest /app/backup
+
+restore: ## put a run's newest intact backup (or CHECKPOINT=checkpoint-N) back: make restore RUN=name
+	@test -n "$(RUN)" || { echo "usage: make restore RUN=<run> [CHECKPOINT=checkpoint-N]" >&2; exit 2; }
+	$(COMPOSE) --profile training run --rm --no-deps -T training-backup python -m training.backup restore --dest /app/backup --to /app/outputs $(RUN) $(CHECKPOINT)

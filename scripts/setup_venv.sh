@@ -3,6 +3,7 @@
 #   TORCH_INDEX_URL set     -> torch from that index
 #   nvidia-smi works        -> a CUDA 12.6 build (https://download.pytorch.org/whl/cu126)
 #   otherwise (CPU host)    -> a CPU wheel already on disk (pip's find-links) if there is one, else the CPU index
+# then the package with EXTRAS (default dev,wandb: what the tests use).
 set -euo pipefail
 PYTHON=${PYTHON:-python3}
 VENV=${VENV:-.venv}
@@ -28,5 +29,5 @@ else
   echo "no GPU: installing a CPU build of torch"
   "${PIP[@]}" "$TORCH_SPEC" --index-url https://download.pytorch.org/whl/cpu
 fi
-"${PIP[@]}" -e ".[dev]"
+"${PIP[@]}" -e ".[${EXTRAS:-dev,wandb}]"
 echo "ready: $VENV ($("$VENV/bin/python" -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)'))"

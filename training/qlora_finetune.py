@@ -63,9 +63,11 @@ def main(argv: list[str] | None = None) -> int:
     run_name = args.run_name or (Path(args.output_dir).name if args.output_dir else args.model_config)
     run_dir = Path(args.output_dir or Path("outputs") / run_name)
     logs_dir = Path(args.logs_dir) / run_name
+    from training.distributed import is_main, rank
     from training.metrics import log_event, setup_logging
 
-    setup_logging(logs_dir / "train.log")
+    # Several processes (GPUS=N): rank 0 writes train.log; the others print only their warnings and errors.
+    setup_logging(logs_dir / "train.log" if is_main() else None, rank=rank())
     metrics_path = logs_dir / "metrics.jsonl"
     try:
         return train(cfg, args.model_config, run_name, run_dir, metrics_path, args.resume)
@@ -73,9 +75,11 @@ def main(argv: list[str] | None = None) -> int:
         from training.backends import BackendError
         from training.checkpoints import CheckpointError
         from training.data import DataError
+        from training.distributed import GlobalBatchError
         from training.model import ModelLoadError, ResourceError
 
-        user_errors = (BackendError, CheckpointError, ConfigError, DataError, ModelLoadError, ResourceError)
+        user_errors = (BackendError, CheckpointError, ConfigError, DataError, GlobalBatchError, ModelLoadError,
+                       ResourceError)
         user_error = isinstance(exc, user_errors)
         log_event(metrics_path, run_name, 0, "failed", error=f"{type(exc).__name__}: {exc}")
         if user_error:
@@ -91,16 +95,33 @@ def train(cfg: QLoRAConfig, preset: str, run_name: str, run_dir: Path, metrics_p
     from training.backends import choose_backend
     from training.model import load_qlora_model, load_tokenizer, model_type_of, pick_device, plan_for_device
     from training.tiny import resolve_builtin
+    from training import distributed
 
     t0 = time.time()
     quiet_libraries()
     device = pick_device(cfg, preset)  # refuses a preset the machine cannot run, before loading anything
+    processes = distributed.world_size()
+    # Every rank joins before the model loads (per-rank device, FSDP's low-memory loading); gloo on the CPU.
+    distributed.init_process_group(cpu=device.kind == "cpu")
     model_path = resolve_builtin(cfg.model_name_or_path)
     log.info("run %s: preset %s, base %s, device %s", run_name, preset, cfg.model_name_or_path, device.describe())
-    backend = choose_backend(cfg.backend, device.kind, model_type_of(model_path))  # before model code is imported
+    if processes > 1 and cfg.backend == "unsloth":
+        raise ConfigError(f"backend=unsloth runs on one GPU only; with {processes} processes use --set backend=hf "
+                          "(or auto), or train on one GPU (GPUS=1)")
+    # unsloth (open-source) is single-GPU: several processes use transformers + peft (+ Liger when installed)
+    requested = "hf" if processes > 1 else cfg.backend
+    backend = choose_backend(requested, device.kind, model_type_of(model_path))  # before model code is imported
     log.info("backend %s: %s", backend.label, backend.reason)
     cfg, plan_line = plan_for_device(cfg, device, backend.label, model_path)  # micro-batch + checkpointing
     log.info("%s", plan_line)
+    # Tokens per optimizer step stay the config's (one GPU's micro-batch x accumulation) whatever the GPU count.
+    batch = distributed.split_global_batch(cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps,
+                                           processes)
+    if processes > 1:
+        log.info("%s processes%s: %s", processes, " (FSDP)" if distributed.fsdp_enabled() else " (DDP)",
+                 batch.describe(cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps))
+        cfg = dataclasses.replace(cfg, per_device_train_batch_size=batch.micro_batch,
+                                  gradient_accumulation_steps=batch.accumulation)
 
     # ---------------------------------------------------------------------------------------------- resume
     from training.checkpoints import CheckpointCallback, check_resume_compatible, resolve_resume
@@ -126,7 +147,9 @@ def train(cfg: QLoRAConfig, preset: str, run_name: str, run_dir: Path, metrics_p
     from transformers.trainer_callback import PrinterCallback
     from trl import SFTConfig, SFTTrainer
 
-    report_to = [t for t in (s.strip() for s in cfg.report_to.split(",")) if t and t != "none"]
+    from training.tracking import resolve_report_to
+
+    report_to = resolve_report_to(cfg.report_to, metrics_path.parent)  # W&B can never stop the run
     sft_args = SFTConfig(
         output_dir=str(run_dir),
         run_name=run_name,
@@ -160,6 +183,9 @@ def train(cfg: QLoRAConfig, preset: str, run_name: str, run_dir: Path, metrics_p
         seed=cfg.seed,
         data_seed=cfg.seed,
         disable_tqdm=True,  # MetricsCallback draws its own bar with the loss
+        # LoRA under DDP: every trainable parameter gets a gradient each step, so skip DDP's unused-parameter scan
+        # (its default for a PeftModel), which costs a graph traversal per step and warns.
+        **({"ddp_find_unused_parameters": False} if processes > 1 else {}),
     )
     metrics_cb = MetricsCallback(metrics_path, run_name)
     # From here on SIGTERM/SIGINT = finish the step, save a complete checkpoint, stop (a second one: exit at once).
@@ -170,14 +196,22 @@ def train(cfg: QLoRAConfig, preset: str, run_name: str, run_dir: Path, metrics_p
                          processing_class=tokenizer, callbacks=[metrics_cb, checkpoint_cb])
     trainer.remove_callback(PrinterCallback)
 
-    log_event(metrics_path, run_name, 0, "start", preset=preset, device=device.describe(), max_steps=cfg.max_steps)
+    log_event(metrics_path, run_name, 0, "start", preset=preset, device=device.describe(), max_steps=cfg.max_steps,
+              processes=processes, global_batch=batch.sequences)
     result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     if checkpoint_cb.exit_status is not None:  # stopped by a signal: its complete checkpoint is where to resume
         return checkpoint_cb.exit_status
 
     # ------------------------------------------------------------------------------------------------ save
     adapter_dir = run_dir / "adapter"
-    trainer.model.save_pretrained(str(adapter_dir))
+    if distributed.fsdp_enabled():
+        # FSDP holds shards: gather the full adapter state (a collective: every rank), the Trainer writes on rank 0.
+        trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
+        trainer.save_model(str(adapter_dir))
+    if not distributed.is_main():
+        return 0  # rank 0 writes the adapter, the summary and the `finished` event
+    if not distributed.fsdp_enabled():
+        trainer.model.save_pretrained(str(adapter_dir))
     tokenizer.save_pretrained(str(adapter_dir))
     if (Path(model_path) / "tokenizer.model").is_file():  # GGUF export needs the SentencePiece file
         (adapter_dir / "tokenizer.model").write_bytes((Path(model_path) / "tokenizer.model").read_bytes())
@@ -198,6 +232,8 @@ def train(cfg: QLoRAConfig, preset: str, run_name: str, run_dir: Path, metrics_p
         "tokens_seen": int(getattr(state, "num_input_tokens_seen", 0) or 0),
         "duration_s": round(time.time() - t0, 1),
         "device": device.describe(),
+        "processes": processes,
+        "global_batch": batch.sequences,
         "backend": backend.label,
         "backend_reason": backend.reason,
         "plan": plan_line,
@@ -209,9 +245,20 @@ def train(cfg: QLoRAConfig, preset: str, run_name: str, run_dir: Path, metrics_p
 
     write_json_atomic(run_dir / "run_summary.json", run_summary)
     log_event(metrics_path, run_name, state.global_step, "finished", train_loss_last=metrics_cb.last_loss)
+    write_run_report(metrics_path.parent.parent, run_name, run_dir)
     log.info("done in %.0fs: loss %.4f -> %.4f; adapter in %s", run_summary["duration_s"],
              metrics_cb.first_loss or float("nan"), metrics_cb.last_loss or float("nan"), adapter_dir)
     return 0
+
+
+def write_run_report(logs_dir: Path, run_name: str, run_dir: Path) -> None:
+    """Plots and a summary next to the outputs; a report problem never fails a finished run."""
+    try:
+        from training.report import write_report
+
+        log.info("report: %s", write_report(logs_dir, run_name, run_dir.parent, report_dir=run_dir / "report"))
+    except Exception as exc:  # matplotlib missing or a plotting bug: the adapter is saved, say so and go on
+        log.warning("run report not written (%s); make report RUN=%s retries", exc, run_name)
 
 
 def checkpointing_args(config_cls, enabled: bool) -> dict:

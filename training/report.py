@@ -173,8 +173,10 @@ def _duration(seconds: float | None) -> str:
     return f"{s // 3600}h {s % 3600 // 60:02d}m {s % 60:02d}s" if s >= 3600 else f"{s // 60}m {s % 60:02d}s"
 
 
-def write_report(logs_dir: str | os.PathLike, run: str, output_dir: str | os.PathLike = "outputs") -> Path:
-    """Write the plots and report.md for `run` into `<output_dir>/<run>/report/`; returns that folder.
+def write_report(logs_dir: str | os.PathLike, run: str, output_dir: str | os.PathLike = "outputs",
+                 report_dir: str | os.PathLike | None = None) -> Path:
+    """Write the plots and report.md for `run` into `<output_dir>/<run>/report/` (or `report_dir` when the run
+    folder is not named after the run); returns that folder.
 
     Raises ReportError (a message for people) when the run has no metrics file.
     """
@@ -185,7 +187,7 @@ def write_report(logs_dir: str | os.PathLike, run: str, output_dir: str | os.Pat
         raise ReportError(f"no metrics for run {run!r}: {metrics_path} does not exist; "
                           + (f"runs under {logs_dir}/: {', '.join(runs)}" if runs else f"no runs under {logs_dir}/"))
     m = read_metrics(metrics_path)
-    report_dir = output_dir / run / "report"
+    report_dir = Path(report_dir) if report_dir else output_dir / run / "report"
     report_dir.mkdir(parents=True, exist_ok=True)
     series = m["series"]
     plots: list[tuple[str, str]] = []  # (file, caption)
