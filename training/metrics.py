@@ -22,7 +22,12 @@ log = logging.getLogger("training")
 
 
 def log_event(metrics_path: Path, run: str, step: int, event: str, **fields: Any) -> None:
-    """Append an event record (start, checkpoint, resumed, stopped, finished, failed)."""
+    """Append an event record (start, checkpoint, resumed, stopped, finished, failed); only rank 0 of a
+    several-process run writes (the others would repeat every event)."""
+    from training.distributed import is_main
+
+    if not is_main():
+        return
     append_jsonl(metrics_path, {"ts": time.time(), "run": run, "step": step, "event": event, **fields})
 
 
@@ -126,24 +131,32 @@ class MetricsCallback(TrainerCallback):
             self.bar = None
 
 
-def setup_logging(log_file: Path) -> None:
-    """Plain lines to stderr (and so to the container log) and to logs/<run>/train.log."""
-    log_file.parent.mkdir(parents=True, exist_ok=True)
-    fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S")
-    file_handler = logging.FileHandler(log_file, encoding="utf-8")
-    file_handler.setFormatter(fmt)
+def setup_logging(log_file: Path | None, rank: int = 0) -> None:
+    """Plain lines to stderr (and so to the container log) and to logs/<run>/train.log.
+
+    The other ranks of a several-process run (rank > 0, log_file None) print only warnings and errors, prefixed
+    with their rank: rank 0 tells the story once."""
+    prefix = f"[rank {rank}] " if rank else ""
+    fmt = logging.Formatter(f"%(asctime)s %(levelname)s {prefix}%(message)s", "%Y-%m-%d %H:%M:%S")
+    handlers: list[logging.Handler] = []
+    if log_file is not None:
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.FileHandler(log_file, encoding="utf-8"))
     stream = logging.StreamHandler(sys.stderr)
-    stream.setFormatter(fmt)
+    for h in (stream, *handlers):
+        h.setFormatter(fmt)
     root = logging.getLogger("training")
-    root.setLevel(logging.INFO)
+    root.setLevel(logging.WARNING if rank else logging.INFO)
     for h in list(root.handlers):
         root.removeHandler(h)
     root.addHandler(stream)
-    root.addHandler(file_handler)
+    for h in handlers:
+        root.addHandler(h)
     root.propagate = False
     file_only = logging.getLogger("training.file")  # progress lines a tqdm bar already shows on the terminal
     file_only.setLevel(logging.INFO)
     for h in list(file_only.handlers):
         file_only.removeHandler(h)
-    file_only.addHandler(file_handler)
+    for h in handlers:
+        file_only.addHandler(h)
     file_only.propagate = False

@@ -146,19 +146,28 @@ def load_qlora_model(cfg: QLoRAConfig, model_path: str, device: Device, backend:
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
+    from training.distributed import fsdp_enabled, local_rank
+
+    fsdp = fsdp_enabled()
     quant = BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type=cfg.bnb_4bit_quant_type,
         bnb_4bit_use_double_quant=cfg.bnb_4bit_use_double_quant,
         bnb_4bit_compute_dtype=device.compute_dtype,
+        # FSDP shards parameters of one float dtype: store the packed 4-bit weights as the compute dtype (bf16) so
+        # they can be flattened and sharded with the LoRA weights (the bitsandbytes FSDP-QLoRA recipe).
+        **({"bnb_4bit_quant_storage": device.compute_dtype} if fsdp else {}),
     )
+    # Each rank (GPUS=N) loads the 4-bit base onto its own card; under FSDP transformers places it itself
+    # (rank 0 reads the weights, the others wait for FSDP to hand them their shard: fsdp_cpu_ram_efficient_loading).
+    device_map = None if fsdp and device.kind == "cuda" else {"": local_rank() if device.kind == "cuda" else "cpu"}
     try:
         model = AutoModelForCausalLM.from_pretrained(
             model_path,
             quantization_config=quant,
             dtype=device.compute_dtype,
             attn_implementation=cfg.attn_implementation,
-            device_map={"": 0 if device.kind == "cuda" else "cpu"},
+            device_map=device_map,
         )
     except (OSError, ValueError) as exc:
         raise ModelLoadError(_load_hint(model_path, exc)) from None
