@@ -24,15 +24,18 @@ ifneq ($(shell echo '$(GPUS) $(NNODES)' | grep -Ex '[1-9][0-9]* [1-9][0-9]*'),$(
 $(error GPUS and NNODES must be whole numbers >= 1 (got GPUS=$(GPUS) NNODES=$(NNODES)), e.g. make train-gemma-2b GPUS=2)
 endif
 MULTI_PROCESS := $(if $(filter-out 1,$(GPUS) $(NNODES))$(filter 1 yes true,$(FSDP)),1)
+# Seconds the ranks get to save after a stop signal before torchrun SIGKILLs them (its default is 30); below the
+# compose stop_grace_period (120 s) so that the container is not killed first.
+RANK_STOP_TIMEOUT ?= 110
 # --multi_gpu on a machine without CUDA still starts N processes; the recipe then trains on the CPU over gloo.
-ACCELERATE_LAUNCH := accelerate launch \
-  $(if $(filter 1 yes true,$(FSDP)),--config_file $(FSDP_CONFIG),--multi_gpu) \
-  --num_processes $(shell echo $$(($(GPUS) * $(NNODES)))) --num_machines $(NNODES) \
+ACCELERATE_LAUNCH := accelerate launch --num_processes $(shell echo $$(($(GPUS) * $(NNODES)))) \
+  $(if $(filter 1 yes true,$(FSDP)),--config_file $(FSDP_CONFIG),--multi_gpu) --num_machines $(NNODES) \
   $(if $(filter-out 1,$(NNODES)),--machine_rank $(NODE_RANK) --main_process_ip $(MASTER_ADDR) --main_process_port $(MASTER_PORT)) \
   --mixed_precision no --dynamo_backend no $(ACCELERATE_ARGS) -m
 # How a training module is started: `python -m` or `accelerate launch ... -m` (the Docker verbs pass it as LAUNCH).
-LAUNCH := $(if $(MULTI_PROCESS),$(strip $(ACCELERATE_LAUNCH)),python -m)
-LAUNCH_NATIVE := $(if $(MULTI_PROCESS),$(VENV)/bin/$(strip $(ACCELERATE_LAUNCH)),$(PY) -m)
+# `env` execs the launcher, so a signal sent to the command reaches accelerate itself (which forwards it to the ranks).
+LAUNCH := $(if $(MULTI_PROCESS),env TORCH_ELASTIC_SHUTDOWN_TIMEOUT=$(RANK_STOP_TIMEOUT) $(strip $(ACCELERATE_LAUNCH)),python -m)
+LAUNCH_NATIVE := $(if $(MULTI_PROCESS),env TORCH_ELASTIC_SHUTDOWN_TIMEOUT=$(RANK_STOP_TIMEOUT) $(VENV)/bin/$(strip $(ACCELERATE_LAUNCH)),$(PY) -m)
 
 .PHONY: help setup demo train-native validate-data tiny-model report status export logs plan bench test test-fast
 

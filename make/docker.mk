@@ -17,7 +17,8 @@ endif
 else
 GPU_ON := $(GPU)
 endif
-COMPOSE_FILES := -f $(COMPOSE_MAIN_FILE) $(if $(filter 1 yes true,$(GPU_ON)),-f docker-compose.gpu.yml)
+COMPOSE_FILES := -f $(COMPOSE_MAIN_FILE) $(if $(filter 1 yes true,$(GPU_ON)),-f docker-compose.gpu.yml) \
+  $(if $(filter-out 1,$(NNODES)),-f docker-compose.multinode.yml)
 COMPOSE := $(DOCKER) compose $(COMPOSE_FILES)
 ALL_PROFILES := --profile training --profile training-dev --profile monitoring
 

@@ -1,7 +1,8 @@
 """Several processes through the Makefile's launch path (`make train-native GPUS=2`), on the CPU over gloo.
 
 The command lines are the ones `make -n` prints, run as they are: `.venv/bin/python -m training.qlora_finetune`
-for GPUS=1 and `.venv/bin/accelerate launch --multi_gpu --num_processes 2 ... -m training.qlora_finetune` for GPUS=2
+for GPUS=1 and `env TORCH_ELASTIC_SHUTDOWN_TIMEOUT=110 .venv/bin/accelerate launch --num_processes 2 --multi_gpu
+... -m training.qlora_finetune` for GPUS=2
 (without CUDA, `--multi_gpu` still starts two processes and the recipe trains on the CPU over gloo).
 
 Three real runs of the tiny preset, 12 optimizer steps of 8 sequences each:
@@ -104,7 +105,8 @@ def runs(tmp_path_factory, tiny_model_dir):
 
 def test_make_builds_the_accelerate_command(runs):
     assert runs["one_cmd"].startswith(".venv/bin/python -m training.qlora_finetune")
-    assert runs["two_cmd"].startswith(".venv/bin/accelerate launch --multi_gpu --num_processes 2 ")
+    assert runs["two_cmd"].startswith("env TORCH_ELASTIC_SHUTDOWN_TIMEOUT=110 .venv/bin/accelerate launch "
+                                      "--num_processes 2 --multi_gpu ")
     assert " -m training.qlora_finetune --model-config tiny" in runs["two_cmd"]
 
 

@@ -10,10 +10,13 @@ few seconds once per start, and it is the only check that catches a flipped or z
 candidates are hashed: the search stops at the first one that passes. `level="sizes"` (stat only) is for listings
 that run often, such as the status screen.
 
-Limits: the stop-signal save is made for a single-process run (the reference setup). Under `accelerate launch`
-rank 0 writes the marker, but each rank acts on the signal at the step where it sees it; the ranks do not agree
-on a common stop step yet. DataLoader workers must be forked (Linux default up to Python 3.13) to inherit the
-handler that keeps them alive on Ctrl+C.
+Several ranks (`accelerate launch`, GPUS=N): the ranks agree on the stop at the end of an optimizer step (one
+all-reduce per step), save that step together, and rank 0 writes the marker after a barrier, so the manifest covers
+every rank's files (rng_state_R.pth, FSDP shards). A signal that lands during evaluation or a save is acted on at the
+next step end (one step later than alone). After forwarding SIGTERM, torchrun SIGKILLs the ranks after
+TORCH_ELASTIC_SHUTDOWN_TIMEOUT seconds (30 by default; the Makefile's launch sets 110).
+DataLoader workers must be forked (Linux default up to Python 3.13) to inherit the handler that keeps them alive on
+Ctrl+C.
 """
 
 from __future__ import annotations
@@ -626,7 +629,7 @@ class _CheckpointCallbackLogic:
 
     def on_train_end(self, args, state, control, **kwargs):
         self.stopped_early = self._should_stop() and state.global_step < state.max_steps
-        if self.stopped_early:
+        if self.stopped_early and state.is_world_process_zero:  # rank 0 wrote the marker: it knows the path
             path = self.last_complete if self.last_complete and checkpoint_step(self.last_complete) == \
                 state.global_step else None
             self._event(state, "stopped", signal=_signal_name(self._signum), checkpoint=str(path) if path else None)

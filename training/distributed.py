@@ -67,6 +67,11 @@ def init_process_group(cpu: bool, timeout_s: int = 1800) -> None:
     from accelerate import PartialState
 
     if not cpu and torch.cuda.is_available():
+        if local_rank() >= torch.cuda.device_count():
+            raise DistributedError(
+                f"rank {rank()} wants GPU {local_rank()} but only {torch.cuda.device_count()} are visible "
+                f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}): use GPUS <= "
+                f"{torch.cuda.device_count()}, or make more cards visible (Docker: GPU_COUNT)")
         torch.cuda.set_device(local_rank())  # every rank on its own card, before anything allocates on cuda:0
     PartialState(cpu=cpu, timeout=timedelta(seconds=timeout_s))
 
@@ -91,7 +96,11 @@ def agree_max(value: int) -> int:
     return int(t.item())
 
 
-class GlobalBatchError(ValueError):
+class DistributedError(ValueError):
+    """A several-process launch that cannot work as asked; the message says what to change."""
+
+
+class GlobalBatchError(DistributedError):
     """The config's sequences per optimizer step cannot be split evenly over the processes."""
 
 

@@ -75,10 +75,10 @@ def main(argv: list[str] | None = None) -> int:
         from training.backends import BackendError
         from training.checkpoints import CheckpointError
         from training.data import DataError
-        from training.distributed import GlobalBatchError
+        from training.distributed import DistributedError
         from training.model import ModelLoadError, ResourceError
 
-        user_errors = (BackendError, CheckpointError, ConfigError, DataError, GlobalBatchError, ModelLoadError,
+        user_errors = (BackendError, CheckpointError, ConfigError, DataError, DistributedError, ModelLoadError,
                        ResourceError)
         user_error = isinstance(exc, user_errors)
         log_event(metrics_path, run_name, 0, "failed", error=f"{type(exc).__name__}: {exc}")
