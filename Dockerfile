@@ -25,7 +25,9 @@ toml = __import__("tomllib") if sys.version_info >= (3, 11) else __import__("pip
 p = toml.load(open("/tmp/pyproject.toml", "rb"))["project"]; \
 extras = [e.strip() for e in os.environ.get("EXTRAS", "").split(",") if e.strip()]; \
 reqs = list(p.get("dependencies", [])) + [r for e in extras for r in p["optional-dependencies"][e]]; \
-open("/requirements.txt", "w").write("\n".join(reqs) + "\n")'
+open("/requirements.txt", "w").write("\n".join(reqs) + "\n"); \
+torch = [r for r in reqs if r.replace(" ", "").lower().startswith(("torch>", "torch<", "torch=", "torch!", "torch~"))]; \
+open("/torch-requirement.txt", "w").write("\n".join(torch or ["torch"]) + "\n")'
 
 # ---------------------------------------------------------------------------------------------- builder
 FROM python-base AS builder
@@ -35,9 +37,11 @@ ENV PATH=/opt/venv/bin:$PATH \
     PIP_DEFAULT_TIMEOUT=120
 
 # torch first, in its own layer: the biggest download, and it changes least often.
-# TORCH_INDEX_URL empty -> PyPI + wheelhouse/ only (CI: CPU wheel in wheelhouse/, TORCH_SPEC=torch==2.13.0).
+# TORCH_SPEC empty -> pyproject.toml's torch requirement. TORCH_INDEX_URL empty -> PyPI + wheelhouse/ only
+# (CI: the CPU wheel in wheelhouse/ with TORCH_SPEC=torch==2.13.0).
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cu126
-ARG TORCH_SPEC=torch
+ARG TORCH_SPEC=
+COPY --from=requirements /torch-requirement.txt /opt/torch-requirement.txt
 # The CA bundle (secret `ca`, optional) lets pip through TLS-inspecting proxies; it is never written to a layer.
 RUN --mount=type=cache,target=/root/.cache/pip \
     --mount=type=secret,id=ca,required=false \
@@ -45,7 +49,8 @@ RUN --mount=type=cache,target=/root/.cache/pip \
     if [ -s /run/secrets/ca ]; then export PIP_CERT=/run/secrets/ca; fi; \
     set --; \
     if [ -n "$TORCH_INDEX_URL" ]; then set -- --index-url "$TORCH_INDEX_URL" --extra-index-url https://pypi.org/simple; fi; \
-    pip install --find-links /wheelhouse "$@" "$TORCH_SPEC" \
+    if [ -n "$TORCH_SPEC" ]; then set -- "$@" "$TORCH_SPEC"; else set -- "$@" -r /opt/torch-requirement.txt; fi; \
+    pip install --find-links /wheelhouse "$@" \
  && python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" \
  && pip freeze | grep -i '^torch==' > /opt/torch-constraint.txt
 
@@ -77,7 +82,7 @@ ARG DEBIAN_FRONTEND=noninteractive
 # Only the interpreter and CA roots: no compilers, no pip cache, no apt lists.
 RUN apt-get update \
  && apt-get install -y --no-install-recommends python3 ca-certificates \
- && rm -rf /var/lib/apt/lists/*
+ && apt-get clean && rm -rf /var/lib/apt/lists/* /var/cache/apt/*
 
 # Non-root user; UID/GID default to the host user's via `make build`, so files written to bind mounts are theirs.
 ARG APP_UID=1000
@@ -86,8 +91,7 @@ RUN set -e; \
     if [ "$APP_UID" = 0 ] || [ "$APP_GID" = 0 ]; then \
         echo "APP_UID/APP_GID must not be 0: the container runs as a non-root user" >&2; exit 1; fi; \
     old_user="$(getent passwd "$APP_UID" | cut -d: -f1)"; [ -z "$old_user" ] || userdel -r "$old_user" 2>/dev/null || true; \
-    old_group="$(getent group "$APP_GID" | cut -d: -f1)"; [ -z "$old_group" ] || groupdel "$old_group" 2>/dev/null || true; \
-    groupadd -g "$APP_GID" app; \
+    getent group "$APP_GID" >/dev/null || groupadd -g "$APP_GID" app; \
     useradd -u "$APP_UID" -g "$APP_GID" -m -d /home/app -s /bin/bash app; \
     mkdir -p /app/outputs /app/logs /app/backup /app/models/gguf /app/models/hf /app/datasets /app/notebooks /app/base-model; \
     chown -R "$APP_UID:$APP_GID" /app

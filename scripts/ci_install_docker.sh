@@ -61,6 +61,7 @@ if ! $DOCKER image inspect "$BASE_IMAGE" >/dev/null 2>&1; then
     rootfs="$(mktemp -d /tmp/rootfs.XXXXXX)"
     $SUDO debootstrap --variant=minbase bookworm "$rootfs" >/tmp/debootstrap.log 2>&1 \
         || { log "debootstrap failed; see /tmp/debootstrap.log"; exit 1; }
+    $SUDO rm -rf "$rootfs"/var/cache/apt/*.bin "$rootfs"/var/cache/apt/archives/*.deb "$rootfs"/var/lib/apt/lists/*
     $SUDO tar -C "$rootfs" -c . | $DOCKER import - "$BASE_IMAGE" >/dev/null
     $SUDO rm -rf "$rootfs"
 fi
