@@ -23,8 +23,10 @@ elif [ -n "${TORCH_INDEX_URL:-}" ]; then
 elif command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
   echo "NVIDIA GPU found: installing a CUDA 12.6 build of torch"
   "${PIP[@]}" "$TORCH_SPEC" --index-url https://download.pytorch.org/whl/cu126
-elif "${PIP[@]}" --no-index "$TORCH_SPEC" 2>/dev/null; then
-  echo "no GPU: installed the CPU torch wheel found on disk"
+elif local_dir=$(mktemp -d) && "$VENV/bin/python" -m pip download -q --disable-pip-version-check --no-index --no-deps \
+       "$TORCH_SPEC" -d "$local_dir" >/dev/null 2>&1; then
+  echo "no GPU: installing the CPU torch wheel found on disk ($(basename "$local_dir"/torch-*.whl))"
+  "${PIP[@]}" "$local_dir"/torch-*.whl
 else
   echo "no GPU: installing a CPU build of torch"
   "${PIP[@]}" "$TORCH_SPEC" --index-url https://download.pytorch.org/whl/cpu
