@@ -53,6 +53,7 @@ log = logging.getLogger("training.export")
 LLAMA_CPP_PYTHON_VERSION = "0.3.36"
 CONVERTER_MEMBERS = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/", "LICENSE")
 GIB = 2**30
+MERGE_FORMAT = 2  # bump when what merge_adapter writes changes: an older merged/ folder is then merged again
 
 
 @dataclass(frozen=True)
@@ -240,7 +241,7 @@ def available_ram_bytes() -> tuple[int, str]:
 
 
 def check_resources(params: int, dtype: str, quant: str | None, merged_dir: Path, gguf_dir: Path,
-                    reuse_merged: bool) -> dict:
+                    reuse_merged: bool, vocab_size: int = 0) -> dict:
     """Refuse before loading anything when RAM or disk cannot hold the export; say how much is needed."""
     model_bytes = params * DTYPES[dtype]
     # one copy of the model, a safetensors shard being written, and ~1.5 GiB for torch/transformers themselves
@@ -268,7 +269,8 @@ def check_resources(params: int, dtype: str, quant: str | None, merged_dir: Path
         q = QUANTS[quant]
         out = params * q.bytes_per_param
         tmp = params * DTYPES[dtype] if q.ftype else 0  # the converter's lossless file, then quantised
-        need(gguf_dir, int(out + tmp) + 50 * 2**20)
+        ref = 512 * vocab_size * 4  # the reference logits of the check prompts (< 512 positions), float32
+        need(gguf_dir, int(out + tmp + ref) + 50 * 2**20)
     plan["disk"] = []
     for nbytes, path in disk.values():
         free = shutil.disk_usage(path).free
@@ -475,7 +477,7 @@ def merge_adapter(run_dir: Path, base_name: str, base_path: Path, dtype: str, me
         del reloaded
         gc.collect()
         cmp = within(compare_logits(adapter_logits, merged_logits), *MERGE_LIMITS[dtype])
-        info = {"base": base_name, "base_path": str(base_path.resolve()), "dtype": dtype,
+        info = {"merge_format": MERGE_FORMAT, "base": base_name, "base_path": str(base_path.resolve()), "dtype": dtype,
                 "adapter_sha256": adapter_fingerprint(adapter_dir), "merged_vs_adapter_on_base": cmp,
                 "merge_seconds": round(t_merge, 2)}
         if not cmp["passed"]:
@@ -551,7 +553,8 @@ def wants_bos(tokenizer) -> bool:
 def reusable_merge(merged_dir: Path, run_dir: Path, base_path: Path, dtype: str) -> dict | None:
     """A complete earlier merge of the same adapter, base and precision (exporting another quant reuses it)."""
     info = read_json(merged_dir / "merge_info.json") if (merged_dir / "merge_info.json").is_file() else {}
-    if (info.get("dtype") == dtype and info.get("base_path") == str(base_path.resolve())
+    if (info.get("merge_format") == MERGE_FORMAT and info.get("dtype") == dtype
+            and info.get("base_path") == str(base_path.resolve())
             and info.get("adapter_sha256") == adapter_fingerprint(run_dir / "adapter")
             and info.get("merged_vs_adapter_on_base", {}).get("passed")):
         return info
@@ -656,7 +659,6 @@ def _worker_check(job: dict) -> dict:
     result = {"metadata": meta, "tensor_count": len(reader.tensors), "tensor_types": types,
               "layers_with_tensors": len(layers), "nonfinite_tensors": nonfinite,
               "chat_template_in_gguf": chat_template}
-    del reader
 
     import llama_cpp
 
@@ -724,7 +726,7 @@ def expected_tensor_count(merged_dir: Path, config: dict) -> int:
 
 # ------------------------------------------------------------------------------------------------ Modelfile
 def modelfile_text(gguf_name: str, num_ctx: int) -> str:
-    lines = [f"# Ollama: ollama create NAME -f Modelfile   (written by python -m training.export)",
+    lines = ["# Ollama: ollama create NAME -f Modelfile   (written by python -m training.export)",
              f"FROM ./{gguf_name}", f'TEMPLATE """{OLLAMA_GEMMA_TEMPLATE}"""']
     lines += [f'PARAMETER stop "{s}"' for s in OLLAMA_STOP]
     lines.append(f"PARAMETER num_ctx {num_ctx}")
@@ -780,7 +782,8 @@ def export(args) -> dict:
     merged_dir = run_dir / "merged"
     reuse = None if args.force_merge else reusable_merge(merged_dir, run_dir, base_path, dtype)
     params = safetensors_param_count(base_path)
-    plan = check_resources(params, dtype, quant, merged_dir, gguf_root, reuse is not None)
+    plan = check_resources(params, dtype, quant, merged_dir, gguf_root, reuse is not None,
+                           int(read_json(base_path / "config.json").get("vocab_size") or 0))
     log.info("run %s: base %s (%s, %.3gB parameters) merged in %s; needs ~%.1f GiB RAM", run, base_name,
              base_path, params / 1e9, dtype, plan["ram_needed_bytes"] / GIB)
     from training.qlora_finetune import quiet_libraries
@@ -878,7 +881,8 @@ def gguf_export(converter: Path, merged_dir: Path, work: Path, name: str, quant:
     log.info("checking the GGUF against the merged model ...")
     res = run_worker({"task": "check", "gguf": str(gguf_path), "converter": str(converter), "texts": texts,
                       "ids": ids, "reference": str(work / "reference_logits.npz")}, work)
-    expected = {"config": config, "arch": config.get("model_type"), "tensors": expected_tensor_count(merged_dir, config),
+    expected = {"config": config, "arch": config.get("model_type"),
+                "tensors": expected_tensor_count(merged_dir, config),
                 "chat_template": tokenizer.chat_template, "reference_dtype": ref_dtype,
                 "adds_bos": wants_bos(tokenizer)}
     checks = evaluate_checks(res, expected, quant)
@@ -928,12 +932,12 @@ def make_parser() -> argparse.ArgumentParser:
                    help="GGUF type; q8_0 is near-lossless at half of bf16's size (default: %(default)s)")
     p.add_argument("--base", help="base model id or folder (default: the one the run was trained on)")
     p.add_argument("--allow-other-base", action="store_true",
-                   help="accept a --base other than the adapter's recorded base (e.g. a local copy of the same weights)")
+                   help="accept a --base other than the adapter's recorded one (e.g. a local copy of the same weights)")
     p.add_argument("--dtype", choices=("auto", "bf16", "f32", "f16"), default="auto",
                    help="merge precision; auto: the base checkpoint's own (bf16 for Gemma) (default: %(default)s)")
     p.add_argument("--force-merge", action="store_true", help="merge again even if outputs/<run>/merged/ is current")
     p.add_argument("--no-trained-comparison", action="store_true",
-                   help="skip the informational comparison with the 4-bit model as trained (slow on big CPUs-only runs)")
+                   help="skip the informational comparison with the 4-bit model as trained (slow for big models)")
     p.add_argument("--output-dir", default=os.environ.get("OUTPUT_DIR", "outputs"), help="default: %(default)s")
     p.add_argument("--gguf-dir", default=os.environ.get("GGUF_DIR", "models/gguf"), help="default: %(default)s")
     p.add_argument("--converter-dir", help="unpacked llama.cpp converter (default: $LLAMA_CPP_CONVERTER_DIR or "
