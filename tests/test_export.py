@@ -208,7 +208,9 @@ def test_failed_check_fails_the_export_and_leaves_nothing(trained, monkeypatch, 
     assert rc == 3
     assert sorted(p.name for p in gguf_dir.iterdir()) == ["tiny-run-f32"]
     assert (previous / "export_report.json").read_text() == '{"old": true}'
-    assert "logits_vs_merged" in caplog.text
+    assert "logits_vs_merged: top-1 agreement" in caplog.text and "limit 0.0 sd" in caplog.text
+    kept = json.loads((trained / "outputs" / "tiny-run" / "export_report-f32-failed.json").read_text())
+    assert kept["passed"] is False and kept["checks"]["logits_vs_merged"]["passed"] is False
 
 
 # ------------------------------------------------------------------------------------------------------ bad input

@@ -713,6 +713,25 @@ def evaluate_checks(res: dict, expected: dict, quant: str) -> dict:
     return checks
 
 
+def describe_check(name: str, c: dict) -> str:
+    """One line for a failed check."""
+    if name == "logits_vs_merged":
+        return (f"top-1 agreement {c['top1_agreement']:.3f} (limit {c['limit_top1']}), max logit diff "
+                f"{c['max_logit_diff_sd']:.3g} sd (limit {c['limit_max_logit_diff_sd']} sd)")
+    if name == "metadata":
+        return f"architecture {c['architecture']} (expected {c['expected_architecture']}), differing: {c['mismatches']}"
+    if name == "tensor_count":
+        return f"{c['gguf']} tensors in {c['layers']} layers, expected {c['expected']}"
+    if name == "tensors_finite":
+        return f"NaN/inf in {', '.join(c['nonfinite'][:5])}"
+    if name == "chat_template":
+        return "the GGUF's tokenizer.chat_template is missing or differs from the run's"
+    if name == "tokenizer":
+        return (f"{len(c['mismatches'])} prompt(s) tokenized differently by llama.cpp, n_vocab {c['n_vocab']}, "
+                f"<bos> added by llama.cpp {c['bos_added_by_llama_cpp']} vs expected {c['bos_added_by_hf']}")
+    return json.dumps(c, default=str)[:300]
+
+
 def expected_tensor_count(merged_dir: Path, config: dict) -> int:
     """One GGUF tensor per safetensors tensor (llama-family / Gemma converters map 1:1); a tied lm_head is skipped."""
     count = 0
@@ -830,8 +849,11 @@ def export(args) -> dict:
         report["passed"] = all(c["passed"] for c in report["checks"].values())
         write_json_atomic(work / "export_report.json", report)
         if not report["passed"]:
-            failed = {k: v for k, v in report["checks"].items() if not v["passed"]}
-            raise CheckFailed("the GGUF does not say what the merged model says: " + json.dumps(failed, default=str))
+            kept = run_dir / f"export_report-{quant}-failed.json"  # the evidence stays, outside the GGUF folder
+            write_json_atomic(kept, report)
+            raise CheckFailed("the GGUF does not say what the merged model says:\n" +
+                              "\n".join(f"  {k}: {describe_check(k, v)}" for k, v in report["checks"].items()
+                                        if not v["passed"]) + f"\nfull report: {kept}")
         for extra in ("reference_logits.npz", "worker_job.json", "worker_result.json", "intermediate.gguf"):
             (work / extra).unlink(missing_ok=True)
         report["gguf_dir"] = str(final)
