@@ -234,6 +234,25 @@ def test_unreadable_converter_source(tmp_path):
     assert not (tmp_path / "conv").exists()
 
 
+def test_converter_source_with_the_wrong_checksum_is_refused(tmp_path):
+    """A tarball that has the right layout but is not the published llama-cpp-python 0.3.36 source."""
+    import tarfile
+
+    from training.export import LLAMA_CPP_PYTHON_VERSION, llama_cpp_version
+
+    if (llama_cpp_version() or LLAMA_CPP_PYTHON_VERSION) != "0.3.36":
+        pytest.skip("another llama-cpp-python version is installed: no pinned checksum for it")
+    src = tmp_path / "src" / "llama_cpp_python-0.3.36" / "vendor" / "llama.cpp"
+    (src / "gguf-py" / "gguf").mkdir(parents=True)
+    (src / "convert_hf_to_gguf.py").write_text("print('not the real converter')\n")
+    fake = tmp_path / "llama_cpp_python-0.3.36.tar.gz"
+    with tarfile.open(fake, "w:gz") as tar:
+        tar.add(tmp_path / "src" / "llama_cpp_python-0.3.36", arcname="llama_cpp_python-0.3.36")
+    proc = run_export(["--fetch-converter", "--converter-dir", str(tmp_path / "conv"), "--converter-sdist", str(fake)])
+    assert_user_error(proc, "sha256", "not the published llama-cpp-python 0.3.36")
+    assert not (tmp_path / "conv").exists()
+
+
 def _copy_run(trained: Path, dest: Path) -> Path:
     run = dest / "outputs" / "tiny-run"
     shutil.copytree(trained / "outputs" / "tiny-run" / "adapter", run / "adapter")

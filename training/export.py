@@ -51,6 +51,8 @@ log = logging.getLogger("training.export")
 
 # The converter and gguf-py must come from the same llama.cpp as the runtime that quantises and checks the file.
 LLAMA_CPP_PYTHON_VERSION = "0.3.36"
+# sha256 of the source packages the converter is unpacked from (as published on PyPI): a different file is refused
+SDIST_SHA256 = {"0.3.36": "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"}
 CONVERTER_MEMBERS = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/", "LICENSE")
 GIB = 2**30
 MERGE_FORMAT = 2  # bump when what merge_adapter writes changes: an older merged/ folder is then merged again
@@ -323,6 +325,11 @@ def fetch_converter(folder: Path, sdist: Path | None = None) -> Path:
                     "--fetch-converter` once with network access, or pass --converter-sdist PATH to a "
                     f"llama_cpp_python-{ver}.tar.gz, or set LLAMA_CPP_CONVERTER_DIR to an unpacked converter")
             sdist = found[0]
+        digest = _sha256(sdist)
+        if ver in SDIST_SHA256 and digest != SDIST_SHA256[ver]:
+            raise ExportError(f"{sdist}: sha256 {digest} is not the published llama-cpp-python {ver} source package "
+                              f"({SDIST_SHA256[ver]}).\n-> download it again from PyPI (pip download --no-binary "
+                              f":all: --no-deps llama-cpp-python=={ver})")
         tmp = folder.with_name(f".{folder.name}.tmp{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
@@ -344,7 +351,7 @@ def fetch_converter(folder: Path, sdist: Path | None = None) -> Path:
             raise ExportError(f"{sdist} does not contain vendor/llama.cpp/convert_hf_to_gguf.py and gguf-py/.\n-> use "
                               f"the llama-cpp-python {LLAMA_CPP_PYTHON_VERSION} source package (.tar.gz)")
         write_json_atomic(tmp / "converter_info.json", {"llama_cpp_python": ver, "source": prefix,
-                                                        "sdist_sha256": _sha256(sdist)})
+                                                        "sdist_sha256": digest})
         if folder.exists():
             shutil.rmtree(folder)
         folder.parent.mkdir(parents=True, exist_ok=True)
