@@ -188,6 +188,63 @@ def test_modelfile_parser_reads_what_we_write_and_rejects_garbage():
         parse_modelfile("FROM ./a.gguf\nBOGUS 1\n")
 
 
+GO_RENDER = """package main
+
+import (
+	"encoding/json"
+	"os"
+	"text/template"
+)
+
+type Message struct{ Role, Content string }
+
+func main() {
+	var in struct {
+		Template string
+		Data     struct {
+			System   string
+			Messages []Message
+		}
+	}
+	if err := json.NewDecoder(os.Stdin).Decode(&in); err != nil {
+		panic(err)
+	}
+	if err := template.Must(template.New("m").Parse(in.Template)).Execute(os.Stdout, in.Data); err != nil {
+		panic(err)
+	}
+}
+"""
+
+
+@pytest.mark.skipif(shutil.which("go") is None, reason="needs a Go toolchain (apt install golang-go) to run "
+                                                        "Ollama's template language, Go's text/template")
+def test_modelfile_template_renders_what_the_chat_template_renders(tmp_path, tiny_tokenizer):
+    """Ollama renders TEMPLATE with Go's text/template; for every prompt that ends with a user turn it must give
+    the text the run was trained on (Gemma's chat template, system folded into the first user turn), less the <bos>
+    that llama.cpp adds itself."""
+    from training.data import fold_system_message
+    from training.export import OLLAMA_GEMMA_TEMPLATE
+
+    (tmp_path / "render.go").write_text(GO_RENDER)
+    conversations = [
+        [{"role": "user", "content": "Hi there"}],
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+         {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Bye"}],
+        [{"role": "user", "content": "one"}, {"role": "assistant", "content": "two"},
+         {"role": "user", "content": "three\nlines"}],
+    ]
+    for conv in conversations:
+        want = tiny_tokenizer.apply_chat_template(fold_system_message(conv), tokenize=False,
+                                                  add_generation_prompt=True)
+        job = {"Template": OLLAMA_GEMMA_TEMPLATE,
+               "Data": {"System": "", "Messages": [{"Role": m["role"], "Content": m["content"]} for m in conv]}}
+        proc = subprocess.run(["go", "run", str(tmp_path / "render.go")], input=json.dumps(job), capture_output=True,
+                              text=True, timeout=300, env={**os.environ, "GOCACHE": str(tmp_path / "gocache"),
+                                                           "GOPATH": str(tmp_path / "gopath")})
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout == want.removeprefix(tiny_tokenizer.bos_token), conv
+
+
 @pytest.mark.slow
 @needs_llama
 def test_failed_check_fails_the_export_and_leaves_nothing(trained, monkeypatch, caplog):
