@@ -866,6 +866,7 @@ def export(args) -> dict:
         report["gguf_dir"] = str(final)
         write_json_atomic(work / "export_report.json", report)
         _replace_dir(work, final)
+        (run_dir / f"export_report-{quant}-failed.json").unlink(missing_ok=True)  # an older failure is history
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
