@@ -6,6 +6,7 @@ project, the image tag, the ports and the Jupyter token file all get names of th
 
 The image is (re)built from the working tree first (`make build`, warm cache: seconds). On a host with the
 debootstrap base image (`local/debian:bookworm`) and the CPU torch wheel in wheelhouse/ (CI), the build uses them.
+The engine tests share one stack (module fixture) and run in file order: train-tiny first, clean last.
 """
 
 from __future__ import annotations
@@ -180,6 +181,8 @@ def stack(tmp_path_factory):
     _make(env, "train-clean", "FORCE=1", "BACKUP=1", timeout=300)
     for suffix in ("models_cache", "models_gguf", "checkpoints", "logs", "backup", "wandb"):
         _docker("volume", "rm", "-f", f"{prefix}_{suffix}")
+    # Each rebuild after a code change leaves the previous test image untagged: drop those (layers stay cached).
+    _docker("image", "prune", "-f", "--filter", "label=org.opencontainers.image.title=qlora-training")
 
 
 @pytest.mark.docker
@@ -274,8 +277,10 @@ def test_train_status_shows_the_run(stack):
 
 @pytest.mark.docker
 def test_train_dev_jupyter_needs_the_token_and_tensorboard_lists_the_run(stack):
-    p = _make(stack, "train-dev", timeout=300)
+    hf_sentinel = "hf_test_sentinel_7f3a9c"  # not a real token: checks pass-through and that it never leaks
+    p = _make({**stack, "HF_TOKEN": hf_sentinel}, "train-dev", timeout=300)
     assert p.returncode == 0, p.stdout + p.stderr
+    assert hf_sentinel not in p.stdout + p.stderr
     token_file = Path(stack["JUPYTER_TOKEN_FILE"])
     token = token_file.read_text().strip()
     assert len(token) >= 32 and stat.S_IMODE(token_file.stat().st_mode) == 0o600
@@ -301,6 +306,14 @@ def test_train_dev_jupyter_needs_the_token_and_tensorboard_lists_the_run(stack):
     ports = _inspect(f"{stack['CONTAINER_PREFIX']}-training-dev")["NetworkSettings"]["Ports"]
     for container_port in ("8888/tcp", "6006/tcp"):
         assert {b["HostIp"] for b in ports[container_port]} == {"127.0.0.1"}, ports
+    # HF_TOKEN reaches the container from the caller's environment, but neither the image nor any log holds it;
+    # Jupyter's own log shows `token=...`, not the token.
+    dev = f"{stack['CONTAINER_PREFIX']}-training-dev"
+    assert _docker("exec", dev, "printenv", "HF_TOKEN").stdout.strip() == hf_sentinel
+    assert hf_sentinel not in _docker("image", "inspect", stack["IMAGE"]).stdout
+    assert hf_sentinel not in _docker("history", "--no-trunc", stack["IMAGE"]).stdout
+    dev_log = _docker("logs", dev)
+    assert token not in dev_log.stdout + dev_log.stderr and hf_sentinel not in dev_log.stdout + dev_log.stderr
     gateway = _docker("network", "inspect", "bridge", "--format", "{{(index .IPAM.Config 0).Gateway}}").stdout.strip()
     if gateway:
         for port in (jport, tport):
