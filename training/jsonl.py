@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 
 def append_jsonl(path: str | os.PathLike, record: dict[str, Any]) -> None:
@@ -20,23 +20,28 @@ def append_jsonl(path: str | os.PathLike, record: dict[str, Any]) -> None:
         os.close(fd)
 
 
+def parse_jsonl_lines(lines: Iterable[bytes]) -> Iterator[dict[str, Any]]:
+    """The JSON objects among raw lines, skipping blank, cut-off or garbled ones (a writer may be mid-write)."""
+    for raw in lines:
+        raw = raw.strip()
+        if not raw:
+            continue
+        try:
+            rec = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            continue
+        if isinstance(rec, dict):
+            yield rec
+
+
 def iter_jsonl(path: str | os.PathLike) -> Iterator[dict[str, Any]]:
-    """Yield the records of a JSONL file, skipping a cut-off or garbled line (a writer may be mid-write)."""
+    """Yield the records of a JSONL file, tolerating a cut-off last line."""
     try:
         fh = open(path, "rb")
     except FileNotFoundError:
         return
     with fh:
-        for raw in fh:
-            raw = raw.strip()
-            if not raw:
-                continue
-            try:
-                rec = json.loads(raw)
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                continue
-            if isinstance(rec, dict):
-                yield rec
+        yield from parse_jsonl_lines(fh)
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:

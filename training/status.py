@@ -32,7 +32,7 @@ from typing import Any
 
 from training.checkpoints import (MARKER_NAME, checkpoint_step, is_complete_checkpoint, list_checkpoints,
                                   read_manifest)
-from training.jsonl import iter_jsonl
+from training.jsonl import iter_jsonl, parse_jsonl_lines
 
 NO_RUNS_MESSAGE = "no runs yet: start one with make demo / make train-gemma-2b"
 GPU_FILE = "gpu_metrics.jsonl"
@@ -76,20 +76,7 @@ def tail_jsonl(path: Path, max_bytes: int = GPU_TAIL_BYTES) -> list[dict[str, An
     except OSError:
         return []
     lines = data.split(b"\n")
-    if start > 0:
-        lines = lines[1:]
-    out = []
-    for raw in lines:
-        raw = raw.strip()
-        if not raw:
-            continue
-        try:
-            rec = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            continue
-        if isinstance(rec, dict):
-            out.append(rec)
-    return out
+    return list(parse_jsonl_lines(lines[1:] if start > 0 else lines))
 
 
 def disk_free_bytes(path: Path) -> int | None:
