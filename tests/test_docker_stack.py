@@ -276,6 +276,30 @@ def test_train_status_shows_the_run(stack):
 
 
 @pytest.mark.docker
+def test_train_custom_mounts_the_host_model_and_data_read_only(stack, tmp_path):
+    # A local base model: the tiny model that train-tiny built in the models volume, copied out to the host.
+    cid = _docker("create", "-v", f"{stack['VOLUME_PREFIX']}_models_cache:/app/models", stack["IMAGE"]).stdout.strip()
+    try:
+        assert _docker("cp", f"{cid}:/app/models/tiny-gemma2", str(tmp_path / "model")).returncode == 0
+    finally:
+        _docker("rm", "-f", cid)
+    # `docker cp` hands the files to the host user with their 0600 modes; a downloaded model is world-readable.
+    for path in (tmp_path / "model").rglob("*"):
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    (tmp_path / "data").mkdir()
+    shutil.copy(REPO / "datasets/sample/chat.jsonl", tmp_path / "data/chat.jsonl")
+    p = _make(stack, "train-custom", f"MODEL={tmp_path / 'model'}/", f"DATA={tmp_path / 'data/chat.jsonl'}",
+              "RUN=custom-e2e", "ARGS=--max-steps 2 --set save_steps=2 --set allow_cpu=true", timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    mounts = {m["Destination"]: m for m in _inspect(f"{stack['CONTAINER_PREFIX']}-qlora-training")["Mounts"]}
+    assert mounts["/app/datasets"]["Source"] == str(tmp_path / "data") and not mounts["/app/datasets"]["RW"]
+    assert mounts["/app/base-model"]["Source"] == str(tmp_path / "model") and not mounts["/app/base-model"]["RW"]
+    summary = json.loads(_in_volume(stack, "checkpoints", "cat /v/custom-e2e/run_summary.json"))
+    assert summary["status"] == "finished" and summary["steps"] == 2
+    assert _in_volume(stack, "checkpoints", "ls /v/custom-e2e/adapter").split().count("adapter_config.json") == 1
+
+
+@pytest.mark.docker
 def test_train_dev_jupyter_needs_the_token_and_tensorboard_lists_the_run(stack):
     hf_sentinel = "hf_test_sentinel_7f3a9c"  # not a real token: checks pass-through and that it never leaks
     p = _make({**stack, "HF_TOKEN": hf_sentinel}, "train-dev", timeout=300)
