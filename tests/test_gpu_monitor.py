@@ -133,18 +133,23 @@ def test_a_lost_gpu_during_a_field_read_is_not_a_null_field(tmp_path):
     assert rec["event"] == "nvml_error", "a half-read sample of a lost GPU is not written"
 
 
+def run_then_stop(mon, seconds: float) -> bool:
+    """Run the monitor loop in a thread for `seconds`, stop it; True when the thread ended within 5 s."""
+    t = threading.Thread(target=mon.run)
+    t.start()
+    time.sleep(seconds)
+    mon.stop()
+    t.join(timeout=5)
+    return not t.is_alive()
+
+
 @pytest.mark.parametrize("code,event", [(pynvml.NVML_ERROR_LIBRARY_NOT_FOUND, "no_nvml"),
                                         (pynvml.NVML_ERROR_DRIVER_NOT_LOADED, "no_nvml"),
                                         (pynvml.NVML_ERROR_NO_PERMISSION, "nvml_error")])
 def test_no_driver_one_event_line_then_slow_retries(tmp_path, code, event):
     nvml = FakeNvml(fail_init=code)
     mon = make_monitor(tmp_path, nvml, interval=0.001, retry_interval=0.05)
-    t = threading.Thread(target=mon.run)
-    t.start()
-    time.sleep(0.6)
-    mon.stop()
-    t.join(timeout=5)
-    assert not t.is_alive(), "stop() ends the retry wait"
+    assert run_then_stop(mon, 0.6), "stop() ends the retry wait"
     recs = parse_every_line(tmp_path / "gpu_metrics.jsonl")
     assert len(recs) == 1 and recs[0]["event"] == event
     assert set(recs[0]) == {"ts", "host", "event", "message", "retry_in_s"}
@@ -155,12 +160,7 @@ def test_no_driver_one_event_line_then_slow_retries(tmp_path, code, event):
 def test_retry_interval_is_used_not_sampling_interval(tmp_path):
     nvml = FakeNvml(fail_init=pynvml.NVML_ERROR_LIBRARY_NOT_FOUND)
     mon = make_monitor(tmp_path, nvml, interval=0.001, retry_interval=60)
-    t = threading.Thread(target=mon.run)
-    t.start()
-    time.sleep(0.3)
-    mon.stop()
-    t.join(timeout=5)
-    assert not t.is_alive()
+    assert run_then_stop(mon, 0.3), "stop() ends the retry wait"
     assert nvml.init_calls == 1, "a 60 s retry interval means one try in 0.3 s"
 
 
