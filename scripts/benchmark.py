@@ -132,7 +132,7 @@ def load_variant(kind: str, path: Path, gpu_mem: float | None):
                   gpu_mem_gib=gpu_mem or 0.0)
     device = pick_device(cfg, "bench")
     backend = choose_backend(cfg.backend, device.kind, "gemma2")
-    cfg, line = plan_for_device(cfg, device, backend.label, str(path))
+    cfg, line = plan_for_device(cfg, device, backend.label)
     torch.manual_seed(0)
     m = load_qlora_model(cfg, str(path), device, backend.label)
     arch = Arch.from_config(m.config)

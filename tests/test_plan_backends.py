@@ -96,14 +96,14 @@ def test_plan_cli(capsys):
 def test_trainer_uses_the_planner_choice():
     cfg = PRESETS["gemma-2b"]
     card = Device("cuda", "RTX 4090", 24.0, torch.bfloat16, True, False)
-    planned, line = plan_for_device(cfg, card, "hf+liger", cfg.model_name_or_path)
+    planned, line = plan_for_device(cfg, card, "hf+liger")
     expected = plan(KNOWN_ARCHS["google/gemma-2-2b"], 16, cfg.max_seq_length, cfg.lora_r, 24.0, "hf",
                     fused_loss=True, max_micro_batch=cfg.max_micro_batch)
     assert planned.per_device_train_batch_size == expected.micro_batch
     assert planned.gradient_accumulation_steps == expected.gradient_accumulation_steps
     assert f"micro-batch {expected.micro_batch}" in line
     cpu = Device("cpu", "CPU", None, torch.float32, False, False)
-    assert plan_for_device(cfg, cpu, "hf", "x")[0] == cfg  # the CPU keeps the configured values
+    assert plan_for_device(cfg, cpu, "hf")[0] == cfg  # the CPU keeps the configured values
 
 
 def test_backend_cpu_and_explicit_choices():

@@ -95,7 +95,7 @@ def model_type_of(model_path: str) -> str | None:
         return None
 
 
-def plan_for_device(cfg: QLoRAConfig, device: Device, backend: str, model_path: str) -> tuple[QLoRAConfig, str]:
+def plan_for_device(cfg: QLoRAConfig, device: Device, backend: str) -> tuple[QLoRAConfig, str]:
     """On CUDA, let the VRAM planner choose micro-batch and checkpointing for the card, keeping the tokens per
     optimizer step of the preset. Returns the updated config and a log line."""
     from dataclasses import replace
@@ -107,9 +107,9 @@ def plan_for_device(cfg: QLoRAConfig, device: Device, backend: str, model_path: 
     gpu_mem = cfg.gpu_mem_gib or device.memory_gib or 0.0
     sequences = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps
     try:
-        arch = arch_for(cfg.model_name_or_path if cfg.model_name_or_path.startswith("google/") else model_path)
+        arch = arch_for(cfg.model_name_or_path)  # known table, else the (builtin-resolved) config.json
         p = plan(arch, sequences, cfg.max_seq_length, cfg.lora_r, gpu_mem, "unsloth" if backend == "unsloth" else "hf",
-                 fused_loss=backend == "unsloth" or device_has_liger(backend),
+                 fused_loss=backend in ("unsloth", "hf+liger"),  # both never materialise the logits
                  eager_attention=cfg.attn_implementation == "eager", max_micro_batch=cfg.max_micro_batch)
     except PlanError as exc:
         raise ResourceError(str(exc)) from None
@@ -120,11 +120,7 @@ def plan_for_device(cfg: QLoRAConfig, device: Device, backend: str, model_path: 
                  f"predicted peak {p.predicted_peak_gib:.1f} GiB ({p.reason})")
 
 
-_LIGER_APPLIED: dict[str, bool] = {}
-
-
-def device_has_liger(backend: str) -> bool:
-    return backend == "hf+liger"
+_LIGER_APPLIED: dict[str, bool] = {}  # model_type -> patched: Liger patches transformers' classes once per process
 
 
 def load_qlora_model(cfg: QLoRAConfig, model_path: str, device: Device, backend: str = "hf"):

@@ -112,7 +112,7 @@ def train(cfg: QLoRAConfig, preset: str, run_name: str, run_dir: Path, metrics_p
     requested = "hf" if processes > 1 else cfg.backend
     backend = choose_backend(requested, device.kind, model_type_of(model_path))  # before model code is imported
     log.info("backend %s: %s", backend.label, backend.reason)
-    cfg, plan_line = plan_for_device(cfg, device, backend.label, model_path)  # micro-batch + checkpointing
+    cfg, plan_line = plan_for_device(cfg, device, backend.label)  # micro-batch + checkpointing
     log.info("%s", plan_line)
     # Tokens per optimizer step stay the config's (one GPU's micro-batch x accumulation) whatever the GPU count.
     batch = distributed.split_global_batch(cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps,
