@@ -228,6 +228,32 @@ def test_sigkill_during_a_slow_save_keeps_the_previous_checkpoint(tmp_path):
         assert verify_checkpoint(ckpt) == [], ckpt  # the partial folder was replaced by a complete one
 
 
+def test_killed_after_the_last_checkpoint_saves_without_training_further(tmp_path):
+    """Killed between the checkpoint at max_steps and the final save (CI caught HF then training step 13 of 12):
+    `--resume auto` writes the adapter of that checkpoint, trains nothing, and the summary holds the whole run."""
+    run = Run(tmp_path, "late")
+    rc, log = run.run(4, resume="never")
+    assert rc == 0, log[-4000:]
+    first = json.loads((run.out / "run_summary.json").read_text())
+    final = adapter_tensors(run.out)
+    shutil.rmtree(run.out / "adapter")  # the state a SIGKILL right after checkpoint-4's marker leaves
+    (run.out / "run_summary.json").unlink()
+
+    rc, log = run.run(4, resume="auto")
+    assert rc == 0, log[-4000:]
+    assert "checkpoint-4 is at step 4, max_steps is 4: saving its adapter without training" in log
+    assert [p.name for _, p in list_checkpoints(run.out)] == ["checkpoint-2", "checkpoint-4"]
+    summary = json.loads((run.out / "run_summary.json").read_text())
+    assert summary["steps"] == 4
+    assert (summary["train_loss_first"], summary["train_loss_last"]) == (first["train_loss_first"],
+                                                                          first["train_loss_last"])
+    again = adapter_tensors(run.out)
+    assert again.keys() == final.keys()
+    assert all(again[k].dtype == final[k].dtype and bool((again[k] == final[k]).all()) for k in final)
+    assert run.events("resumed")[-1]["path"] == str(run.out / "checkpoint-4")
+    assert len(run.events("finished")) == 2
+
+
 def test_damaged_checkpoints_incompatible_resume_and_restore(tmp_path):
     """Truncated weights / missing trainer state: `--resume PATH` fails naming it, `--resume auto` skips them with
     a warning and starts fresh (saying so); a different LoRA rank is refused; the backup restores the run, which

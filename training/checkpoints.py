@@ -421,6 +421,22 @@ def keep_adapter_dtype_on_resume(model: Any) -> bool:
     return True
 
 
+def load_finished_checkpoint(trainer: Any, ckpt: str | os.PathLike) -> None:
+    """Put a checkpoint that already reached max_steps into `trainer` (adapter weights and TrainerState) without
+    training: the run was stopped between its last save and the final adapter. HF's resume would train one step
+    past max_steps here (its loop checks the limit only after a step)."""
+    from transformers import TrainerState
+
+    ckpt = Path(ckpt)
+    if not (ckpt / "adapter_model.safetensors").is_file():
+        raise CheckpointError(f"{ckpt} already reached max_steps but holds no full adapter (FSDP writes shards): "
+                              f"gather it with `accelerate merge-weights {ckpt}/pytorch_model_fsdp_0 OUT`, or "
+                              f"train further with a larger --max-steps")
+    model = trainer.model
+    model.load_adapter(str(ckpt), model.active_adapter, is_trainable=True, autocast_adapter_dtype=False)
+    trainer.state = TrainerState.load_from_json(str(ckpt / "trainer_state.json"))
+
+
 def _signal_name(signum: int) -> str:
     try:
         return signal.Signals(signum).name

@@ -41,16 +41,13 @@ def format_duration(seconds: float | None) -> str:
 
 
 class MetricsCallback(TrainerCallback):
-    """Writes metrics records, shows progress, and remembers first/last loss and throughput for the summary."""
+    """Writes metrics records, shows progress, and measures throughput for the summary."""
 
     def __init__(self, metrics_path: Path, run: str, show_bar: bool | None = None):
         self.metrics_path = Path(metrics_path)
         self.run = run
         self.show_bar = sys.stderr.isatty() if show_bar is None else show_bar
         self.bar = None
-        self.first_loss: float | None = None
-        self.last_loss: float | None = None
-        self.last_eval_loss: float | None = None
         self.start_time = 0.0
         self.start_step = 0
         self.tokens_start = 0
@@ -101,8 +98,6 @@ class MetricsCallback(TrainerCallback):
             self.tokens_per_s = dtok / dt if dt > 0 and dtok > 0 else self.tokens_per_s
             self.last_log = (now, tokens)
             loss = float(logs["loss"])
-            self.first_loss = loss if self.first_loss is None else self.first_loss
-            self.last_loss = loss
             record.update(loss=loss, learning_rate=logs.get("learning_rate"), grad_norm=logs.get("grad_norm"),
                           tokens_per_s=round(self.tokens_per_s, 1) if self.tokens_per_s else None,
                           eta_s=round(self.eta_s(state), 1) if self.eta_s(state) is not None else None,
@@ -110,9 +105,9 @@ class MetricsCallback(TrainerCallback):
             self._show(state, f"loss={loss:.4f} lr={record['learning_rate'] or 0:.2e} "
                               f"tok/s={record['tokens_per_s'] or 0:,.0f} eta={format_duration(record['eta_s'])}")
         elif "eval_loss" in logs:
-            self.last_eval_loss = float(logs["eval_loss"])
-            record.update(eval_loss=self.last_eval_loss)
-            self._show(state, f"eval_loss={self.last_eval_loss:.4f}")
+            eval_loss = float(logs["eval_loss"])
+            record.update(eval_loss=eval_loss)
+            self._show(state, f"eval_loss={eval_loss:.4f}")
         else:
             return  # the end-of-training summary dict: run_summary.json has it
         append_jsonl(self.metrics_path, record)

@@ -124,7 +124,8 @@ def train(cfg: QLoRAConfig, preset: str, run_name: str, run_dir: Path, metrics_p
                                   gradient_accumulation_steps=batch.accumulation)
 
     # ---------------------------------------------------------------------------------------------- resume
-    from training.checkpoints import CheckpointCallback, check_resume_compatible, resolve_resume
+    from training.checkpoints import (CheckpointCallback, check_resume_compatible, checkpoint_step,
+                                      load_finished_checkpoint, resolve_resume)
 
     resume_from = resolve_resume(resume, run_dir, log=log.warning)  # a bad PATH is an error, never a fresh start
     resume_changes = check_resume_compatible(resume_from, to_dict(cfg), log=log.warning) if resume_from else []
@@ -198,9 +199,20 @@ def train(cfg: QLoRAConfig, preset: str, run_name: str, run_dir: Path, metrics_p
 
     log_event(metrics_path, run_name, 0, "start", preset=preset, device=device.describe(), max_steps=cfg.max_steps,
               processes=processes, global_batch=batch.sequences)
-    result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-    if checkpoint_cb.exit_status is not None:  # stopped by a signal: its complete checkpoint is where to resume
-        return checkpoint_cb.exit_status
+    if resume_from is not None and checkpoint_step(resume_from) >= cfg.max_steps:
+        # Stopped after its last checkpoint but before the final save: nothing left to train, only to save.
+        log.info("%s is at step %d, max_steps is %d: saving its adapter without training (a larger --max-steps "
+                 "trains on; --resume never starts over)", resume_from.name, checkpoint_step(resume_from),
+                 cfg.max_steps)
+        load_finished_checkpoint(trainer, resume_from)
+        log_event(metrics_path, run_name, trainer.state.global_step, "resumed", path=str(resume_from),
+                  changes=resume_changes)
+        train_loss_mean = None
+    else:
+        result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        if checkpoint_cb.exit_status is not None:  # stopped by a signal: its complete checkpoint is where to resume
+            return checkpoint_cb.exit_status
+        train_loss_mean = result.training_loss
 
     # ------------------------------------------------------------------------------------------------ save
     adapter_dir = run_dir / "adapter"
@@ -216,6 +228,9 @@ def train(cfg: QLoRAConfig, preset: str, run_name: str, run_dir: Path, metrics_p
     if (Path(model_path) / "tokenizer.model").is_file():  # GGUF export needs the SentencePiece file
         (adapter_dir / "tokenizer.model").write_bytes((Path(model_path) / "tokenizer.model").read_bytes())
     state = trainer.state
+    # The whole run's curve (a resumed run's state carries the earlier attempts' records too)
+    losses = [h["loss"] for h in state.log_history if "loss" in h]
+    eval_losses = [h["eval_loss"] for h in state.log_history if "eval_loss" in h]
     run_summary = {
         "run": run_name,
         "preset": preset,
@@ -224,10 +239,10 @@ def train(cfg: QLoRAConfig, preset: str, run_name: str, run_dir: Path, metrics_p
         "base_model_path": model_path,
         "steps": state.global_step,
         "max_steps": state.max_steps,
-        "train_loss_first": metrics_cb.first_loss,
-        "train_loss_last": metrics_cb.last_loss,
-        "eval_loss_last": metrics_cb.last_eval_loss,
-        "train_loss_mean": result.training_loss,
+        "train_loss_first": losses[0] if losses else None,
+        "train_loss_last": losses[-1] if losses else None,
+        "eval_loss_last": eval_losses[-1] if eval_losses else None,
+        "train_loss_mean": train_loss_mean,
         "tokens_per_s": round(metrics_cb.mean_tokens_per_s(state) or 0.0, 1),
         "tokens_seen": int(getattr(state, "num_input_tokens_seen", 0) or 0),
         "duration_s": round(time.time() - t0, 1),
@@ -244,10 +259,11 @@ def train(cfg: QLoRAConfig, preset: str, run_name: str, run_dir: Path, metrics_p
     from training.jsonl import write_json_atomic
 
     write_json_atomic(run_dir / "run_summary.json", run_summary)
-    log_event(metrics_path, run_name, state.global_step, "finished", train_loss_last=metrics_cb.last_loss)
+    log_event(metrics_path, run_name, state.global_step, "finished", train_loss_last=run_summary["train_loss_last"])
     write_run_report(metrics_path.parent.parent, run_name, run_dir)
     log.info("done in %.0fs: loss %.4f -> %.4f; adapter in %s", run_summary["duration_s"],
-             metrics_cb.first_loss or float("nan"), metrics_cb.last_loss or float("nan"), adapter_dir)
+             run_summary["train_loss_first"] or float("nan"), run_summary["train_loss_last"] or float("nan"),
+             adapter_dir)
     return 0
 
 
