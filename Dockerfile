@@ -1,4 +1,5 @@
 # QLoRA training image: builder (venv + wheels) -> runtime (venv + code, non-root, no compilers).
+# Export image (`--target export`, `make train-export`): runtime + llama-cpp-python + llama.cpp's GGUF converter.
 # Build through `make build` (it passes the host user's UID/GID and the CA bundle), or:
 #   DOCKER_BUILDKIT=1 docker compose -f docker-compose.training.yml build
 # BuildKit is required (cache and secret mounts). No `# syntax=` line: that frontend image may not be pullable.
@@ -115,3 +116,51 @@ WORKDIR /app
 LABEL org.opencontainers.image.title="qlora-training" \
       org.opencontainers.image.description="QLoRA fine-tuning stack (training package, TRL/PEFT/bitsandbytes)"
 CMD ["python", "-m", "training.qlora_finetune", "--model-config", "tiny"]
+
+# ---------------------------------------------------------------------------------------------- export-builder
+# llama-cpp-python compiled once, CPU only (quantisation and the export's own check; the GGUF is served by the
+# user's llama.cpp or Ollama, not here) and portable (-DGGML_NATIVE=OFF: a native build crashed on AMX CPUs).
+# A matching wheel in wheelhouse/ skips the compile (CI builds one for its venv and reuses it here).
+FROM builder AS export-builder
+ARG DEBIAN_FRONTEND=noninteractive
+ARG LLAMA_CPP_PYTHON_VERSION=0.3.36
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends build-essential \
+ && rm -rf /var/lib/apt/lists/*
+# The source package once: the wheel is built from it and llama.cpp's convert_hf_to_gguf.py is unpacked from it.
+RUN --mount=type=cache,target=/root/.cache/pip \
+    --mount=type=secret,id=ca,required=false \
+    --mount=type=bind,source=wheelhouse,target=/wheelhouse \
+    if [ -s /run/secrets/ca ]; then export PIP_CERT=/run/secrets/ca; fi; \
+    pip download --no-deps --no-binary :all: --find-links /wheelhouse -d /sdist "llama-cpp-python==${LLAMA_CPP_PYTHON_VERSION}" \
+ && CMAKE_ARGS="-DGGML_NATIVE=OFF" pip wheel --find-links /wheelhouse --find-links /sdist -w /export-wheels \
+      "llama-cpp-python==${LLAMA_CPP_PYTHON_VERSION}" "requests>=2.31,<3"
+# After the compile, so that code edits do not redo it: the converter, checked against the published sha256.
+COPY training/ /src/training/
+RUN cd /src && python -m training.export --fetch-converter --converter-dir /opt/llama-cpp-converter \
+      --converter-sdist /sdist/llama_cpp_python-${LLAMA_CPP_PYTHON_VERSION}.tar.gz
+
+# ---------------------------------------------------------------------------------------------- export
+# The training runtime plus what export needs; the training image itself stays without them.
+FROM runtime AS export
+ARG DEBIAN_FRONTEND=noninteractive
+ARG LLAMA_CPP_PYTHON_VERSION=0.3.36
+USER root
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends libgomp1 \
+ && apt-get clean && rm -rf /var/lib/apt/lists/* /var/cache/apt/*
+# --no-index: only the wheels built above; requirements the venv already satisfies (numpy, jinja2) are kept.
+RUN --mount=type=bind,from=export-builder,source=/export-wheels,target=/tmp/export-wheels \
+    /opt/venv/bin/pip install --no-index --no-cache-dir --find-links /tmp/export-wheels \
+      "llama-cpp-python==${LLAMA_CPP_PYTHON_VERSION}" "requests>=2.31,<3" \
+ && /opt/venv/bin/python -c "import llama_cpp; print('llama-cpp-python', llama_cpp.__version__)"
+COPY --from=export-builder /opt/llama-cpp-converter /opt/llama-cpp-converter
+ENV LLAMA_CPP_CONVERTER_DIR=/opt/llama-cpp-converter
+USER app
+LABEL org.opencontainers.image.title="qlora-training-export" \
+      org.opencontainers.image.description="QLoRA stack export: merge, GGUF conversion and checks (llama-cpp-python)"
+CMD ["python", "-m", "training.export", "--help"]
+
+# ---------------------------------------------------------------------------------------------- training
+# The last stage, so that a plain `docker build .` gives the training image (compose names it: target: training).
+FROM runtime AS training

@@ -55,7 +55,8 @@ MODEL_PATH := $(patsubst %/,%,$(USER_MODEL))
 DATA_MOUNT := $(if $(and $(DATA_PATH),$(wildcard $(DATA_PATH))),DATASETS_DIR=$(abspath $(dir $(DATA_PATH))))
 DATA_ARG := $(if $(DATA_PATH),--data $(if $(wildcard $(DATA_PATH)),/app/datasets/$(notdir $(DATA_PATH)),$(DATA_PATH)))
 MODEL_MOUNT := $(if $(and $(MODEL_PATH),$(wildcard $(MODEL_PATH))),BASE_MODEL_DIR=$(abspath $(MODEL_PATH)))
-MODEL_ARG := $(if $(MODEL_PATH),--model $(if $(wildcard $(MODEL_PATH)),/app/base-model,$(MODEL_PATH)))
+MODEL_IN_CONTAINER := $(if $(MODEL_PATH),$(if $(wildcard $(MODEL_PATH)),/app/base-model,$(MODEL_PATH)))
+MODEL_ARG := $(if $(MODEL_PATH),--model $(MODEL_IN_CONTAINER))
 
 # $(1): preset. Refuses to replace a running run; starts the run and its sidecars in the background, then follows
 # the log until the run ends (Ctrl-C stops following, not training) and exits with the run's exit code.
@@ -130,6 +131,13 @@ train-clean: ## remove containers and volumes (checkpoints!); asks unless FORCE=
 doctor: ## check the host for the Docker stack (driver, GPU runtime, Compose v2, compose file, security, disk)
 	python3 scripts/test_docker_training.py $(if $(filter 1 yes true,$(GPU_ON)),,--cpu-only) --compose-file $(COMPOSE_MAIN_FILE) \
 	  $(if $(filter command line environment,$(origin PRESET)),--preset $(PRESET)) $(if $(USER_MODEL),--model $(USER_MODEL))
+
+.PHONY: train-export
+train-export: ## merge + GGUF + Ollama Modelfile in a container, checked (RUN=name FORMAT=gguf|merged QUANT=q8_0|...)
+	$(COMPOSE) --profile export build qlora-export
+	$(MODEL_MOUNT) $(COMPOSE) --profile export run --rm --no-deps -T qlora-export python -m training.export \
+	  $(if $(RUN),--run $(RUN)) --format $(or $(FORMAT),gguf) --quant $(or $(QUANT),q8_0) \
+	  --output-dir /app/outputs --gguf-dir /app/models/gguf $(if $(MODEL_PATH),--base $(MODEL_IN_CONTAINER)) $(ARGS)
 
 .PHONY: backup-now backup-verify restore
 backup-now: ## copy new complete checkpoints to the backup volume now (verified; waits for a running backup)

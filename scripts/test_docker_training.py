@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-PROFILES = ("training", "training-dev", "monitoring")
+PROFILES = ("training", "training-dev", "monitoring", "export")
 SECRET_VARS = ("HF_TOKEN", "JUPYTER_TOKEN", "WANDB_API_KEY", "HUGGING_FACE_HUB_TOKEN")
 GATED_PRESETS = {"gemma-2b": "google/gemma-2-2b", "gemma-9b": "google/gemma-2-9b"}
 MIN_DRIVER_MAJOR = 525  # CUDA 12.x runtimes (torch cu126) run on drivers >= 525 (minor version compatibility)
@@ -233,17 +233,23 @@ def check_secrets(r: Report, configs: list[dict], files: list[Path]) -> None:
     r.ok(name, "HF_TOKEN / JUPYTER_TOKEN / WANDB_API_KEY only passed through from the environment")
 
 
-def dockerfile_final_user(dockerfile: Path) -> tuple[str | None, int | None]:
-    """The USER in effect in the last stage (None if the last stage never sets one) and its line."""
-    user, line_no = None, None
+def dockerfile_stage_users(dockerfile: Path) -> dict[str, tuple[str | None, int | None]]:
+    """The USER in effect at the end of each stage (inherited from a parent stage it is built FROM), with the line
+    that set it; the key "" is the last stage (what a build without --target produces)."""
+    users: dict[str, tuple[str | None, int | None]] = {}
+    current: str | None = None
     for i, raw in enumerate(dockerfile.read_text(errors="replace").splitlines(), 1):
         line = raw.strip()
-        if re.match(r"(?i)^FROM\s", line):
-            user, line_no = None, None
-        m = re.match(r"(?i)^USER\s+(\S+)", line)
+        m = re.match(r"(?i)^FROM\s+(?:--\S+\s+)*(\S+)(?:\s+AS\s+(\S+))?", line)
         if m:
-            user, line_no = m.group(1), i
-    return user, line_no
+            parent, current = m.group(1), (m.group(2) or f"#{i}")
+            users[current] = users.get(parent, (None, None))  # FROM another stage keeps its user
+            users[""] = users[current]
+            continue
+        m = re.match(r"(?i)^USER\s+(\S+)", line)
+        if m and current is not None:
+            users[current] = users[""] = (m.group(1), i)
+    return users
 
 
 def check_non_root(r: Report, configs: list[dict], dockerfile: Path) -> None:
@@ -251,12 +257,20 @@ def check_non_root(r: Report, configs: list[dict], dockerfile: Path) -> None:
     if not dockerfile.exists():
         r.fail(name, f"{dockerfile} not found", "run the check from the repository (or pass --compose-file)")
         return
-    user, line_no = dockerfile_final_user(dockerfile)
+    users = dockerfile_stage_users(dockerfile)
     problems = []
-    if user is None:
-        problems.append(f"{dockerfile.name}: the runtime stage has no USER line (runs as root)")
-    elif user.split(":")[0] in ("root", "0"):
-        problems.append(f"{dockerfile.name}:{line_no}: USER {user}")
+    # The default build (last stage) and every stage a service builds with `target:`
+    targets = {""} | {str(spec["build"].get("target")) for cfg in configs for spec in cfg.get("services", {}).values()
+                      if isinstance(spec.get("build"), dict) and spec["build"].get("target")}
+    for target in sorted(targets):
+        stage = f"stage '{target}'" if target else "the last stage"
+        user, line_no = users.get(target, (None, None))
+        if target not in users:
+            problems.append(f"{dockerfile.name}: no stage '{target}' (a service builds it)")
+        elif user is None:
+            problems.append(f"{dockerfile.name}: {stage} has no USER line (runs as root)")
+        elif user.split(":")[0] in ("root", "0"):
+            problems.append(f"{dockerfile.name}:{line_no}: {stage} runs as USER {user}")
     for cfg in configs:
         for svc, spec in cfg.get("services", {}).items():
             if str(spec.get("user", "")).split(":")[0] in ("root", "0"):
@@ -268,10 +282,11 @@ def check_non_root(r: Report, configs: list[dict], dockerfile: Path) -> None:
                     problems.append(f"service {svc}: mounts the Docker socket (root on the host)")
     if problems:
         r.fail(name, "; ".join(sorted(set(problems))),
-               "end the runtime stage with `USER app` (a user made from the APP_UID/APP_GID build args);\n"
+               "end each image stage with `USER app` (a user made from the APP_UID/APP_GID build args);\n"
                "remove user: root / privileged: true / docker.sock mounts from the compose file")
         return
-    r.ok(name, f"image user `{user}` ({dockerfile.name}:{line_no}); no privileged service, no Docker socket")
+    shown = ", ".join(f"{t or 'default'}: `{users[t][0]}`" for t in sorted(targets))
+    r.ok(name, f"image users ({shown}); no privileged service, no Docker socket")
 
 
 # ------------------------------------------------------------------------------------------------- host

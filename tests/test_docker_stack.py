@@ -218,6 +218,16 @@ def test_architecture_check_fails_with_the_fix_on_a_broken_compose_file(stack, t
         assert failure in p.stdout, f"{name}: {p.stdout}"
         assert f"fix: {fix}" in p.stdout, f"{name}: {p.stdout}"
         assert "All tests passed!" not in p.stdout
+    # The export image drops back to root for its installs: it must end as the app user like the training image.
+    dockerfile = (REPO / "Dockerfile").read_text()
+    rooted = dockerfile.replace("ENV LLAMA_CPP_CONVERTER_DIR=/opt/llama-cpp-converter\nUSER app\n",
+                                "ENV LLAMA_CPP_CONVERTER_DIR=/opt/llama-cpp-converter\n")
+    assert rooted != dockerfile
+    (tmp_path / "Dockerfile").write_text(rooted)
+    p = subprocess.run(["python3", "scripts/test_docker_training.py", "--cpu-only", "--dockerfile",
+                        str(tmp_path / "Dockerfile")], cwd=REPO, env=stack, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 1 and "FAIL  non-root containers" in p.stdout, p.stdout
+    assert "stage 'export' runs as USER root" in p.stdout, p.stdout
 
 
 @pytest.mark.docker
@@ -239,6 +249,37 @@ def test_train_tiny_through_compose_writes_the_adapter_as_the_host_user(stack):
     assert summary["status"] == "finished" and summary["steps"] == 10
     logs = _make(stack, "train-logs", timeout=120)  # the run has ended, so following stops at once
     assert logs.returncode == 0 and "adapter in outputs/tiny/adapter" in logs.stdout + logs.stderr, logs.stderr[-2000:]
+
+
+@pytest.mark.docker
+def test_train_export_turns_the_tiny_run_into_a_checked_gguf_in_the_gguf_volume(stack):
+    """`make train-export` on the run the compose test above trained: the export image (the training image plus
+    llama-cpp-python and llama.cpp's converter) merges, converts to q8_0, checks the GGUF against the merged model
+    and leaves it with its Modelfile and a passed report in the models_gguf volume, as the host user. The training
+    image stays without the export tools. A run that does not exist is refused with the runs there are."""
+    p = _make(stack, "train-export", "RUN=tiny", "QUANT=q8_0", timeout=2400)
+    out = p.stdout + p.stderr
+    assert p.returncode == 0, out[-4000:]
+    assert "ollama create tiny -f /app/models/gguf/tiny-q8_0/Modelfile" in out
+    listing = _in_volume(stack, "models_gguf", "find /v -type f -printf '%U %p\\n'")
+    files = dict(line.split(" ", 1)[::-1] for line in listing.splitlines())
+    assert {"/v/tiny-q8_0/tiny-q8_0.gguf", "/v/tiny-q8_0/Modelfile", "/v/tiny-q8_0/export_report.json"} <= set(files)
+    assert set(files.values()) == {stack["APP_UID_EXPECTED"]}, listing
+    assert not [f for f in files if "/.tmp-" in f], listing
+    report = json.loads(_in_volume(stack, "models_gguf", "cat /v/tiny-q8_0/export_report.json"))
+    assert report["passed"] and report["quant"] == "q8_0", report
+    assert all(check["passed"] for check in report["checks"].values()), report["checks"]
+    assert report["checks"]["logits_vs_merged"]["top1_agreement"] >= 0.9
+    assert "FROM ./tiny-q8_0.gguf" in _in_volume(stack, "models_gguf", "cat /v/tiny-q8_0/Modelfile")
+
+    lean = _docker("run", "--rm", stack["IMAGE"], "python", "-c", "import llama_cpp")
+    assert lean.returncode != 0 and "No module named 'llama_cpp'" in lean.stderr
+
+    p = _make(stack, "train-export", "RUN=nope", timeout=600)
+    out = p.stdout + p.stderr
+    assert p.returncode != 0
+    assert "run 'nope': /app/outputs/nope does not exist" in out and "runs with an adapter in /app/outputs: tiny" in out
+    assert "Traceback" not in out
 
 
 @pytest.mark.docker

@@ -76,6 +76,14 @@ def init_process_group(cpu: bool, timeout_s: int = 1800) -> None:
     PartialState(cpu=cpu, timeout=timedelta(seconds=timeout_s))
 
 
+def shutdown() -> None:
+    """Leave the process group at the end of a run (NCCL warns about leaked resources otherwise)."""
+    if initialised():
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
+
+
 def barrier() -> None:
     if initialised():
         import torch.distributed as dist

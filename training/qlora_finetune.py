@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     run_name = args.run_name or (Path(args.output_dir).name if args.output_dir else args.model_config)
     run_dir = Path(args.output_dir or Path("outputs") / run_name)
     logs_dir = Path(args.logs_dir) / run_name
-    from training.distributed import is_main, rank
+    from training.distributed import is_main, rank, shutdown
     from training.metrics import log_event, setup_logging
 
     # Several processes (GPUS=N): rank 0 writes train.log; the others print only their warnings and errors.
@@ -87,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         log.exception("training failed")
         return 1
+    finally:
+        shutdown()
 
 
 def train(cfg: QLoRAConfig, preset: str, run_name: str, run_dir: Path, metrics_path: Path, resume: str) -> int:
