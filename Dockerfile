@@ -132,7 +132,9 @@ RUN --mount=type=cache,target=/root/.cache/pip \
     --mount=type=secret,id=ca,required=false \
     --mount=type=bind,source=wheelhouse,target=/wheelhouse \
     if [ -s /run/secrets/ca ]; then export PIP_CERT=/run/secrets/ca; fi; \
-    pip download --no-deps --no-binary :all: --find-links /wheelhouse -d /sdist "llama-cpp-python==${LLAMA_CPP_PYTHON_VERSION}" \
+    sdist=llama_cpp_python-${LLAMA_CPP_PYTHON_VERSION}.tar.gz; mkdir -p /sdist; \
+    if [ -f "/wheelhouse/$sdist" ]; then cp "/wheelhouse/$sdist" /sdist/; \
+    else pip download --no-deps --no-binary llama-cpp-python -d /sdist "llama-cpp-python==${LLAMA_CPP_PYTHON_VERSION}"; fi \
  && CMAKE_ARGS="-DGGML_NATIVE=OFF" pip wheel --find-links /wheelhouse --find-links /sdist -w /export-wheels \
       "llama-cpp-python==${LLAMA_CPP_PYTHON_VERSION}" "requests>=2.31,<3"
 # After the compile, so that code edits do not redo it: the converter, checked against the published sha256.

@@ -69,6 +69,14 @@ define compose_train
 	$(DOCKER) logs -f $(TRAINING_CONTAINER); exit $$($(DOCKER) inspect -f '{{.State.ExitCode}}' $(TRAINING_CONTAINER))
 endef
 
+# `docker compose run` of service $(2) (profile $(1)) with command $(3), exiting with the command's own status:
+# some Compose versions (seen: v2.40.3 on engine 20.10) return 0 from `run` whatever the container's exit code.
+define compose_run
+	name=$(CONTAINER_PREFIX)-$(2)-run-$$$$; trap '$(DOCKER) rm -f '"$$name"' >/dev/null 2>&1' EXIT; \
+	  $(COMPOSE) --profile $(1) run --name "$$name" --no-deps -T $(2) $(3); \
+	  exit "$$($(DOCKER) inspect -f '{{.State.ExitCode}}' "$$name" 2>/dev/null || echo 1)"
+endef
+
 .PHONY: build train-gemma-2b train-gemma-9b train-custom train-tiny train-dev train-monitor train-status train-logs \
         train-stop train-clean doctor
 
@@ -135,17 +143,17 @@ doctor: ## check the host for the Docker stack (driver, GPU runtime, Compose v2,
 .PHONY: train-export
 train-export: ## merge + GGUF + Ollama Modelfile in a container, checked (RUN=name FORMAT=gguf|merged QUANT=q8_0|...)
 	$(COMPOSE) --profile export build qlora-export
-	$(MODEL_MOUNT) $(COMPOSE) --profile export run --rm --no-deps -T qlora-export python -m training.export \
-	  $(if $(RUN),--run $(RUN)) --format $(or $(FORMAT),gguf) --quant $(or $(QUANT),q8_0) \
-	  --output-dir /app/outputs --gguf-dir /app/models/gguf $(if $(MODEL_PATH),--base $(MODEL_IN_CONTAINER)) $(ARGS)
+	$(if $(MODEL_MOUNT),export $(MODEL_MOUNT);) $(call compose_run,export,qlora-export,python -m training.export $(if $(RUN),--run $(RUN)) \
+	  --format $(or $(FORMAT),gguf) --quant $(or $(QUANT),q8_0) --output-dir /app/outputs --gguf-dir /app/models/gguf \
+	  $(if $(MODEL_PATH),--base $(MODEL_IN_CONTAINER)) $(ARGS))
 
 .PHONY: backup-now backup-verify restore
 backup-now: ## copy new complete checkpoints to the backup volume now (verified; waits for a running backup)
-	$(COMPOSE) --profile training run --rm --no-deps -T training-backup python -m training.backup run --source /app/outputs --dest /app/backup --once
+	$(call compose_run,training,training-backup,python -m training.backup run --source /app/outputs --dest /app/backup --once)
 
 backup-verify: ## re-hash every backed-up file; lists each damaged one (non-zero exit if any)
-	$(COMPOSE) --profile training run --rm --no-deps -T training-backup python -m training.backup verify --dest /app/backup
+	$(call compose_run,training,training-backup,python -m training.backup verify --dest /app/backup)
 
 restore: ## put a run's newest intact backup (or CHECKPOINT=checkpoint-N) back: make restore RUN=name
 	@test -n "$(RUN)" || { echo "usage: make restore RUN=<run> [CHECKPOINT=checkpoint-N]" >&2; exit 2; }
-	$(COMPOSE) --profile training run --rm --no-deps -T training-backup python -m training.backup restore --dest /app/backup --to /app/outputs $(RUN) $(CHECKPOINT)
+	$(call compose_run,training,training-backup,python -m training.backup restore --dest /app/backup --to /app/outputs $(RUN) $(CHECKPOINT))

@@ -30,7 +30,7 @@ IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 DOCKER = os.environ.get("DOCKER", "docker")
 TEST_IMAGE = os.environ.get("DOCKER_TEST_IMAGE", "qlora-training:test")
 VERBS = ["build", "train-gemma-2b", "train-gemma-9b", "train-tiny", "train-dev", "train-monitor", "train-status",
-         "train-logs", "train-stop", "train-clean", "doctor"]
+         "train-logs", "train-stop", "train-clean", "train-export", "doctor"]
 
 
 def _engine_problem() -> str | None:
@@ -161,6 +161,7 @@ def stack(tmp_path_factory):
     env = {
         **os.environ,
         "COMPOSE_PROJECT_NAME": prefix, "CONTAINER_PREFIX": prefix, "VOLUME_PREFIX": prefix, "IMAGE": TEST_IMAGE,
+        "EXPORT_IMAGE": TEST_IMAGE.replace("qlora-training", "qlora-training-export", 1),
         "JUPYTER_PORT": str(_free_port()), "TENSORBOARD_PORT": str(_free_port()), "WANDB_PORT": str(_free_port()),
         "JUPYTER_TOKEN_FILE": str(tmp / "jupyter_token"), "GPU": os.environ.get("DOCKER_TEST_GPU", "0"),
         "BACKUP_INTERVAL": "5",  # the backup sidecar copies the tiny run's checkpoints during the test
@@ -182,7 +183,8 @@ def stack(tmp_path_factory):
     for suffix in ("models_cache", "models_gguf", "checkpoints", "logs", "backup", "wandb"):
         _docker("volume", "rm", "-f", f"{prefix}_{suffix}")
     # Each rebuild after a code change leaves the previous test image untagged: drop those (layers stay cached).
-    _docker("image", "prune", "-f", "--filter", "label=org.opencontainers.image.title=qlora-training")
+    for title in ("qlora-training", "qlora-training-export"):
+        _docker("image", "prune", "-f", "--filter", f"label=org.opencontainers.image.title={title}")
 
 
 @pytest.mark.docker
@@ -306,6 +308,23 @@ def test_sidecars_start_and_stay_up_on_a_cpu_only_host(stack):
     gpu_log = _in_volume(stack, "logs", "cat /v/gpu_metrics.jsonl")
     events = [json.loads(line) for line in gpu_log.splitlines() if line.strip()]
     assert any(e.get("event") in ("no_nvml", "no_gpu") for e in events), events[:3]
+
+
+@pytest.mark.docker
+def test_backup_verify_exit_status_says_whether_a_copy_is_damaged(stack):
+    """`make backup-verify` exits 0 on intact copies and non-zero once one byte changed: the exit status is the
+    command's own, not `docker compose run`'s (which returned 0 on some Compose versions whatever happened)."""
+    p = _make(stack, "backup-verify", timeout=300)
+    assert p.returncode == 0 and ": 0 damaged" in p.stdout + p.stderr, (p.stdout + p.stderr)[-3000:]
+    copy = _in_volume(stack, "backup", "ls -d /v/tiny/checkpoint-*/trainer_state.json | head -1").strip()
+    assert copy, "the sidecar test above leaves a backed-up checkpoint"
+    _in_volume(stack, "backup", f"chmod u+w {copy} && printf ' ' >> {copy}")
+    try:
+        p = _make(stack, "backup-verify", timeout=300)
+        assert p.returncode != 0 and ": 1 damaged" in p.stdout + p.stderr, (p.stdout + p.stderr)[-3000:]
+    finally:
+        _in_volume(stack, "backup", f"truncate -s -1 {copy}")
+    assert _make(stack, "backup-verify", timeout=300).returncode == 0
 
 
 @pytest.mark.docker

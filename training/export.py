@@ -310,13 +310,15 @@ def fetch_converter(folder: Path, sdist: Path | None = None) -> Path:
         return folder
     ver = llama_cpp_version() or LLAMA_CPP_PYTHON_VERSION
     if sdist is not None and not (sdist.is_file() and tarfile.is_tarfile(sdist)):
-        raise ExportError(f"--converter-sdist {sdist}: not a readable .tar.gz.\n-> pip download --no-binary :all: "
-                          f"--no-deps llama-cpp-python=={ver} -d DIR, then pass DIR/llama_cpp_python-{ver}.tar.gz")
+        raise ExportError(f"--converter-sdist {sdist}: not a readable .tar.gz.\n-> pip download --no-binary "
+                          f"llama-cpp-python --no-deps llama-cpp-python=={ver} -d DIR, then pass "
+                          f"DIR/llama_cpp_python-{ver}.tar.gz")
     with tempfile.TemporaryDirectory(prefix="llama-sdist-") as td:
         if sdist is None:
             log.info("fetching llama-cpp-python %s source (~75 MB, once) for llama.cpp's converter", ver)
-            proc = subprocess.run([sys.executable, "-m", "pip", "download", "--no-binary", ":all:", "--no-deps",
-                                   "--quiet", f"llama-cpp-python=={ver}", "-d", td], capture_output=True, text=True)
+            proc = subprocess.run([sys.executable, "-m", "pip", "download", "--no-binary", "llama-cpp-python",
+                                   "--no-deps", "--quiet", f"llama-cpp-python=={ver}", "-d", td],
+                                  capture_output=True, text=True)
             found = list(Path(td).glob("llama_cpp_python-*.tar.gz"))
             if proc.returncode != 0 or not found:
                 raise ExportError(
