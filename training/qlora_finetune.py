@@ -201,11 +201,11 @@ def train(cfg: QLoRAConfig, preset: str, run_name: str, run_dir: Path, metrics_p
 
     log_event(metrics_path, run_name, 0, "start", preset=preset, device=device.describe(), max_steps=cfg.max_steps,
               processes=processes, global_batch=batch.sequences)
-    if resume_from is not None and checkpoint_step(resume_from) >= cfg.max_steps:
+    resume_step = checkpoint_step(resume_from) if resume_from is not None else None
+    if resume_step is not None and resume_step >= cfg.max_steps:
         # Stopped after its last checkpoint but before the final save: nothing left to train, only to save.
         log.info("%s is at step %d, max_steps is %d: saving its adapter without training (a larger --max-steps "
-                 "trains on; --resume never starts over)", resume_from.name, checkpoint_step(resume_from),
-                 cfg.max_steps)
+                 "trains on; --resume never starts over)", resume_from.name, resume_step, cfg.max_steps)
         load_finished_checkpoint(trainer, resume_from)
         log_event(metrics_path, run_name, trainer.state.global_step, "resumed", path=str(resume_from),
                   changes=resume_changes)
