@@ -57,7 +57,7 @@ class QLoRAConfig:
     optim: str = "adamw_8bit"  # bitsandbytes 8-bit AdamW: optimizer state in 8 bits
     gradient_checkpointing: bool = True  # recompute activations in backward: much less memory, ~30% slower
     bf16: str = "auto"  # auto: bf16 on cards that have it (Ampere+), else fp16; fp32 on the CPU
-    packing: bool = False  # concatenate short samples into full sequences (faster on variable-length data)
+    packing: bool = False  # pack short samples into full rows, padding-free; exact (per-sample masks); more tokens/step
     seed: int = 42  # same seed, same data order and initialisation
     # --- logging and checkpoints ---
     logging_steps: int = 10  # metrics every N optimizer steps
