@@ -80,9 +80,10 @@ RUN --mount=type=cache,target=/root/.cache/pip \
 # ---------------------------------------------------------------------------------------------- runtime
 FROM ${BASE_IMAGE} AS runtime
 ARG DEBIAN_FRONTEND=noninteractive
-# Only the interpreter and CA roots: no compilers, no pip cache, no apt lists.
+# Only the interpreter, CA roots and libgomp (1.4 MB; llama.cpp in the export image needs it, and installing it
+# here keeps apt out of the export stage, which is rebuilt after each code edit): no compilers, no pip cache.
 RUN apt-get update \
- && apt-get install -y --no-install-recommends python3 ca-certificates \
+ && apt-get install -y --no-install-recommends python3 ca-certificates libgomp1 \
  && apt-get clean && rm -rf /var/lib/apt/lists/* /var/cache/apt/*
 
 # Non-root user; UID/GID default to the host user's via `make build`, so files written to bind mounts are theirs.
@@ -145,12 +146,8 @@ RUN cd /src && python -m training.export --fetch-converter --converter-dir /opt/
 # ---------------------------------------------------------------------------------------------- export
 # The training runtime plus what export needs; the training image itself stays without them.
 FROM runtime AS export
-ARG DEBIAN_FRONTEND=noninteractive
 ARG LLAMA_CPP_PYTHON_VERSION=0.3.36
 USER root
-RUN apt-get update \
- && apt-get install -y --no-install-recommends libgomp1 \
- && apt-get clean && rm -rf /var/lib/apt/lists/* /var/cache/apt/*
 # --no-index: only the wheels built above; requirements the venv already satisfies (numpy, jinja2) are kept.
 RUN --mount=type=bind,from=export-builder,source=/export-wheels,target=/tmp/export-wheels \
     /opt/venv/bin/pip install --no-index --no-cache-dir --find-links /tmp/export-wheels \

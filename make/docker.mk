@@ -71,10 +71,12 @@ endef
 
 # `docker compose run` of service $(2) (profile $(1)) with command $(3), exiting with the command's own status:
 # some Compose versions (seen: v2.40.3 on engine 20.10) return 0 from `run` whatever the container's exit code.
+# A container that never ran (no exit code) keeps Compose's status, or 1 if Compose said 0.
 define compose_run
 	name=$(CONTAINER_PREFIX)-$(2)-run-$$$$; trap '$(DOCKER) rm -f '"$$name"' >/dev/null 2>&1' EXIT; \
-	  $(COMPOSE) --profile $(1) run --name "$$name" --no-deps -T $(2) $(3); \
-	  exit "$$($(DOCKER) inspect -f '{{.State.ExitCode}}' "$$name" 2>/dev/null || echo 1)"
+	  $(COMPOSE) --profile $(1) run --name "$$name" --no-deps -T $(2) $(3); rc=$$?; \
+	  code="$$($(DOCKER) inspect -f '{{if eq .State.Status "exited"}}{{.State.ExitCode}}{{end}}' "$$name" 2>/dev/null)"; \
+	  exit "$${code:-$$(( rc ? rc : 1 ))}"
 endef
 
 .PHONY: build train-gemma-2b train-gemma-9b train-custom train-tiny train-dev train-monitor train-status train-logs \

@@ -401,3 +401,17 @@ def test_hub_base_matches_its_cache_snapshot(tmp_path):
     snap.mkdir(parents=True)
     assert _same_base("google/gemma-2-2b", snap)
     assert not _same_base("google/gemma-2-9b", snap)
+
+
+def test_llama_cpp_python_pin_is_one_version_everywhere():
+    """pyproject's export extra, the Dockerfile's export stages and the converter's sha256 table name one release:
+    a bump in one place alone would build a wheel and a converter from different llama.cpp versions."""
+    import re
+
+    from training import export
+
+    pins = set(re.findall(r"llama-cpp-python==([0-9.]+)", (REPO / "pyproject.toml").read_text()))
+    args = set(re.findall(r"ARG LLAMA_CPP_PYTHON_VERSION=([0-9.]+)", (REPO / "Dockerfile").read_text()))
+    assert len(re.findall(r"ARG LLAMA_CPP_PYTHON_VERSION=", (REPO / "Dockerfile").read_text())) == 2  # both stages
+    assert pins == args == {export.LLAMA_CPP_PYTHON_VERSION}, (pins, args, export.LLAMA_CPP_PYTHON_VERSION)
+    assert export.LLAMA_CPP_PYTHON_VERSION in export.SDIST_SHA256

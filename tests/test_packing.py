@@ -58,3 +58,29 @@ def test_recipe_with_packing_fills_its_rows_and_trains(tmp_path):
     per_step = summary["tokens_seen"] / summary["steps"]
     assert 0.8 * row_tokens <= per_step <= row_tokens, (per_step, row_tokens)
     assert (tmp_path / "out" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_trl_packed_batches_carry_restarting_positions_and_no_attention_mask(tiny_model_dir, tmp_path):
+    """What the first test relies on, from the trainer the recipe builds (`packing=True` with TRL's default BFD
+    strategy, on this project's tokenized datasets): rows hold several samples, positions restart at 0 in each, and
+    there is no attention mask (with one, transformers would not look for packed samples)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    from training.data import build_datasets
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_model_dir))
+    train_ds, _, _ = build_datasets(str(REPO / "datasets" / "sample"), tokenizer, 256, 0.0, 0, True)
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), attn_implementation="eager")
+    args = SFTConfig(output_dir=str(tmp_path), packing=True, max_length=256, per_device_train_batch_size=2,
+                     use_cpu=True, report_to=[], dataloader_num_workers=0)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, processing_class=tokenizer)
+    batch = next(iter(trainer.get_train_dataloader()))
+    assert "attention_mask" not in batch, sorted(batch)
+    positions = batch["position_ids"][0]
+    starts = (positions == 0).nonzero().flatten().tolist()
+    assert len(starts) > 2, "a packed row should hold several samples"
+    ends = starts[1:] + [len(positions)]
+    for start, end in zip(starts, ends):
+        assert positions[start:end].tolist() == list(range(end - start))
+    assert (batch["labels"][0][starts] == -100).all()  # no sample is trained to predict from another's last token

@@ -253,6 +253,14 @@ def test_killed_after_the_last_checkpoint_saves_without_training_further(tmp_pat
     assert run.events("resumed")[-1]["path"] == str(run.out / "checkpoint-4")
     assert len(run.events("finished")) == 2
 
+    # The same command once more (`make train-tiny` twice): the run is finished, nothing is trained or rewritten.
+    before = (run.out / "run_summary.json").read_bytes()
+    rc, log = run.run(4, resume="auto")
+    assert rc == 0, log[-4000:]
+    assert "run late already finished at step 4" in log
+    assert (run.out / "run_summary.json").read_bytes() == before
+    assert len(run.events("finished")) == 2 and len(run.events("start")) == 2
+
 
 def test_damaged_checkpoints_incompatible_resume_and_restore(tmp_path):
     """Truncated weights / missing trainer state: `--resume PATH` fails naming it, `--resume auto` skips them with

@@ -421,6 +421,14 @@ def keep_adapter_dtype_on_resume(model: Any) -> bool:
     return True
 
 
+def checkpoint_global_step(ckpt: str | os.PathLike) -> int | None:
+    """The optimizer step a checkpoint holds (its trainer_state.json), whatever its folder is called."""
+    try:
+        return int(json.loads((Path(ckpt) / "trainer_state.json").read_text(encoding="utf-8"))["global_step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def load_finished_checkpoint(trainer: Any, ckpt: str | os.PathLike) -> None:
     """Put a checkpoint that already reached max_steps into `trainer` (adapter weights and TrainerState) without
     training: the run was stopped between its last save and the final adapter. HF's resume would train one step
@@ -428,10 +436,6 @@ def load_finished_checkpoint(trainer: Any, ckpt: str | os.PathLike) -> None:
     from transformers import TrainerState
 
     ckpt = Path(ckpt)
-    if not (ckpt / "adapter_model.safetensors").is_file():
-        raise CheckpointError(f"{ckpt} already reached max_steps but holds no full adapter (FSDP writes shards): "
-                              f"gather it with `accelerate merge-weights {ckpt}/pytorch_model_fsdp_0 OUT`, or "
-                              f"train further with a larger --max-steps")
     model = trainer.model
     model.load_adapter(str(ckpt), model.active_adapter, is_trainable=True, autocast_adapter_dtype=False)
     trainer.state = TrainerState.load_from_json(str(ckpt / "trainer_state.json"))

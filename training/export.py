@@ -331,7 +331,7 @@ def fetch_converter(folder: Path, sdist: Path | None = None) -> Path:
         if ver in SDIST_SHA256 and digest != SDIST_SHA256[ver]:
             raise ExportError(f"{sdist}: sha256 {digest} is not the published llama-cpp-python {ver} source package "
                               f"({SDIST_SHA256[ver]}).\n-> download it again from PyPI (pip download --no-binary "
-                              f":all: --no-deps llama-cpp-python=={ver})")
+                              f"llama-cpp-python --no-deps llama-cpp-python=={ver})")
         tmp = folder.with_name(f".{folder.name}.tmp{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)

@@ -60,6 +60,8 @@ class MetricsCallback(TrainerCallback):
         return int(getattr(state, "num_input_tokens_seen", 0) or 0)
 
     def mean_tokens_per_s(self, state) -> float | None:
+        if not self.start_time:  # training never started in this process (a finished checkpoint was only saved)
+            return None
         elapsed = time.time() - self.start_time
         tokens = self._tokens(state) - self.tokens_start
         return tokens / elapsed if elapsed > 0 and tokens > 0 else None

@@ -70,7 +70,9 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(logs_dir / "train.log" if is_main() else None, rank=rank())
     metrics_path = logs_dir / "metrics.jsonl"
     try:
-        return train(cfg, args.model_config, run_name, run_dir, metrics_path, args.resume)
+        status = train(cfg, args.model_config, run_name, run_dir, metrics_path, args.resume)
+        shutdown()  # not on errors: a failing rank would wait in NCCL teardown for ranks blocked in a collective
+        return status
     except Exception as exc:
         from training.backends import BackendError
         from training.checkpoints import CheckpointError
@@ -87,8 +89,6 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         log.exception("training failed")
         return 1
-    finally:
-        shutdown()
 
 
 def train(cfg: QLoRAConfig, preset: str, run_name: str, run_dir: Path, metrics_path: Path, resume: str) -> int:
@@ -126,11 +126,16 @@ def train(cfg: QLoRAConfig, preset: str, run_name: str, run_dir: Path, metrics_p
                                   gradient_accumulation_steps=batch.accumulation)
 
     # ---------------------------------------------------------------------------------------------- resume
-    from training.checkpoints import (CheckpointCallback, check_resume_compatible, checkpoint_step,
+    from training.checkpoints import (CheckpointCallback, check_resume_compatible, checkpoint_global_step,
                                       load_finished_checkpoint, resolve_resume)
 
     resume_from = resolve_resume(resume, run_dir, log=log.warning)  # a bad PATH is an error, never a fresh start
     resume_changes = check_resume_compatible(resume_from, to_dict(cfg), log=log.warning) if resume_from else []
+    resume_step = checkpoint_global_step(resume_from) if resume_from is not None else None
+    if resume_step is not None and resume_step >= cfg.max_steps and finished_at(run_dir, resume_step):
+        log.info("run %s already finished at step %d (adapter in %s): nothing to train; a larger --max-steps "
+                 "trains on, --resume never starts over", run_name, resume_step, run_dir / "adapter")
+        return 0
 
     # ------------------------------------------------------------------------------------------------ data
     tokenizer = load_tokenizer(model_path)
@@ -201,9 +206,9 @@ def train(cfg: QLoRAConfig, preset: str, run_name: str, run_dir: Path, metrics_p
 
     log_event(metrics_path, run_name, 0, "start", preset=preset, device=device.describe(), max_steps=cfg.max_steps,
               processes=processes, global_batch=batch.sequences)
-    resume_step = checkpoint_step(resume_from) if resume_from is not None else None
-    if resume_step is not None and resume_step >= cfg.max_steps:
-        # Stopped after its last checkpoint but before the final save: nothing left to train, only to save.
+    if resume_step is not None and resume_step >= cfg.max_steps and not distributed.fsdp_enabled():
+        # Stopped after its last checkpoint but before the final save: nothing left to train, only to save. (FSDP
+        # checkpoints hold shards, not the adapter: there HF's resume trains one step past max_steps instead.)
         log.info("%s is at step %d, max_steps is %d: saving its adapter without training (a larger --max-steps "
                  "trains on; --resume never starts over)", resume_from.name, resume_step, cfg.max_steps)
         load_finished_checkpoint(trainer, resume_from)
@@ -245,7 +250,7 @@ def train(cfg: QLoRAConfig, preset: str, run_name: str, run_dir: Path, metrics_p
         "train_loss_last": losses[-1] if losses else None,
         "eval_loss_last": eval_losses[-1] if eval_losses else None,
         "train_loss_mean": train_loss_mean,
-        "tokens_per_s": round(metrics_cb.mean_tokens_per_s(state) or 0.0, 1),
+        "tokens_per_s": round(tps, 1) if (tps := metrics_cb.mean_tokens_per_s(state)) is not None else None,
         "tokens_seen": int(getattr(state, "num_input_tokens_seen", 0) or 0),
         "duration_s": round(time.time() - t0, 1),
         "device": device.describe(),
@@ -267,6 +272,18 @@ def train(cfg: QLoRAConfig, preset: str, run_name: str, run_dir: Path, metrics_p
              run_summary["train_loss_first"] or float("nan"), run_summary["train_loss_last"] or float("nan"),
              adapter_dir)
     return 0
+
+
+def finished_at(run_dir: Path, step: int) -> bool:
+    """Whether the run already ended normally at `step`: its summary says so and its adapter is there."""
+    import json
+
+    try:
+        summary = json.loads((run_dir / "run_summary.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return (summary.get("status") == "finished" and summary.get("steps") == step
+            and (run_dir / "adapter" / "adapter_config.json").is_file())
 
 
 def write_run_report(logs_dir: Path, run_name: str, run_dir: Path) -> None:
