@@ -57,6 +57,13 @@ class Report:
         for line in fix.strip().splitlines():
             print(f"      fix: {line}")
 
+    def verdict(self, name: str, problems: list[str], fix: str, ok_detail: str) -> None:
+        """FAIL with every distinct problem (sorted) and the fix, or PASS with `ok_detail` when there is none."""
+        if problems:
+            self.fail(name, "; ".join(sorted(set(problems))), fix)
+        else:
+            self.ok(name, ok_detail)
+
 
 def run(cmd: list[str], env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
     """Run a command, never raising: a missing binary or a timeout comes back as returncode 127 / 124."""
@@ -225,12 +232,10 @@ def check_secrets(r: Report, configs: list[dict], files: list[Path]) -> None:
                 continue
             if LITERAL_SECRET_RE.search(line) or "agent-dev-2024" in line:
                 problems.append(f"{path.name}:{lineno}: looks like a literal credential")
-    if problems:
-        r.fail(name, "; ".join(sorted(set(problems))),
-               "pass secrets from the environment only: `HF_TOKEN:` (no value) under environment: passes it\n"
-               "through; the Jupyter token comes from JUPYTER_TOKEN (make train-dev generates one)")
-        return
-    r.ok(name, "HF_TOKEN / JUPYTER_TOKEN / WANDB_API_KEY only passed through from the environment")
+    r.verdict(name, problems,
+              "pass secrets from the environment only: `HF_TOKEN:` (no value) under environment: passes it\n"
+              "through; the Jupyter token comes from JUPYTER_TOKEN (make train-dev generates one)",
+              "HF_TOKEN / JUPYTER_TOKEN / WANDB_API_KEY only passed through from the environment")
 
 
 def dockerfile_stage_users(dockerfile: Path) -> dict[str, tuple[str | None, int | None]]:
@@ -280,13 +285,11 @@ def check_non_root(r: Report, configs: list[dict], dockerfile: Path) -> None:
             for vol in spec.get("volumes", []) or []:
                 if isinstance(vol, dict) and str(vol.get("source", "")).endswith("docker.sock"):
                     problems.append(f"service {svc}: mounts the Docker socket (root on the host)")
-    if problems:
-        r.fail(name, "; ".join(sorted(set(problems))),
-               "end each image stage with `USER app` (a user made from the APP_UID/APP_GID build args);\n"
-               "remove user: root / privileged: true / docker.sock mounts from the compose file")
-        return
-    shown = ", ".join(f"{t or 'default'}: `{users[t][0]}`" for t in sorted(targets))
-    r.ok(name, f"image users ({shown}); no privileged service, no Docker socket")
+    shown = ", ".join(f"{t or 'default'}: `{users.get(t, (None,))[0]}`" for t in sorted(targets))
+    r.verdict(name, problems,
+              "end each image stage with `USER app` (a user made from the APP_UID/APP_GID build args);\n"
+              "remove user: root / privileged: true / docker.sock mounts from the compose file",
+              f"image users ({shown}); no privileged service, no Docker socket")
 
 
 # ------------------------------------------------------------------------------------------------- host
