@@ -421,14 +421,6 @@ def keep_adapter_dtype_on_resume(model: Any) -> bool:
     return True
 
 
-def checkpoint_global_step(ckpt: str | os.PathLike) -> int | None:
-    """The optimizer step a checkpoint holds (its trainer_state.json), whatever its folder is called."""
-    try:
-        return int(json.loads((Path(ckpt) / "trainer_state.json").read_text(encoding="utf-8"))["global_step"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-
-
 def load_finished_checkpoint(trainer: Any, ckpt: str | os.PathLike) -> None:
     """Put a checkpoint that already reached max_steps into `trainer` (adapter weights and TrainerState) without
     training: the run was stopped between its last save and the final adapter. HF's resume would train one step

@@ -126,12 +126,13 @@ def train(cfg: QLoRAConfig, preset: str, run_name: str, run_dir: Path, metrics_p
                                   gradient_accumulation_steps=batch.accumulation)
 
     # ---------------------------------------------------------------------------------------------- resume
-    from training.checkpoints import (CheckpointCallback, check_resume_compatible, checkpoint_global_step,
-                                      load_finished_checkpoint, resolve_resume)
+    from training.checkpoints import (CheckpointCallback, check_resume_compatible, load_finished_checkpoint,
+                                      read_manifest, resolve_resume)
 
     resume_from = resolve_resume(resume, run_dir, log=log.warning)  # a bad PATH is an error, never a fresh start
     resume_changes = check_resume_compatible(resume_from, to_dict(cfg), log=log.warning) if resume_from else []
-    resume_step = checkpoint_global_step(resume_from) if resume_from is not None else None
+    # The step its COMPLETE manifest records (every checkpoint resume picks has one), whatever the folder is called
+    resume_step = (read_manifest(resume_from) or {}).get("step") if resume_from is not None else None
     if resume_step is not None and resume_step >= cfg.max_steps and finished_at(run_dir, resume_step):
         log.info("run %s already finished at step %d (adapter in %s): nothing to train; a larger --max-steps "
                  "trains on, --resume never starts over", run_name, resume_step, run_dir / "adapter")
