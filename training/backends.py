@@ -3,17 +3,24 @@
 - `unsloth` (optional extra `fast`): unsloth's fused QLoRA kernels. Chosen by `backend: auto` on CUDA only after
   a one-step self-check passes in a subprocess (so a broken install cannot take the trainer down, and a failed
   check leaves this process unpatched). UNSLOTH_COMPILE_DISABLE=1 is set: its torch.compile path broke on torch 2.11.
-- `hf`: transformers + peft + bitsandbytes, with Liger kernels on CUDA when installed (fused linear
-  cross-entropy that never materialises the 256k-vocab logits, RMSNorm, GeGLU, RoPE).
-Both keep Gemma-2's attention logit soft-capping: `hf` through eager attention (sdpa would drop it), unsloth
-through its own soft-capped attention.
+- `hf` (what `auto` picks): transformers + peft + bitsandbytes, with Liger kernels on CUDA when installed (fused
+  linear cross-entropy with the final soft-cap, never materialising the 256k-vocab logits; RMSNorm, GeGLU, RoPE),
+  flex attention (`attn_implementation: auto`, after its own self-check), the fused LoRA function
+  (training/fast_lora.py) and bf16 norms/embeddings. Measured as fast as unsloth on the H200
+  (docs/benchmarks.md), Apache-2.0 only, and exact for packed rows.
+- `unsloth` (optional extra `fast`, only when asked for: `--set backend=unsloth`): unsloth's fused QLoRA kernels,
+  after a one-step self-check in a subprocess (so a broken install cannot take the trainer down).
+  UNSLOTH_COMPILE_DISABLE=1 is set: its torch.compile path broke on torch 2.11. It cannot pack Gemma-2 rows exactly.
+All keep Gemma-2's attention logit soft-capping: eager and flex attention apply it (sdpa would drop it), unsloth
+has its own soft-capped attention.
 
-    python -m training.backends self-check [--backend unsloth]     # what `auto` runs before choosing unsloth
+    python -m training.backends self-check [--backend unsloth|flex]   # what the choices run before using them
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import json
 import logging
@@ -52,32 +59,25 @@ def _installed(module: str) -> bool:
 
 def choose_backend(requested: str, device_kind: str, model_type: str | None = None,
                    self_check=None) -> BackendChoice:
-    """Decide the backend before anything imports transformers' model code (unsloth patches it on import)."""
+    """Decide the backend before anything imports transformers' model code (unsloth patches it on import).
+    `liger` here means "installed": `apply_backend` says whether the patch really took."""
     liger = device_kind == "cuda" and _installed("liger_kernel")
-    hf = BackendChoice("hf", liger, "")
     if requested == "hf":
         return BackendChoice("hf", liger, "backend=hf asked for")
+    if requested == "auto":
+        return BackendChoice("hf", liger, "the project's path: transformers + peft" + (" + Liger" if liger else "")
+                             + (", flex attention, fused LoRA" if device_kind == "cuda" else ""))
     if device_kind != "cuda":
-        if requested == "unsloth":
-            raise BackendError("backend=unsloth needs a CUDA GPU; use --set backend=auto (or hf) on the CPU")
-        return BackendChoice("hf", False, "CPU: the accelerated backend needs CUDA")
+        raise BackendError("backend=unsloth needs a CUDA GPU; use --set backend=auto (or hf) on the CPU")
     if model_type not in (None, "gemma2", "gemma", "llama", "mistral", "qwen2", "qwen3"):
-        why = f"unsloth is not used for model type '{model_type}'"
-        if requested == "unsloth":
-            raise BackendError(why)
-        return BackendChoice("hf", liger, why)
+        raise BackendError(f"unsloth is not used for model type '{model_type}': use --set backend=auto")
     if not _installed("unsloth"):
-        why = "unsloth is not installed (pip install '.[fast]' or the GPU image)"
-        if requested == "unsloth":
-            raise BackendError(why)
-        return BackendChoice("hf", liger, why + f"; using transformers + peft{' + Liger' if liger else ''}")
+        raise BackendError("unsloth is not installed (pip install '.[fast]', or the GPU image built with "
+                           "UNSLOTH=1): use --set backend=auto")
     ok, detail = (self_check or run_self_check)("unsloth")
     if ok:
         return BackendChoice("unsloth", False, f"unsloth passed its self-check ({detail})")
-    why = f"unsloth failed its self-check: {detail}"
-    if requested == "unsloth":
-        raise BackendError(why + ". Use --set backend=hf")
-    return BackendChoice(hf.name, liger, why + f"; using transformers + peft{' + Liger' if liger else ''}")
+    raise BackendError(f"unsloth failed its self-check: {detail}. Use --set backend=auto")
 
 
 # ------------------------------------------------------------------------------------------------ self-check
@@ -161,10 +161,13 @@ def _mini_gemma2(folder: Path) -> Path:
 
 
 def self_check_step(backend: str) -> dict:
-    """One forward/backward/optimizer step; checks a finite loss near ln(vocab) (random init) and finite, non-zero
-    LoRA gradients."""
+    """unsloth: one forward/backward step; a finite loss near ln(vocab) (random init) and finite, non-zero LoRA
+    gradients. flex: flex attention against eager attention on a small Gemma-2 with head_dim 256, soft-capping, a
+    sliding window and two packed samples: same loss and input gradients (within bf16 noise)."""
     import torch
 
+    if backend == "flex":
+        return _flex_self_check()
     with tempfile.TemporaryDirectory() as tmp:
         path = _mini_gemma2(Path(tmp) / "mini")
         if backend == "unsloth":
@@ -186,18 +189,77 @@ def self_check_step(backend: str) -> dict:
         return {"ok": ok, "detail": detail, "loss": value}
 
 
+def _flex_self_check(device: str = "cuda") -> dict:
+    """Compiles flex attention's forward and backward kernels for head_dim 256 on this card (a 24 GB card's shared
+    memory can be too small for them) and checks them against eager attention, packed rows included."""
+    import torch
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    cfg = Gemma2Config(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                       num_attention_heads=2, num_key_value_heads=1, head_dim=256, sliding_window=64,
+                       max_position_embeddings=1024, pad_token_id=0, eos_token_id=1, bos_token_id=2)
+    torch.manual_seed(0)
+    model = Gemma2ForCausalLM(cfg).to(device=device, dtype=torch.bfloat16).train()
+    ids = torch.randint(3, 512, (2, 256), generator=torch.Generator().manual_seed(0)).to(device)
+    positions = torch.cat([torch.arange(100), torch.arange(156)]).repeat(2, 1).to(device)  # two packed samples
+    results = {}
+    for impl in ("eager", "flex_attention"):
+        model.set_attn_implementation(impl)
+        embeds = model.get_input_embeddings()(ids).detach().requires_grad_(True)
+        with torch.autocast(device_type=device, dtype=torch.bfloat16):
+            loss = model(inputs_embeds=embeds, position_ids=positions, labels=ids).loss
+        loss.backward()
+        results[impl] = (float(loss.detach()), embeds.grad.float())
+    (le, ge), (lf, gf) = results["eager"], results["flex_attention"]
+    grad_err = float((ge - gf).norm() / ge.norm().clamp_min(1e-12))
+    ok = math.isfinite(lf) and abs(lf - le) <= 2e-3 * abs(le) and grad_err < 0.05
+    return {"ok": ok, "detail": f"flex loss {lf:.4f} vs eager {le:.4f}, input-gradient error {grad_err:.2e}",
+            "loss": lf}
+
+
+def resolve_attention(requested: str, device_kind: str, self_check=None) -> tuple[str, str]:
+    """`auto`: flex attention on CUDA once its self-check passed on this card (cached), else eager. Both keep
+    Gemma-2's soft-cap and are exact for packed rows; flex is faster and never materialises the S x S scores."""
+    if requested != "auto":
+        return requested, f"attn_implementation={requested} asked for"
+    if device_kind != "cuda":
+        return "eager", "CPU: eager attention (compiling flex attention for the CPU takes minutes)"
+    ok, detail = (self_check or run_self_check)("flex")
+    if ok:
+        return "flex_attention", f"flex attention passed its self-check ({detail})"
+    return "eager", f"flex attention failed its self-check ({detail}); eager attention instead (exact, slower)"
+
+
+def apply_backend(choice: BackendChoice, model_type: str) -> BackendChoice:
+    """Apply what the choice needs before the model is built (Liger patches transformers' classes) and return what
+    was really applied: the planner sizes the batch from this, not from what was hoped for."""
+    if choice.name != "hf" or not choice.liger:
+        return choice
+    if apply_liger(model_type):
+        return choice
+    return dataclasses.replace(choice, liger=False, reason=choice.reason.replace(" + Liger", "") +
+                               f" (Liger kernels not applied to '{model_type}': logits are materialised)")
+
+
 # ------------------------------------------------------------------------------------------------ loading
 
 def apply_liger(model_type: str) -> bool:
-    """Patch transformers' model code with Liger kernels; False when Liger has no kernels for this model."""
+    """Patch transformers' model code with Liger kernels; True only when the fused linear cross-entropy (what the
+    planner counts on: no materialised logits) was applied. Liger itself only logs for a model it has no kernels for."""
     try:
-        from liger_kernel.transformers.monkey_patch import _apply_liger_kernel
+        import inspect
+
+        from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
     except ImportError:
         return False
+    apply_fn = MODEL_TYPE_TO_APPLY_LIGER_FN.get(model_type)
+    if apply_fn is None or "fused_linear_cross_entropy" not in inspect.signature(apply_fn).parameters:
+        log.warning("Liger has no fused loss for model type '%s': not applied", model_type)
+        return False
+    wanted = dict(rope=True, rms_norm=True, fused_linear_cross_entropy=True, cross_entropy=False, geglu=True, swiglu=True)
     try:
-        _apply_liger_kernel(model_type, rope=True, rms_norm=True, fused_linear_cross_entropy=True,
-                            cross_entropy=False, **({"geglu": True} if model_type.startswith("gemma") else {}))
-    except Exception as exc:  # Liger raises on unknown model types or kwargs
+        apply_fn(**{k: v for k, v in wanted.items() if k in inspect.signature(apply_fn).parameters})
+    except Exception as exc:  # a Liger/transformers version mismatch: run without it, and say so
         log.warning("Liger kernels not applied to %s: %s", model_type, exc)
         return False
     return True
@@ -221,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m training.backends", description="Backend self-check.")
     sub = p.add_subparsers(dest="command", required=True)
     c = sub.add_parser("self-check", help="one training step of a backend on a small random Gemma-2")
-    c.add_argument("--backend", default="unsloth", choices=("unsloth",))
+    c.add_argument("--backend", default="unsloth", choices=("unsloth", "flex"))
     c.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     import torch

@@ -96,8 +96,9 @@ def model_type_of(model_path: str) -> str | None:
 
 
 def plan_for_device(cfg: QLoRAConfig, device: Device, backend: str) -> tuple[QLoRAConfig, str]:
-    """On CUDA, let the VRAM planner choose micro-batch and checkpointing for the card, keeping the tokens per
-    optimizer step of the preset. Returns the updated config and a log line."""
+    """On CUDA, let the VRAM planner choose micro-batch and per-layer checkpointing for the card, keeping the
+    tokens per optimizer step of the preset. `backend` is what was applied (training.backends.apply_backend), and
+    cfg.attn_implementation the attention that will run. Returns the updated config and a log line."""
     from dataclasses import replace
 
     from training.plan import PlanError, arch_for, plan
@@ -110,39 +111,41 @@ def plan_for_device(cfg: QLoRAConfig, device: Device, backend: str) -> tuple[QLo
         arch = arch_for(cfg.model_name_or_path)  # known table, else the (builtin-resolved) config.json
         p = plan(arch, sequences, cfg.max_seq_length, cfg.lora_r, gpu_mem, "unsloth" if backend == "unsloth" else "hf",
                  fused_loss=backend in ("unsloth", "hf+liger"),  # both never materialise the logits
-                 eager_attention=cfg.attn_implementation == "eager", max_micro_batch=cfg.max_micro_batch)
+                 eager_attention=cfg.attn_implementation in ("eager", "auto"), max_micro_batch=cfg.max_micro_batch,
+                 fp32_embeddings=cfg.fp32_norms_and_embeddings)
     except PlanError as exc:
         raise ResourceError(str(exc)) from None
     new = replace(cfg, per_device_train_batch_size=p.micro_batch, gradient_accumulation_steps=p.gradient_accumulation_steps,
-                  gradient_checkpointing=p.gradient_checkpointing)
-    return new, (f"planner ({gpu_mem:.0f} GiB card, {backend}): micro-batch {p.micro_batch} x accumulation "
-                 f"{p.gradient_accumulation_steps}, gradient checkpointing {'on' if p.gradient_checkpointing else 'off'}, "
+                  gradient_checkpointing=p.gradient_checkpointing, recompute_layers=p.recompute_layers)
+    ckpt = f"on for {p.recompute_layers} of {arch.num_layers} layers" if p.gradient_checkpointing else "off"
+    return new, (f"planner ({gpu_mem:.0f} GiB card, {backend}, {cfg.attn_implementation} attention): micro-batch "
+                 f"{p.micro_batch} x accumulation {p.gradient_accumulation_steps}, gradient checkpointing {ckpt}, "
                  f"predicted peak {p.predicted_peak_gib:.1f} GiB ({p.reason})")
 
 
-_LIGER_APPLIED: dict[str, bool] = {}  # model_type -> patched: Liger patches transformers' classes once per process
+UNSLOTH_IGNORES = {"target_modules": "all-linear", "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True,
+                   "fused_lora": True, "fp32_norms_and_embeddings": False}
 
 
 def load_qlora_model(cfg: QLoRAConfig, model_path: str, device: Device, backend: str = "hf"):
-    """Base weights in 4-bit NF4 (+ double quant) with LoRA on all linear layers, through the chosen backend:
-    'unsloth', 'hf+liger' (transformers + peft with Liger kernels) or 'hf'."""
+    """Base weights in 4-bit NF4 (+ double quant) with LoRA on all linear layers, through the applied backend:
+    'unsloth', 'hf+liger' (transformers + peft with Liger kernels, patched by training.backends.apply_backend)
+    or 'hf'. The Trainer is told not to checkpoint: this sets checkpointing up, per layer."""
     if backend == "unsloth":
         from training.backends import LORA_TARGETS, load_unsloth
 
+        for key, honoured in UNSLOTH_IGNORES.items():
+            if getattr(cfg, key) != honoured:
+                log.warning("backend unsloth ignores %s=%s (it uses %s)", key, getattr(cfg, key), honoured)
         model = load_unsloth(model_path, cfg.max_seq_length, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout,
                              cfg.gradient_checkpointing, cfg.seed)
         log.info("model %s: unsloth 4-bit NF4, LoRA r=%d on %s", model_path, cfg.lora_r, ", ".join(LORA_TARGETS))
         return model
-    if backend == "hf+liger":
-        from training.backends import apply_liger
-
-        model_type = model_type_of(model_path) or ""
-        if model_type not in _LIGER_APPLIED:
-            _LIGER_APPLIED[model_type] = apply_liger(model_type)
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     from training.distributed import fsdp_enabled, local_rank
+    from training.fast_lora import apply_fused_lora
 
     fsdp = fsdp_enabled()
     quant = BitsAndBytesConfig(
@@ -162,17 +165,13 @@ def load_qlora_model(cfg: QLoRAConfig, model_path: str, device: Device, backend:
             model_path,
             quantization_config=quant,
             dtype=device.compute_dtype,
-            attn_implementation=cfg.attn_implementation,
+            attn_implementation="eager" if cfg.attn_implementation == "auto" else cfg.attn_implementation,
             device_map=device_map,
         )
     except (OSError, ValueError) as exc:
         raise ModelLoadError(_load_hint(model_path, exc)) from None
     model.config.use_cache = False  # the KV cache is useless in training and conflicts with checkpointing
-    model = prepare_model_for_kbit_training(
-        model,
-        use_gradient_checkpointing=cfg.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False},
-    )
+    prepare_for_kbit_training(model, cfg.fp32_norms_and_embeddings)
     lora = LoraConfig(
         r=cfg.lora_r,
         lora_alpha=cfg.lora_alpha,
@@ -181,8 +180,40 @@ def load_qlora_model(cfg: QLoRAConfig, model_path: str, device: Device, backend:
         task_type="CAUSAL_LM",
     )
     model = get_peft_model(model, lora)
+    fused = apply_fused_lora(model) if cfg.fused_lora else 0
+    recomputed = enable_checkpointing(model, cfg.recompute_layers) if cfg.gradient_checkpointing else 0
     trainable, total = model.get_nb_trainable_parameters()
-    log.info("model %s: 4-bit %s%s, LoRA r=%d on %s: %s trainable of %s parameters (%.2f%%)", model_path,
+    log.info("model %s: 4-bit %s%s, LoRA r=%d on %s: %s trainable of %s parameters (%.2f%%); %s attention, "
+             "fused LoRA on %d layers, %s norms/embeddings, %d layers recomputed", model_path,
              cfg.bnb_4bit_quant_type, " + double quant" if cfg.bnb_4bit_use_double_quant else "", cfg.lora_r,
-             cfg.target_modules, f"{trainable:,}", f"{total:,}", 100 * trainable / max(total, 1))
+             cfg.target_modules, f"{trainable:,}", f"{total:,}", 100 * trainable / max(total, 1),
+             model.config._attn_implementation, fused, "fp32" if cfg.fp32_norms_and_embeddings else "compute-dtype",
+             recomputed)
     return model
+
+
+def prepare_for_kbit_training(model, fp32_frozen: bool) -> None:
+    """peft's prepare_model_for_kbit_training without its upcast unless asked: every base weight frozen; frozen norms
+    and embeddings stay in the compute dtype (as the model was trained) instead of fp32, which would make the whole
+    residual stream fp32 (~1.4x slower steps on an H200, +2.2 GiB on Gemma-2-2B). Inputs require grad so that
+    checkpointed layers get gradients."""
+    if fp32_frozen:
+        from peft import prepare_model_for_kbit_training
+
+        prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    for param in model.parameters():
+        param.requires_grad_(False)
+    model.enable_input_require_grads()
+
+
+def enable_checkpointing(model, recompute_layers: int) -> int:
+    """Non-reentrant gradient checkpointing on the first `recompute_layers` decoder layers (-1: all); the others keep
+    their activations. Returns how many layers recompute."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    keep_from = len(layers) if recompute_layers < 0 else min(recompute_layers, len(layers))
+    for layer in layers[keep_from:]:
+        layer.gradient_checkpointing = False
+    return keep_from

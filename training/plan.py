@@ -3,8 +3,11 @@ micro-batch and gradient checkpointing that fit a card while keeping the tokens 
 
     python -m training.plan --preset gemma-2b --gpu-mem 24 [--backend hf|unsloth] [--json]
 
-The model is arithmetic on the architecture, with per-token constants fitted to measurements on an H100
-(docs/benchmarks.md; `scripts/benchmark.py` re-measures them and prints predicted vs measured). Peak here means
+The model is arithmetic on the architecture, with per-token constants fitted to measurements on an H100 (the
+seed's fp32-upcast path) and an H200 (the project's bf16 path, flex attention) (docs/benchmarks.md;
+`scripts/benchmark.py` re-measures them and prints predicted vs measured). Checkpointing is chosen per layer: the
+largest micro-batch that fits with every layer recomputed, then as many layers kept (not recomputed) as still fit,
+since with a frozen base recompute is about a third of a step's work. Peak here means
 `torch.cuda.max_memory_allocated()`; the CUDA context and allocator slack come on top, which is why a plan keeps
 headroom (HEADROOM_GIB + HEADROOM_FRACTION of the card).
 """
@@ -31,6 +34,12 @@ EAGER_ATTN_BYTES = 10.0  # per score: fp32 scores, tanh soft-cap, softmax, bf16 
 LOGIT_BYTES = 18.6  # per vocabulary entry per token when logits are materialised (bf16 + fp32 upcasts + grad)
 UNSLOTH_TOKEN_BYTES = 2.0  # per layer per hidden unit: unsloth offloads checkpoints to host RAM, keeps bf16 copies
 UNSLOTH_EXTRA_TOKEN_BYTES = 35.0  # per hidden unit: unsloth's fused kernels' working set
+UNSLOTH_NO_CKPT_LAYER_BYTES = 64.0  # per layer per hidden unit, unsloth without checkpointing (H200: 32/61/120 GiB)
+# The project's path keeps norms and embeddings in bf16 (no fp32 upcast): fitted on the H200, 2B shape, flex attention
+BF16_CKPT_HIDDEN_BYTES = 2.0  # per layer per hidden unit: a recomputed layer keeps only its bf16 input
+BF16_LAYER_BYTES = 42.0  # per layer per hidden unit: a layer that keeps its activations (mb 8 -> 16: +38.4 GiB)
+BF16_TOKEN_BYTES = 60.0  # per hidden unit: embeddings output, final norm, fused-loss buffers
+EAGER_SCORE_BYTES_BF16 = 8.4  # per score per layer with scores kept: eager attention's S x S maps (bf16 path)
 
 
 @dataclass(frozen=True)
@@ -79,33 +88,49 @@ class Estimate:
     activations_gib: float
     logits_gib: float
     peak_gib: float
+    recompute_layers: int = 0  # checkpointed layers (recomputed in backward)
 
 
 def estimate_peak(arch: Arch, micro_batch: int, seq_len: int, lora_r: int, backend: str = "hf",
                   gradient_checkpointing: bool = True, fused_loss: bool = True, eager_attention: bool = True,
-                  fp32_embeddings: bool = True) -> Estimate:
+                  fp32_embeddings: bool = True, recompute_layers: int | None = None) -> Estimate:
     """Peak allocated bytes of one training step. backend: 'hf' (transformers + peft, optional fused loss from
-    Liger) or 'unsloth'."""
+    Liger) or 'unsloth'. fp32_embeddings: peft's prepare_model_for_kbit_training upcast (the seed's path; its
+    residual stream is fp32), else the project's bf16 path. recompute_layers: how many layers are checkpointed
+    (None: all of them when gradient_checkpointing, none otherwise)."""
     tokens = micro_batch * seq_len
+    L = arch.num_layers
+    recomputed = (L if gradient_checkpointing else 0) if recompute_layers is None else max(0, min(L, recompute_layers))
     embed_bytes = arch.vocab * arch.hidden * (4 if fp32_embeddings and backend == "hf" else 2)
     weights = arch.linear_params() * NF4_BYTES_PER_PARAM + embed_bytes
     lora = arch.lora_params(lora_r) * LORA_BYTES_PER_PARAM
+    scores = micro_batch * arch.heads * seq_len * seq_len
     if backend == "unsloth":
-        acts = tokens * (arch.num_layers * arch.hidden * UNSLOTH_TOKEN_BYTES + arch.hidden * UNSLOTH_EXTRA_TOKEN_BYTES)
+        if recomputed:
+            acts = tokens * (L * arch.hidden * UNSLOTH_TOKEN_BYTES + arch.hidden * UNSLOTH_EXTRA_TOKEN_BYTES)
+        else:
+            acts = tokens * L * arch.hidden * UNSLOTH_NO_CKPT_LAYER_BYTES
         logits = 0.0  # fused, chunked cross-entropy
-    else:
-        if gradient_checkpointing:
-            acts = tokens * (arch.num_layers * arch.hidden * CKPT_HIDDEN_BYTES + arch.intermediate * LAYER_WORKSET_BYTES)
+    elif fp32_embeddings:  # the seed's path, fitted on the H100
+        if recomputed:
+            acts = tokens * (L * arch.hidden * CKPT_HIDDEN_BYTES + arch.intermediate * LAYER_WORKSET_BYTES)
             layers_with_scores = 1
         else:
-            acts = tokens * arch.num_layers * arch.hidden * NO_CKPT_LAYER_BYTES
-            layers_with_scores = arch.num_layers
+            acts = tokens * L * arch.hidden * NO_CKPT_LAYER_BYTES
+            layers_with_scores = L
         if eager_attention:
-            acts += micro_batch * arch.heads * seq_len * seq_len * EAGER_ATTN_BYTES * layers_with_scores
+            acts += scores * EAGER_ATTN_BYTES * layers_with_scores
+        logits = 0.0 if fused_loss else tokens * arch.vocab * LOGIT_BYTES
+    else:  # the project's bf16 path: recomputed layers keep their input, the others everything, one layer is live
+        kept = L - recomputed
+        acts = tokens * arch.hidden * (recomputed * BF16_CKPT_HIDDEN_BYTES + kept * BF16_LAYER_BYTES
+                                       + (BF16_LAYER_BYTES if recomputed else 0) + BF16_TOKEN_BYTES)
+        if eager_attention:
+            acts += scores * EAGER_SCORE_BYTES_BF16 * (kept + (1 if recomputed else 0))
         logits = 0.0 if fused_loss else tokens * arch.vocab * LOGIT_BYTES
     total = weights + lora + acts + logits
-    return Estimate(micro_batch, gradient_checkpointing, round(weights / GIB, 2), round(lora / GIB, 2),
-                    round(acts / GIB, 2), round(logits / GIB, 2), round(total / GIB, 2))
+    return Estimate(micro_batch, recomputed > 0, round(weights / GIB, 2), round(lora / GIB, 2),
+                    round(acts / GIB, 2), round(logits / GIB, 2), round(total / GIB, 2), recomputed)
 
 
 def budget_gib(gpu_mem_gib: float) -> float:
@@ -122,6 +147,7 @@ class Plan:
     gpu_mem_gib: float
     backend: str
     reason: str
+    recompute_layers: int = 0  # of the model's layers, how many are checkpointed (0: none)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -133,29 +159,38 @@ class PlanError(ValueError):
 
 def plan(arch: Arch, sequences_per_step: int, seq_len: int, lora_r: int, gpu_mem_gib: float, backend: str = "hf",
          fused_loss: bool = True, eager_attention: bool = True, max_micro_batch: int | None = None,
-         allow_no_checkpointing: bool = True) -> Plan:
-    """Largest micro-batch (a divisor of sequences_per_step) that fits the budget; without gradient checkpointing
-    only when that fits at the same micro-batch (faster); keeps sequences_per_step x seq_len tokens per step."""
+         allow_no_checkpointing: bool = True, fp32_embeddings: bool = True) -> Plan:
+    """Largest micro-batch (a divisor of sequences_per_step) that fits the budget with every layer checkpointed;
+    then as few checkpointed layers as still fit (hf: per layer; unsloth: all or none), since recompute costs a
+    third of a step; keeps sequences_per_step x seq_len tokens per step."""
     budget = budget_gib(gpu_mem_gib)
     cap = min(sequences_per_step, max_micro_batch or sequences_per_step)
     candidates = [b for b in MICRO_BATCHES if b <= cap and sequences_per_step % b == 0]
-    best: tuple[Estimate, str] | None = None
+    kw = dict(fused_loss=fused_loss, eager_attention=eager_attention, fp32_embeddings=fp32_embeddings)
+    best: Estimate | None = None
     for b in candidates:
-        est = estimate_peak(arch, b, seq_len, lora_r, backend, True, fused_loss, eager_attention)
+        est = estimate_peak(arch, b, seq_len, lora_r, backend, True, **kw)
         if est.peak_gib <= budget:
-            best = (est, "largest micro-batch that fits with gradient checkpointing")
+            best = est
     if best is None:
-        smallest = estimate_peak(arch, 1, seq_len, lora_r, backend, True, fused_loss, eager_attention)
+        smallest = estimate_peak(arch, 1, seq_len, lora_r, backend, True, **kw)
         raise PlanError(f"even micro-batch 1 needs about {smallest.peak_gib:.1f} GiB at {seq_len} tokens "
                         f"(budget {budget:.1f} GiB of a {gpu_mem_gib:g} GiB card). Shorten sequences "
                         "(--set max_seq_length=1024), lower lora_r, or use a larger card")
-    if allow_no_checkpointing and backend == "hf":
-        est = estimate_peak(arch, best[0].micro_batch, seq_len, lora_r, backend, False, fused_loss, eager_attention)
-        if est.peak_gib <= budget:
-            best = (est, "fits without gradient checkpointing (faster)")
-    est, reason = best
-    return Plan(est.micro_batch, sequences_per_step // est.micro_batch, est.gradient_checkpointing, est.peak_gib,
-                round(budget, 2), gpu_mem_gib, backend, reason)
+    reason = "largest micro-batch that fits with gradient checkpointing"
+    if allow_no_checkpointing:
+        per_layer = backend == "hf" and not fp32_embeddings  # the seed's fp32 path: all or nothing, as fitted
+        for recomputed in (range(0, arch.num_layers) if per_layer else (0,)):
+            est = estimate_peak(arch, best.micro_batch, seq_len, lora_r, backend, recomputed > 0,
+                                recompute_layers=recomputed, **kw)
+            if est.peak_gib <= budget:
+                best = est
+                reason = ("fits without gradient checkpointing (faster)" if recomputed == 0 else
+                          f"{arch.num_layers - recomputed} of {arch.num_layers} layers keep their activations "
+                          "(not recomputed); the rest are checkpointed")
+                break
+    return Plan(best.micro_batch, sequences_per_step // best.micro_batch, best.gradient_checkpointing,
+                best.peak_gib, round(budget, 2), gpu_mem_gib, backend, reason, best.recompute_layers)
 
 
 def arch_for(model_name_or_path: str) -> Arch:
@@ -179,6 +214,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--backend", default="hf", choices=("hf", "unsloth"))
     p.add_argument("--seq-len", type=int, help="default: the preset's max_seq_length")
     p.add_argument("--no-fused-loss", action="store_true", help="logits materialised (no Liger / unsloth loss)")
+    p.add_argument("--attention", choices=("flex", "eager"), default="flex",
+                   help="flex (the default on CUDA when its self-check passes) or eager (its fallback)")
+    p.add_argument("--fp32-embeddings", action="store_true", help="peft's fp32 upcast (the seed's path)")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     preset = PRESETS[args.preset]
@@ -189,8 +227,10 @@ def main(argv: list[str] | None = None) -> int:
     seq = args.seq_len or preset.max_seq_length
     sequences = preset.per_device_train_batch_size * preset.gradient_accumulation_steps
     try:
+        eager = args.attention == "eager" if preset.attn_implementation == "auto" else preset.attn_implementation == "eager"
         result = plan(arch_for(model), sequences, seq, preset.lora_r, args.gpu_mem, args.backend,
-                      fused_loss=not args.no_fused_loss, eager_attention=preset.attn_implementation == "eager")
+                      fused_loss=not args.no_fused_loss, eager_attention=eager,
+                      fp32_embeddings=args.fp32_embeddings or preset.fp32_norms_and_embeddings)
     except PlanError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -200,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{args.preset} ({model}) on a {args.gpu_mem:g} GiB card, backend {args.backend}, {seq} tokens/sequence:")
     print(f"  micro-batch {result.micro_batch} x accumulation {result.gradient_accumulation_steps} "
           f"= {sequences} sequences per optimizer step; gradient checkpointing "
-          f"{'on' if result.gradient_checkpointing else 'off'}")
+          f"{f'on for {result.recompute_layers} layers' if result.gradient_checkpointing else 'off'}")
     print(f"  predicted peak {result.predicted_peak_gib:.1f} GiB of a {result.budget_gib:.1f} GiB budget ({result.reason})")
     return 0
 

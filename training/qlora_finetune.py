@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
 def train(cfg: QLoRAConfig, preset: str, run_name: str, run_dir: Path, metrics_path: Path, resume: str) -> int:
     from training.data import build_datasets
     from training.metrics import MetricsCallback, log_event
-    from training.backends import choose_backend
+    from training.backends import apply_backend, choose_backend, resolve_attention
     from training.model import load_qlora_model, load_tokenizer, model_type_of, pick_device, plan_for_device
     from training.tiny import resolve_builtin
     from training import distributed
@@ -112,9 +112,18 @@ def train(cfg: QLoRAConfig, preset: str, run_name: str, run_dir: Path, metrics_p
                           "(or auto), or train on one GPU (GPUS=1)")
     # unsloth (open-source) is single-GPU: several processes use transformers + peft (+ Liger when installed)
     requested = "hf" if processes > 1 else cfg.backend
-    backend = choose_backend(requested, device.kind, model_type_of(model_path))  # before model code is imported
+    model_type = model_type_of(model_path) or ""
+    backend = choose_backend(requested, device.kind, model_type)  # before model code is imported
+    backend = apply_backend(backend, model_type)  # Liger's patch, and whether it took
     log.info("backend %s: %s", backend.label, backend.reason)
-    cfg, plan_line = plan_for_device(cfg, device, backend.label)  # micro-batch + checkpointing
+    if backend.name == "hf":
+        attention, why = resolve_attention(cfg.attn_implementation, device.kind)
+        log.info("attention %s: %s", attention, why)
+        cfg = dataclasses.replace(cfg, attn_implementation=attention)
+    elif cfg.packing:  # unsloth's Gemma-2 attention ignores the per-sample boundaries of packed rows
+        log.info("packing off: backend unsloth cannot keep packed samples apart (one sample per row instead)")
+        cfg = dataclasses.replace(cfg, packing=False)
+    cfg, plan_line = plan_for_device(cfg, device, backend.label)  # micro-batch + checkpointing, from what applied
     log.info("%s", plan_line)
     # Tokens per optimizer step stay the config's (one GPU's micro-batch x accumulation) whatever the GPU count.
     batch = distributed.split_global_batch(cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps,
@@ -145,6 +154,14 @@ def train(cfg: QLoRAConfig, preset: str, run_name: str, run_dir: Path, metrics_p
     summary = stats.summary()
     log.info("data %s: %s; %d train / %d eval examples; %d truncated at %d tokens", cfg.data,
              summary["records_per_format"], stats.n_train, stats.n_eval, stats.truncated, cfg.max_seq_length)
+    rows = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * processes
+    if cfg.packing:
+        mean_len = sum(stats.lengths) / max(len(stats.lengths), 1)
+        log.info("packing on (exact: per-sample attention): %d rows of up to %d tokens per optimizer step, about "
+                 "%.0f samples per row (mean %.0f tokens); --set packing=false trains one sample per row",
+                 rows, cfg.max_seq_length, cfg.max_seq_length / max(min(mean_len, cfg.max_seq_length), 1), mean_len)
+    else:
+        log.info("packing off: %d samples per optimizer step, one per row, padded to the longest in its batch", rows)
 
     # ----------------------------------------------------------------------------------------------- model
     from transformers import set_seed
@@ -172,8 +189,8 @@ def train(cfg: QLoRAConfig, preset: str, run_name: str, run_dir: Path, metrics_p
         weight_decay=cfg.weight_decay,
         max_grad_norm=cfg.max_grad_norm,
         optim=cfg.optim,
-        # unsloth checkpoints (and offloads) activations itself; the Trainer must not wrap it again
-        **checkpointing_args(SFTConfig, cfg.gradient_checkpointing and backend.name != "unsloth"),
+        # the loader set checkpointing up per layer (unsloth its own, with offload): the Trainer must not redo it
+        **checkpointing_args(SFTConfig, False),
         bf16=device.bf16,
         fp16=device.fp16,
         use_cpu=device.kind == "cpu",
