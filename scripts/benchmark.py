@@ -1,18 +1,31 @@
-"""QLoRA step benchmark on a CUDA card: the baseline, unsloth standalone and the project path, side by side.
+"""QLoRA step benchmark on a CUDA card: the seed's baseline, unsloth standalone and the project path, in one call.
 
-Models of the real Gemma-2-2B / 9B shapes with random weights (same FLOPs and bytes as the real ones, no download).
-Every variant runs in its own subprocess (Liger and unsloth patch transformers globally) with the same LoRA
-(r=32, all linear layers), NF4 + double quant, 8-bit paged AdamW and the same tokens per optimizer step
-(16 x 2048, reached by gradient accumulation). Warm-up steps are excluded; the median of timed steps is reported.
+Every path runs the optimizer step the way its users run it: under bf16 autocast, as HF Trainer (bf16=True) does
+(the old loop without autocast left the fp32-upcast norms' outputs in fp32 and ran the baseline ~1.8x too slow),
+with 8-bit AdamW, gradient clipping at 0.3 and the same batches, step for step. Models have the real Gemma-2-2B/9B
+shapes with random weights (same FLOPs and bytes as the real ones, no download). Each variant runs in its own
+subprocess (Liger and unsloth patch transformers globally).
 
-    python scripts/benchmark.py                       # default set of variants, writes docs/benchmarks.md
-    python scripts/benchmark.py --variants baseline-2b,project-2b --steps 3
-    make bench
+    python scripts/benchmark.py                                  # the default set, writes docs/benchmarks.md
+    python scripts/benchmark.py --variants baseline-2b,project-2b --steps 4
+    make bench ARGS="--variants unsloth-2b-mb16-ckpt0"
 
-Variants: baseline-{2b,9b} (the seed's plain transformers + peft, eager attention, as in the team's
-shared qlora_step_bench.py), unsloth-2b (FastLanguageModel, its defaults), project-{2b,9b} (training.model: backend
-auto + the VRAM planner for this card), project24-{2b,9b} (same, planned for a 24 GiB card), fallback24-{2b,9b}
-(backend hf + Liger, planned for a 24 GiB card).
+Variant names: PATH[24]-SHAPE[-mbN][-ckpt0|1][-chat][-sN] (-sN: N timed steps instead of --steps)
+- baseline: the seed's recipe (transformers + peft + bitsandbytes, peft's fp32 upcast, eager attention, logits
+  materialised, gradient checkpointing, LoRA dropout 0.05, micro-batch 4 x 4 on 2B, 2 x 8 on 9B).
+- unsloth: unsloth's FastLanguageModel standalone (its kernels, its checkpointing when ckpt1), micro-batch N.
+- project: the recipe's own functions (backend auto, attention auto, the planner), planned for this card;
+  project24: planned for a 24 GiB card (an RTX 4090).
+- recipe: the whole recipe (`python -m training.qlora_finetune`, SFTTrainer) for a few steps; tokens/s from its
+  metrics.jsonl. It checks that the harness loop times what a user's run does.
+- -chat: variable-length chat samples (log-normal lengths, median 350 tokens, capped at 2048; the prompt third
+  carries no loss), the same samples for every path. The project packs them into full rows (exact, per-sample
+  attention); baseline and unsloth pad each micro-batch to its longest sample, length-grouped (HF's
+  group_by_length: their best case). "real tokens" are the loss-bearing ones.
+Reported: tokens/s (all tokens in the rows) and real tokens/s, peak GiB (`max_memory_allocated`, first steps
+included) against the planner's prediction, useful-work MFU (forward + input gradients: 4 FLOPs per base parameter
+per real token, plus attention over each sample's own context; no recompute counted) against the card's measured
+bf16 matmul rate, and the loss curve against the baseline's on the same batches.
 """
 
 from __future__ import annotations
@@ -20,6 +33,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -32,172 +46,353 @@ sys.path.insert(0, str(REPO))
 
 SHAPES = {
     "2b": dict(hidden_size=2304, intermediate_size=9216, num_hidden_layers=26, num_attention_heads=8,
-               num_key_value_heads=4, head_dim=256),
+               num_key_value_heads=4, head_dim=256, vocab_size=256000),
     "9b": dict(hidden_size=3584, intermediate_size=14336, num_hidden_layers=42, num_attention_heads=16,
-               num_key_value_heads=8, head_dim=256),
+               num_key_value_heads=8, head_dim=256, vocab_size=256000),
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=16, vocab_size=512),  # the harness's own test on a CPU
 }
 SEQ = 2048
-SEQUENCES_PER_STEP = 16
-DEFAULT_VARIANTS = ("baseline-2b,unsloth-2b,project-2b,project24-2b,fallback24-2b,"
-                    "baseline-9b,project24-9b,fallback24-9b")
+ROWS_PER_STEP = 16  # full rows: 16 x 2048 = 32,768 tokens per optimizer step, as the presets
+CHAT_MEDIAN, CHAT_SIGMA, CHAT_PROMPT_SHARE = 350, 0.9, 1 / 3
+CHAT_SAMPLES_PER_STEP = 96  # about 46k tokens: every path sees the same samples per optimizer step
+LORA_R = 32
+DEFAULT_VARIANTS = ",".join([  # most telling first: a call cut short by the device's time limit keeps those
+    "project-2b-s18", "unsloth-2b-mb16-ckpt0-s18", "baseline-2b-s18", "unsloth-2b-mb8-ckpt0", "unsloth-2b-mb4-ckpt0",
+    "unsloth-2b-mb16-ckpt1", "unsloth-2b-mb4-ckpt1", "project24-2b", "project-2b-chat", "unsloth-2b-mb16-ckpt0-chat",
+    "baseline-2b-chat", "recipe-2b", "project24-9b", "unsloth-9b-mb16-ckpt1", "baseline-9b",
+])
 
 
-def model_dir(shape: str, root: Path) -> Path:
-    """Random-init Gemma-2 of the real shape, saved once in bf16 (with the tiny tokenizer: unsloth wants one)."""
+# ------------------------------------------------------------------------------------------------ variants
+
+def parse_variant(name: str) -> dict:
+    parts = name.split("-")
+    path, shape = parts[0], parts[1]
+    v = {"name": name, "path": path.removesuffix("24"), "gpu_mem": 24.0 if path.endswith("24") else None,
+         "shape": shape, "mb": None, "ckpt": None, "chat": False, "steps": None}
+    if v["path"] not in ("baseline", "unsloth", "project", "recipe") or shape not in SHAPES:
+        raise SystemExit(f"error: unknown variant '{name}' (PATH[24]-SHAPE[-mbN][-ckpt0|1][-chat][-sN]; "
+                         f"paths baseline, unsloth, project, recipe; shapes {', '.join(SHAPES)})")
+    for p in parts[2:]:
+        if p.startswith("mb"):
+            v["mb"] = int(p[2:])
+        elif p.startswith("ckpt"):
+            v["ckpt"] = p == "ckpt1"
+        elif p == "chat":
+            v["chat"] = True
+        elif p.startswith("s") and p[1:].isdigit():
+            v["steps"] = int(p[1:])
+        else:
+            raise SystemExit(f"error: variant '{name}': unknown part '{p}'")
+    if v["path"] == "unsloth" and (v["mb"] is None or v["ckpt"] is None):
+        raise SystemExit(f"error: variant '{name}': unsloth variants name their micro-batch and checkpointing, "
+                         "e.g. unsloth-2b-mb16-ckpt0")
+    return v
+
+
+def model_dir(shape: str, root: Path, device: str = "cuda") -> Path:
+    """Random-init Gemma-2 of the real shape, saved once in bf16, with the tiny tokenizer (unsloth wants one)."""
     import torch
     from transformers import Gemma2Config, Gemma2ForCausalLM
 
     path = root / f"gemma2-{shape}"
     if (path / "config.json").is_file():
         return path
-    cfg = Gemma2Config(vocab_size=256000, max_position_embeddings=8192, **SHAPES[shape])
+    cfg = Gemma2Config(max_position_embeddings=8192, **SHAPES[shape])
     torch.manual_seed(0)
-    with torch.device("cuda"):
+    with torch.device(device):
         m = Gemma2ForCausalLM(cfg).to(torch.bfloat16)
     m.save_pretrained(str(path))
     del m
-    torch.cuda.empty_cache()
+    if device == "cuda":
+        torch.cuda.empty_cache()
     from training.tiny import build_tiny_model, default_dir
 
     for f in build_tiny_model(default_dir()).iterdir():
-        if f.name.startswith("tokenizer") or f.name == "chat_template.jinja":
+        if f.name.startswith("tokenizer") or f.name in ("chat_template.jinja", "special_tokens_map.json"):
             (path / f.name).write_bytes(f.read_bytes())
     return path
 
 
-def matmul_tflops() -> float:
+def load_baseline(path: Path, device: str):
+    import torch
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                           bnb_4bit_compute_dtype=dtype)
+    m = AutoModelForCausalLM.from_pretrained(str(path), quantization_config=q, dtype=dtype,
+                                             attn_implementation="eager", device_map={"": 0 if device == "cuda" else "cpu"})
+    m.config.use_cache = False
+    m = prepare_model_for_kbit_training(m, use_gradient_checkpointing=True,
+                                        gradient_checkpointing_kwargs={"use_reentrant": False})
+    torch.manual_seed(0)
+    return get_peft_model(m, LoraConfig(r=LORA_R, lora_alpha=16, lora_dropout=0.05, target_modules="all-linear",
+                                        task_type="CAUSAL_LM"))
+
+
+def load_variant(v: dict, path: Path, device: str) -> tuple:
+    """(model, micro_batch, packed, description, predicted_peak_gib)."""
+    from training.plan import Arch, estimate_peak
+
+    arch = Arch.from_config(json.loads((path / "config.json").read_text()))
+    if v["path"] == "baseline":
+        bs = v["mb"] or (2 if v["shape"] == "9b" else 4)
+        est = estimate_peak(arch, bs, SEQ, LORA_R, "hf", True, fused_loss=False, eager_attention=True)
+        return (load_baseline(path, device), bs, False, "transformers + peft, fp32 upcast, eager, logits "
+                "materialised, checkpointing", est.peak_gib)
+    if v["path"] == "unsloth":
+        from training.backends import load_unsloth
+
+        m = load_unsloth(str(path), SEQ, LORA_R, 16, 0.0, v["ckpt"], 0)
+        est = estimate_peak(arch, v["mb"], SEQ, LORA_R, "unsloth", v["ckpt"])
+        return m, v["mb"], False, f"unsloth FastLanguageModel, checkpointing {'on' if v['ckpt'] else 'off'}", est.peak_gib
+    return load_project(v, path, device, arch)
+
+
+def load_project(v: dict, path: Path, device: str, arch) -> tuple:
+    """The recipe's own sequence: device, backend (applied), attention, planner, loader."""
+    from dataclasses import replace
+
+    import torch
+
+    from training.backends import apply_backend, choose_backend, resolve_attention
+    from training.model import load_qlora_model, pick_device, plan_for_device
+    from training.plan import estimate_peak
+    from training.qlora_config import PRESETS
+
+    preset = PRESETS["gemma-9b" if v["shape"] == "9b" else "gemma-2b"]
+    cfg = replace(preset, model_name_or_path=str(path), gpu_mem_gib=v["gpu_mem"] or 0.0, max_seq_length=SEQ,
+                  device=device, allow_cpu=True, min_gpu_mem_gib=0.0, lora_r=LORA_R)
+    dev = pick_device(cfg, "bench")
+    backend = apply_backend(choose_backend(cfg.backend, dev.kind, "gemma2"), "gemma2")
+    attention, why = resolve_attention(cfg.attn_implementation, dev.kind)
+    cfg = replace(cfg, attn_implementation=attention)
+    cfg, line = plan_for_device(cfg, dev, backend.label)
+    if v["mb"]:
+        cfg = replace(cfg, per_device_train_batch_size=v["mb"])
+    torch.manual_seed(0)
+    m = load_qlora_model(cfg, str(path), dev, backend.label)
+    est = estimate_peak(arch, cfg.per_device_train_batch_size, SEQ, LORA_R, "hf", cfg.gradient_checkpointing,
+                        fused_loss=backend.label == "hf+liger", eager_attention=attention == "eager",
+                        fp32_embeddings=cfg.fp32_norms_and_embeddings, recompute_layers=cfg.recompute_layers
+                        if cfg.gradient_checkpointing else 0)
+    return m, cfg.per_device_train_batch_size, v["chat"] and cfg.packing, f"{backend.label}, {attention}: {line}", est.peak_gib
+
+
+# ------------------------------------------------------------------------------------------------ data
+
+def chat_lengths(n: int, seed: int = 0) -> list[int]:
+    """Lengths like real SFT chat data: log-normal, median CHAT_MEDIAN tokens, capped at SEQ (at least 16)."""
+    import random
+
+    rng = random.Random(seed)
+    return [max(16, min(SEQ, int(round(rng.lognormvariate(math.log(CHAT_MEDIAN), CHAT_SIGMA))))) for _ in range(n)]
+
+
+def _sample(length: int, vocab: int, seed: int) -> tuple[list[int], int]:
+    """A sample: a random 64-token motif repeated (learnable, so the loss moves), and where its loss starts."""
+    import random
+
+    rng = random.Random(seed)
+    motif = [rng.randrange(3, vocab) for _ in range(64)]
+    ids = (motif * (length // 64 + 1))[:length]
+    return ids, max(1, int(length * CHAT_PROMPT_SHARE))
+
+
+def step_batches(step: int, v: dict, micro_batch: int, packed: bool, vocab: int) -> list[dict]:
+    """The micro-batches of optimizer step `step`: same samples for every variant. Each dict holds lists:
+    input_ids, labels (-100: no loss), and position_ids (packed) or attention_mask (padded)."""
+    if not v["chat"]:
+        rows = [_sample(SEQ, vocab, 1000 * step + i)[0] for i in range(ROWS_PER_STEP)]
+        return [{"input_ids": rows[i:i + micro_batch], "labels": rows[i:i + micro_batch]}
+                for i in range(0, ROWS_PER_STEP, micro_batch)]
+    lengths = chat_lengths(CHAT_SAMPLES_PER_STEP, seed=step)
+    samples = [_sample(n, vocab, 1000 * step + i) for i, n in enumerate(lengths)]
+    if packed:
+        rows = pack_rows(samples)
+        return [{k: [r[k] for r in rows[i:i + micro_batch]] for k in rows[0]}
+                for i in range(0, len(rows), micro_batch)]
+    samples.sort(key=lambda s: -len(s[0]))  # group_by_length: similar lengths share a micro-batch
+    out = []
+    for i in range(0, len(samples), micro_batch):
+        group = samples[i:i + micro_batch]
+        width = len(group[0][0])
+        out.append({"input_ids": [ids + [0] * (width - len(ids)) for ids, _ in group],
+                    "labels": [[-100] * start + ids[start:] + [-100] * (width - len(ids)) for ids, start in group],
+                    "attention_mask": [[1] * len(ids) + [0] * (width - len(ids)) for ids, _ in group]})
+    return out
+
+
+def pack_rows(samples: list[tuple[list[int], int]]) -> list[dict]:
+    """TRL's best-fit-decreasing packing (what the recipe's SFTTrainer does with packing=true): rows of at most SEQ
+    tokens, position_ids restarting at each sample, no loss on a sample's first token (its previous token belongs
+    to another sample) nor on its prompt."""
+    from datasets import Dataset
+    from trl.data_utils import pack_dataset
+
+    ds = Dataset.from_dict({"input_ids": [ids for ids, _ in samples],
+                            "loss_mask": [[0] * start + [1] * (len(ids) - start) for ids, start in samples]})
+    rows = []
+    for row in pack_dataset(ds, SEQ, strategy="bfd"):
+        positions = [p for n in row["seq_lengths"] for p in range(n)]
+        labels = [t if m and p > 0 else -100 for t, m, p in zip(row["input_ids"], row["loss_mask"], positions)]
+        pad = SEQ - len(row["input_ids"])  # BFD rows may be short: pad as one more "sample" without loss
+        rows.append({"input_ids": row["input_ids"] + [0] * pad, "labels": labels + [-100] * pad,
+                     "position_ids": positions + list(range(pad))})
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------ accounting
+
+def useful_flops(arch, batch: dict) -> float:
+    """Useful work of one micro-batch, frozen base: forward (2 FLOPs per parameter per token) plus input gradients
+    (2 more), over real (loss-bearing) tokens only, plus attention over each sample's own causal context (QK^T and
+    PV, 4 * heads * head_dim per context token and layer; backward counted as twice the forward). Recompute,
+    padding and LoRA's own small matmuls are not counted."""
+    base_params = arch.linear_params() + arch.hidden * arch.vocab
+    real = sum(1 for row in batch["labels"] for t in row if t != -100)
+    per_ctx = 4 * arch.heads * arch.head_dim * arch.num_layers
+    attn = 0.0
+    for i, row in enumerate(batch["labels"]):
+        for length in sample_lengths(batch, i):
+            attn += per_ctx * length * (length + 1) / 2
+    return 4.0 * base_params * real + 3.0 * attn
+
+
+def sample_lengths(batch: dict, row: int) -> list[int]:
+    """The samples' lengths in one row (padding excluded)."""
+    if "position_ids" in batch:
+        starts = [i for i, p in enumerate(batch["position_ids"][row]) if p == 0] + [len(batch["position_ids"][row])]
+        lengths = [b - a for a, b in zip(starts, starts[1:])]
+        if any(t != -100 for t in batch["labels"][row][starts[-2]:]) or len(lengths) == 1:
+            return lengths
+        return lengths[:-1]  # the trailing padding "sample"
+    if "attention_mask" in batch:
+        return [sum(batch["attention_mask"][row])]
+    return [len(batch["input_ids"][row])]
+
+
+def real_tokens(batches: list[dict]) -> int:
+    return sum(1 for b in batches for row in b["labels"] for t in row if t != -100)
+
+
+def all_tokens(batches: list[dict]) -> int:
+    return sum(len(row) for b in batches for row in b["input_ids"])
+
+
+def matmul_tflops(device: str) -> float:
     """Measured dense bf16 matmul rate of this card (the MFU denominator)."""
     import torch
 
+    if device != "cuda":
+        return float("nan")
     a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     for _ in range(3):
         a @ b
     torch.cuda.synchronize()
     t = time.perf_counter()
-    for _ in range(10):
+    for _ in range(20):
         a @ b
     torch.cuda.synchronize()
-    return 2 * 8192**3 * 10 / (time.perf_counter() - t) / 1e12
+    return 2 * 8192**3 * 20 / (time.perf_counter() - t) / 1e12
 
 
-def step_flops(cfg, tokens: int, ckpt: bool) -> float:
-    """Model FLOPs of one step (forward + backward (+ recompute)), as in the shared baseline script."""
-    L, H, I, V = cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
-    hd, nq, nkv = cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
-    lin = L * (H * hd * (nq + 2 * nkv) + nq * hd * H + 3 * H * I) + H * V
-    attn = L * 2 * SEQ * nq * hd * 2
-    return (4 + 2 * ckpt) * (lin * tokens + attn * tokens / 2)
+# ------------------------------------------------------------------------------------------------ one variant
 
-
-def load_variant(kind: str, path: Path, gpu_mem: float | None):
-    """Returns (model, micro_batch, ckpt, description, planner_estimate_gib)."""
-    import torch
-
-    from training.plan import Arch, estimate_peak
-
-    if kind == "baseline":
-        from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-        from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-
-        q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                               bnb_4bit_compute_dtype=torch.bfloat16)
-        m = AutoModelForCausalLM.from_pretrained(str(path), quantization_config=q, dtype=torch.bfloat16,
-                                                 attn_implementation="eager", device_map={"": 0})
-        m = prepare_model_for_kbit_training(m, use_gradient_checkpointing=True,
-                                            gradient_checkpointing_kwargs={"use_reentrant": False})
-        torch.manual_seed(0)
-        m = get_peft_model(m, LoraConfig(r=32, lora_alpha=16, lora_dropout=0.05, target_modules="all-linear",
-                                         task_type="CAUSAL_LM"))
-        bs = 4 if "9b" not in path.name else 2
-        est = estimate_peak(Arch.from_config(m.config), bs, SEQ, 32, "hf", True, fused_loss=False)
-        return m, bs, True, "transformers + peft, eager, no fused loss", est.peak_gib
-    if kind == "unsloth":
-        from training.backends import load_unsloth
-
-        m = load_unsloth(str(path), SEQ, 32, 16, 0.0, True, 0)
-        est = estimate_peak(Arch.from_config(m.config), 4, SEQ, 32, "unsloth")
-        return m, 4, True, "unsloth FastLanguageModel, its defaults", est.peak_gib
-
-    # The project path: the same functions the recipe calls.
-    from dataclasses import replace
-
-    from training.backends import choose_backend
-    from training.model import load_qlora_model, pick_device, plan_for_device
-    from training.plan import budget_gib, plan
-    from training.qlora_config import PRESETS
-
-    preset = PRESETS["gemma-2b" if "2b" in path.name else "gemma-9b"]
-    cfg = replace(preset, model_name_or_path=str(path), backend="hf" if kind == "fallback" else "auto",
-                  gpu_mem_gib=gpu_mem or 0.0)
-    device = pick_device(cfg, "bench")
-    backend = choose_backend(cfg.backend, device.kind, "gemma2")
-    cfg, line = plan_for_device(cfg, device, backend.label)
-    torch.manual_seed(0)
-    m = load_qlora_model(cfg, str(path), device, backend.label)
-    arch = Arch.from_config(m.config)
-    p = plan(arch, SEQUENCES_PER_STEP, SEQ, 32, cfg.gpu_mem_gib or device.memory_gib,
-             "unsloth" if backend.name == "unsloth" else "hf", fused_loss=backend.label != "hf",
-             max_micro_batch=cfg.max_micro_batch)
-    desc = f"{backend.label}: {line}; budget {budget_gib(cfg.gpu_mem_gib or device.memory_gib):.1f} GiB"
-    return m, cfg.per_device_train_batch_size, cfg.gradient_checkpointing, desc, p.predicted_peak_gib
-
-
-def run_variant(name: str, root: Path, steps: int, warmup: int) -> dict:
-    """Runs in a child process: load, warm up, time `steps` optimizer steps of 16 x 2048 tokens."""
+def run_variant(name: str, root: Path, steps: int, warmup: int, device: str) -> dict:
+    """Runs in a child process: load, then warm-up + timed optimizer steps, the Trainer's way."""
     import bitsandbytes as bnb
     import torch
 
-    kind, shape = name.split("-")
-    gpu_mem = 24.0 if kind in ("project24", "fallback24") else None
-    kind = {"project24": "project", "fallback24": "fallback"}.get(kind, kind)
-    path = model_dir(shape, root)
-    t_load = time.perf_counter()
-    m, bs, ckpt, desc, predicted = load_variant(kind, path, gpu_mem)
-    load_s = time.perf_counter() - t_load
-    m.train()
-    torch.cuda.reset_peak_memory_stats()  # the peak a user hits includes the first steps
-    params = [p for p in m.parameters() if p.requires_grad]
-    opt = bnb.optim.PagedAdamW8bit(params, lr=2e-4)
-    accum = SEQUENCES_PER_STEP // bs
-    gen = torch.Generator(device="cuda").manual_seed(0)
+    from training.plan import Arch
 
-    def optimizer_step(first_grad_check: bool = False):
+    v = parse_variant(name)
+    steps = v["steps"] or steps
+    path = model_dir(v["shape"], root, device)
+    arch = Arch.from_config(json.loads((path / "config.json").read_text()))
+    t_load = time.perf_counter()
+    m, bs, packed, desc, predicted = load_variant(v, path, device)
+    load_s = time.perf_counter() - t_load
+    print(f"loaded in {load_s:.0f}s: {desc}", file=sys.stderr, flush=True)
+    m.train()
+    cuda = device == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()  # the peak a user hits includes the first steps
+    params = [p for p in m.parameters() if p.requires_grad]
+    opt = bnb.optim.AdamW8bit(params, lr=2e-4)  # the recipe's optim: adamw_8bit
+    dev = next(p.device for p in params)
+    losses, times, reals, alls, flops = [], [], [], [], []
+    for step in range(warmup + steps):
+        batches = step_batches(step, v, bs, packed, arch.vocab)
+        tensors = [{k: torch.tensor(val, device=dev) for k, val in b.items()} for b in batches]
+        if cuda:
+            torch.cuda.synchronize()
+        t = time.perf_counter()
         total = 0.0
-        for _ in range(accum):
-            ids = torch.randint(0, 256000, (bs, SEQ), device="cuda", generator=gen)
-            loss = m(input_ids=ids, labels=ids).loss / accum
+        for b in tensors:
+            with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=cuda):
+                loss = m(**b).loss / len(tensors)
             loss.backward()
-            total += float(loss)
-        gnorm = None
-        if first_grad_check:
-            gnorm = float(torch.sqrt(sum((p.grad.float() ** 2).sum() for p in params if p.grad is not None)))
+            total += float(loss.detach())
+        torch.nn.utils.clip_grad_norm_(params, 0.3)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        return total, gnorm
-
-    print(f"loaded in {load_s:.0f}s: {desc}", file=sys.stderr, flush=True)
-    first_loss, first_gnorm = optimizer_step(first_grad_check=True)
-    for _ in range(max(0, warmup - 1)):
-        optimizer_step()
-    torch.cuda.synchronize()
-    times, loss = [], first_loss
-    for _ in range(steps):
-        t = time.perf_counter()
-        loss, _ = optimizer_step()
-        torch.cuda.synchronize()
+        if cuda:
+            torch.cuda.synchronize()
         times.append(time.perf_counter() - t)
-    step_s = statistics.median(times)
-    tokens = SEQUENCES_PER_STEP * SEQ
-    peak = torch.cuda.max_memory_allocated() / 2**30
-    rate = matmul_tflops()
-    flops = step_flops(m.config, tokens, ckpt)
-    return dict(variant=name, desc=desc, micro_batch=bs, accumulation=accum, checkpointing=ckpt,
-                step_s=round(step_s, 3), tokens_per_s=round(tokens / step_s), peak_gib=round(peak, 2),
-                predicted_peak_gib=predicted, first_loss=round(first_loss, 5), first_lora_grad_norm=first_gnorm,
-                last_loss=round(loss, 5), mfu=round(flops / step_s / 1e12 / rate, 3), matmul_tflops=round(rate),
-                load_s=round(load_s, 1), gpu=torch.cuda.get_device_name())
+        losses.append(round(total, 5))
+        reals.append(real_tokens(batches))
+        alls.append(all_tokens(batches))
+        flops.append(sum(useful_flops(arch, b) for b in batches))
+        print(f"step {step}: loss {total:.4f} {times[-1]:.2f}s", file=sys.stderr, flush=True)
+    timed = slice(warmup, None)
+    t_sum = sum(times[timed])
+    rate = matmul_tflops(device)
+    useful = sum(flops[timed]) / t_sum / 1e12
+    return dict(variant=name, desc=desc, micro_batch=bs, accumulation=len(batches), packed=packed,
+                step_s=round(statistics.median(times[timed]), 3), tokens_per_s=round(sum(alls[timed]) / t_sum),
+                real_tokens_per_s=round(sum(reals[timed]) / t_sum), real_share=round(sum(reals) / sum(alls), 3),
+                peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
+                predicted_peak_gib=predicted, useful_tflops=round(useful, 1),
+                mfu=round(useful / rate, 3) if rate == rate else None, matmul_tflops=round(rate) if rate == rate else None,
+                losses=losses, load_s=round(load_s, 1), first_step_s=round(times[0], 1),
+                gpu=torch.cuda.get_device_name() if cuda else "CPU")
 
+
+def run_recipe(name: str, root: Path, steps: int, device: str) -> dict:
+    """The whole recipe, as a user starts it, on the same 2048-token rows (text format, packed): tokens/s from its
+    metrics.jsonl (median of the steps after the first two)."""
+    v = parse_variant(name)
+    path = model_dir(v["shape"], root, device)
+    work = root / f"recipe-{v['shape']}"
+    data = work / "rows.jsonl"
+    data.parent.mkdir(parents=True, exist_ok=True)
+    if not data.is_file():  # long enough texts that each fills rows of 2048 tokens with the tiny tokenizer
+        words = "the quick brown fox jumps over a lazy dog while seven wizards quietly judge boxing".split()
+        with data.open("w") as f:
+            for i in range(200):
+                f.write(json.dumps({"text": " ".join(words[(i + j) % len(words)] for j in range(1500))}) + "\n")
+    preset = "gemma-9b" if v["shape"] == "9b" else "gemma-2b"
+    cmd = [sys.executable, "-m", "training.qlora_finetune", "--model-config", preset, "--model", str(path),
+           "--data", str(data), "--run-name", name, "--output-dir", str(work / "out"), "--logs-dir", str(work / "logs"),
+           "--resume", "never", "--max-steps", str(steps + 2), "--set", "logging_steps=1", "--set", "save_steps=1000",
+           "--set", "eval_fraction=0", "--set", "report_to=none", "--set", f"gpu_mem_gib={v['gpu_mem'] or 0}"]
+    t = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"recipe exit {proc.returncode}: {proc.stderr.strip().splitlines()[-1:]}")
+    rows = [json.loads(x) for x in (work / "logs" / name / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    rates = [r["tokens_per_s"] for r in rows if r.get("tokens_per_s") and r.get("step", 0) > 2 and "event" not in r]
+    plan = next((ln.split("INFO ", 1)[-1] for ln in proc.stderr.splitlines() if "planner" in ln), "")
+    return dict(variant=name, desc=f"python -m training.qlora_finetune --model-config {preset}: {plan}",
+                tokens_per_s=round(statistics.median(rates)) if rates else None, wall_s=round(time.perf_counter() - t))
+
+
+# ------------------------------------------------------------------------------------------------ report
 
 def versions() -> dict:
     from importlib.metadata import PackageNotFoundError, version
@@ -212,71 +407,88 @@ def versions() -> dict:
 
 
 def write_markdown(results: list[dict], out: Path, command: str) -> None:
-    base = {r["variant"].split("-")[1]: r for r in results if r["variant"].startswith("baseline") and "error" not in r}
-    lines = [f"## {results[0].get('gpu', 'GPU')} — {dt.date.today().isoformat()}", "",
-             f"Command: `{command}`  ", "Versions: " + ", ".join(f"{k} {v}" for k, v in versions().items()), "",
-             "| variant | micro-batch x accum | ckpt | tokens/s | vs baseline | peak GiB | planner GiB (err) | MFU | "
-             "step s | loss step 1 (vs baseline) | grad norm step 1 | what |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    """Prepends one section (this call) to docs/benchmarks.md."""
+    def key(r):  # rows compare with the baseline of their shape and data
+        v = parse_variant(r["variant"])
+        return v["shape"], v["chat"]
+
+    base = {key(r): r for r in results if r["variant"].startswith("baseline") and "error" not in r}
+    gpu = next((r["gpu"] for r in results if r.get("gpu")), "GPU")
+    lines = [f"## {gpu} — {dt.date.today().isoformat()}", "", f"Command: `{command}`  ",
+             "Versions: " + ", ".join(f"{k} {v}" for k, v in versions().items()), "",
+             "| variant | micro-batch x accum | tokens/s | real tokens/s | vs baseline (real) | peak GiB | planner GiB (err) "
+             "| useful MFU | loss: first, last (vs baseline) | what |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         if "error" in r:
-            lines.append(f"| {r['variant']} | | | failed | | | | | | | | {r['error'][:200]} |")
+            lines.append(f"| {r['variant']} | | failed | | | | | | | {r['error'][:200]} |")
             continue
-        b = base.get(r["variant"].split("-")[1])
-        speed = f"{r['tokens_per_s'] / b['tokens_per_s']:.2f}x" if b else "-"
-        dloss = f" ({100 * (r['first_loss'] / b['first_loss'] - 1):+.2f}%)" if b else ""
-        err = 100 * (r["predicted_peak_gib"] / r["peak_gib"] - 1) if r["peak_gib"] else 0
-        lines.append(f"| {r['variant']} | {r['micro_batch']} x {r['accumulation']} | {'on' if r['checkpointing'] else 'off'} | "
-                     f"{r['tokens_per_s']:,} | {speed} | {r['peak_gib']} | {r['predicted_peak_gib']} ({err:+.0f}%) | "
-                     f"{r['mfu']:.2f} | {r['step_s']} | {r['first_loss']}{dloss} | "
-                     f"{r['first_lora_grad_norm']:.4g} | {r['desc']} |")
+        if "losses" not in r:  # a recipe row
+            lines.append(f"| {r['variant']} | | {r['tokens_per_s']:,} | | | | | | | {r['desc']} |")
+            continue
+        b = base.get(key(r))
+        speed = f"{r['real_tokens_per_s'] / b['real_tokens_per_s']:.2f}x" if b else "-"
+        curve = f"{r['losses'][0]}, {r['losses'][-1]}"
+        if b and len(b["losses"]) == len(r["losses"]):
+            worst = max(abs(x / y - 1) for x, y in zip(r["losses"], b["losses"]))
+            curve += f" (max {100 * worst:.2f}% off)"
+        err = f" ({100 * (r['predicted_peak_gib'] / r['peak_gib'] - 1):+.0f}%)" if r.get("peak_gib") else ""
+        lines.append(f"| {r['variant']} | {r['micro_batch']} x {r['accumulation']} | {r['tokens_per_s']:,} | "
+                     f"{r['real_tokens_per_s']:,} | {speed} | {r['peak_gib']} | {r['predicted_peak_gib']}{err} | "
+                     f"{r['mfu']} | {curve} | {r['desc']} |")
+    rate = next((r["matmul_tflops"] for r in results if r.get("matmul_tflops")), None)
+    lines += ["", f"Card's measured dense bf16 matmul rate: {rate} TFLOP/s (the MFU denominator)." if rate else ""]
     text = "\n".join(lines) + "\n"
     out.parent.mkdir(parents=True, exist_ok=True)
-    header = "" if out.exists() else "# Benchmarks\n\nWritten by `scripts/benchmark.py`; newest first.\n\n"
-    old = out.read_text() if out.exists() else ""
-    if old.startswith("# Benchmarks"):
-        head, _, rest = old.partition("\n## ")
-        out.write_text(head.rstrip() + "\n\n" + text + ("\n## " + rest if rest else ""))
-    else:
-        out.write_text(header + text + old)
+    old = out.read_text() if out.exists() else "# Benchmarks\n\nWritten by `scripts/benchmark.py`; newest first.\n"
+    head, sep, rest = old.partition("\n## ")
+    out.write_text(head.rstrip() + "\n\n" + text + (sep + rest if sep else ""))
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--variants", default=DEFAULT_VARIANTS)
-    p.add_argument("--steps", type=int, default=4, help="timed optimizer steps per variant (median reported)")
-    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--steps", type=int, default=6, help="timed optimizer steps per variant")
+    p.add_argument("--warmup", type=int, default=2, help="untimed first steps (compilation, autotuning)")
     p.add_argument("--models-dir", default="/tmp/qlora-bench-models")
     p.add_argument("--out", default=str(REPO / "docs" / "benchmarks.md"))
     p.add_argument("--json-out", help="also write the raw results here (rewritten after every variant)")
     p.add_argument("--variant-timeout", type=int, default=900, help="seconds before a variant counts as failed")
+    p.add_argument("--device", default="cuda", choices=("cuda", "cpu"), help=argparse.SUPPRESS)  # cpu: tests only
     p.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one variant in this process
     args = p.parse_args(argv)
     root = Path(args.models_dir)
     root.mkdir(parents=True, exist_ok=True)
+    names = args.variants.split(",")
+    for n in names:
+        parse_variant(n)  # a typo fails now, not after an hour of GPU time
     if args.one:
-        print("RESULT " + json.dumps(run_variant(args.one, root, args.steps, args.warmup)), flush=True)
+        v = parse_variant(args.one)
+        result = (run_recipe(args.one, root, args.steps, args.device) if v["path"] == "recipe" else
+                  run_variant(args.one, root, args.steps, args.warmup, args.device))
+        print("RESULT " + json.dumps(result), flush=True)
         return 0
     import torch
 
-    if not torch.cuda.is_available():
+    if args.device == "cuda" and not torch.cuda.is_available():
         print("error: the benchmark needs a CUDA GPU (it measures GPU speed and memory)", file=sys.stderr)
         return 2
     results = []
     env = {**os.environ, "UNSLOTH_COMPILE_DISABLE": "1", "PYTHONUNBUFFERED": "1"}
-    for name in args.variants.split(","):
+    for name in names:
         print(f"== {name}", flush=True)
+        t = time.perf_counter()
         try:
             proc = subprocess.run([sys.executable, __file__, "--one", name, "--steps", str(args.steps), "--warmup",
-                                   str(args.warmup), "--models-dir", str(root)], capture_output=True, text=True,
-                                  env=env, timeout=args.variant_timeout)
+                                   str(args.warmup), "--models-dir", str(root), "--device", args.device,
+                                   "--variants", name], capture_output=True, text=True, env=env,
+                                  timeout=args.variant_timeout)
         except subprocess.TimeoutExpired as exc:
             text = [x.decode() if isinstance(x, bytes) else (x or "") for x in (exc.stdout, exc.stderr)]
             proc = subprocess.CompletedProcess(exc.cmd, -9, text[0], text[1] + f"\ntimed out after {exc.timeout}s")
         line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
         if line:
             results.append(json.loads(line[7:]))
-            print(json.dumps(results[-1]), flush=True)
+            print(json.dumps(results[-1]), f"({time.perf_counter() - t:.0f}s)", flush=True)
         else:
             err = (proc.stderr.strip().splitlines() or ["no output"])[-1]
             results.append({"variant": name, "error": err})
@@ -285,7 +497,7 @@ def main(argv: list[str] | None = None) -> int:
             Path(args.json_out).write_text(json.dumps(results, indent=1))
     command = "python scripts/benchmark.py " + " ".join(sys.argv[1:] if argv is None else argv)
     write_markdown(results, Path(args.out), command.strip())
-    print(Path(args.out).read_text())
+    print(Path(args.out).read_text().split("\n## ")[1][:6000])
     return 0
 
 

@@ -1,0 +1,70 @@
+"""The benchmark harness's accounting (scripts/benchmark.py): what it counts as real tokens and useful work, how it
+packs chat samples, and that every path sees the same samples. The speed itself is measured on a GPU, never here."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+import benchmark as bench  # noqa: E402
+
+from training.plan import Arch  # noqa: E402
+
+ARCH = Arch(num_layers=2, hidden=64, intermediate=128, vocab=512, heads=4, kv_heads=2, head_dim=16)
+
+
+def test_variant_names_are_parsed_and_typos_refused():
+    v = bench.parse_variant("unsloth-2b-mb16-ckpt0-chat")
+    assert (v["path"], v["shape"], v["mb"], v["ckpt"], v["chat"]) == ("unsloth", "2b", 16, False, True)
+    assert bench.parse_variant("project24-9b")["gpu_mem"] == 24.0
+    for bad in ("unsloth-2b", "projekt-2b", "project-3b", "project-2b-fast"):
+        with pytest.raises(SystemExit, match="variant"):
+            bench.parse_variant(bad)
+    for name in bench.DEFAULT_VARIANTS.split(","):
+        bench.parse_variant(name)
+
+
+def test_useful_flops_by_hand():
+    """4 FLOPs per base parameter per loss-bearing token, plus 3x the forward attention over each sample's own
+    causal context; padding and prompt tokens are no useful work."""
+    base = ARCH.linear_params() + ARCH.hidden * ARCH.vocab
+    per_ctx = 4 * ARCH.heads * ARCH.head_dim * ARCH.num_layers
+    padded = {"input_ids": [[5, 6, 7, 0]], "labels": [[-100, 6, 7, -100]], "attention_mask": [[1, 1, 1, 0]]}
+    assert bench.useful_flops(ARCH, padded) == 4.0 * base * 2 + 3.0 * per_ctx * (3 * 4 / 2)
+    packed = {"input_ids": [[5, 6, 7, 8, 9, 0]], "labels": [[-100, 6, 7, -100, 9, -100]],
+              "position_ids": [[0, 1, 2, 0, 1, 0]]}
+    assert bench.sample_lengths(packed, 0) == [3, 2]  # the trailing pad "sample" carries no loss: not counted
+    assert bench.useful_flops(ARCH, packed) == 4.0 * base * 3 + 3.0 * per_ctx * (3 * 4 / 2 + 2 * 3 / 2)
+    full = {"input_ids": [[1, 2, 3, 4]], "labels": [[1, 2, 3, 4]]}
+    assert bench.sample_lengths(full, 0) == [4] and bench.real_tokens([full]) == 4
+
+
+def test_chat_lengths_look_like_sft_chat_data():
+    lengths = bench.chat_lengths(4000)
+    lengths.sort()
+    median = lengths[len(lengths) // 2]
+    assert 300 <= median <= 400 and max(lengths) == bench.SEQ and min(lengths) >= 16
+    assert bench.chat_lengths(50, seed=3) == bench.chat_lengths(50, seed=3)
+
+
+def test_packed_and_padded_steps_hold_the_same_samples(monkeypatch):
+    """The project packs (TRL's BFD), the others pad: the same loss-bearing tokens either way, so real tokens/s
+    compare the same work; packed rows are nearly all real tokens, padded micro-batches far less."""
+    monkeypatch.setattr(bench, "CHAT_SAMPLES_PER_STEP", 24)
+    v = bench.parse_variant("project-tiny-chat")
+    packed = bench.step_batches(0, v, 4, True, 512)
+    padded = bench.step_batches(0, v, 4, False, 512)
+    assert bench.real_tokens(packed) == bench.real_tokens(padded)
+    for b in packed:
+        for ids, labels, pos in zip(b["input_ids"], b["labels"], b["position_ids"]):
+            assert len(ids) == len(labels) == len(pos) == bench.SEQ
+            starts = [i for i, p in enumerate(pos) if p == 0]
+            assert all(labels[s] == -100 for s in starts)  # no loss across a sample boundary
+    assert bench.all_tokens(packed) < bench.all_tokens(padded)
+    # the same step is the same data for every variant and micro-batch split
+    assert bench.step_batches(0, v, 2, False, 512)[0]["input_ids"] == padded[0]["input_ids"][:2]
+    full = bench.step_batches(1, bench.parse_variant("baseline-tiny"), 4, False, 512)
+    assert len(full) == bench.ROWS_PER_STEP // 4 and bench.real_tokens(full) == bench.ROWS_PER_STEP * bench.SEQ
