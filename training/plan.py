@@ -35,10 +35,13 @@ LOGIT_BYTES = 18.6  # per vocabulary entry per token when logits are materialise
 UNSLOTH_TOKEN_BYTES = 2.0  # per layer per hidden unit: unsloth offloads checkpoints to host RAM, keeps bf16 copies
 UNSLOTH_EXTRA_TOKEN_BYTES = 35.0  # per hidden unit: unsloth's fused kernels' working set
 UNSLOTH_NO_CKPT_LAYER_BYTES = 64.0  # per layer per hidden unit, unsloth without checkpointing (H200: 32/61/120 GiB)
-# The project's path keeps norms and embeddings in bf16 (no fp32 upcast): fitted on the H200, 2B shape, flex attention
+# The project's path keeps norms and embeddings in bf16 (no fp32 upcast): fitted on the H200, 2B shape, flex attention.
+# Its peak is the larger of two moments: the start of the backward (every kept layer's activations plus every
+# recomputed layer's input) and the recompute of one checkpointed layer (its activations and their gradients; the
+# kept layers, the last ones, are already freed by then). So the first few kept layers cost nothing.
 BF16_CKPT_HIDDEN_BYTES = 2.0  # per layer per hidden unit: a recomputed layer keeps only its bf16 input
 BF16_LAYER_BYTES = 42.0  # per layer per hidden unit: a layer that keeps its activations (mb 8 -> 16: +38.4 GiB)
-BF16_TOKEN_BYTES = 60.0  # per hidden unit: embeddings output, final norm, fused-loss buffers
+BF16_RECOMPUTE_BYTES = 102.0  # per hidden unit: one layer being recomputed, activations and gradients (12.25 GiB)
 EAGER_SCORE_BYTES_BF16 = 8.4  # per score per layer with scores kept: eager attention's S x S maps (bf16 path)
 
 
@@ -121,12 +124,13 @@ def estimate_peak(arch: Arch, micro_batch: int, seq_len: int, lora_r: int, backe
         if eager_attention:
             acts += scores * EAGER_ATTN_BYTES * layers_with_scores
         logits = 0.0 if fused_loss else tokens * arch.vocab * LOGIT_BYTES
-    else:  # the project's bf16 path: recomputed layers keep their input, the others everything, one layer is live
+    else:  # the project's bf16 path: the larger of the two moments above (first kept layers are free)
         kept = L - recomputed
-        acts = tokens * arch.hidden * (recomputed * BF16_CKPT_HIDDEN_BYTES + kept * BF16_LAYER_BYTES
-                                       + (BF16_LAYER_BYTES if recomputed else 0) + BF16_TOKEN_BYTES)
+        start_of_backward = recomputed * BF16_CKPT_HIDDEN_BYTES + kept * BF16_LAYER_BYTES
+        during_recompute = recomputed * BF16_CKPT_HIDDEN_BYTES + BF16_RECOMPUTE_BYTES if recomputed else 0.0
+        acts = tokens * arch.hidden * max(start_of_backward, during_recompute)
         if eager_attention:
-            acts += scores * EAGER_SCORE_BYTES_BF16 * (kept + (1 if recomputed else 0))
+            acts += scores * EAGER_SCORE_BYTES_BF16 * max(kept, 1 if recomputed else 0)
         logits = 0.0 if fused_loss else tokens * arch.vocab * LOGIT_BYTES
     total = weights + lora + acts + logits
     return Estimate(micro_batch, recomputed > 0, round(weights / GIB, 2), round(lora / GIB, 2),
