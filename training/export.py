@@ -188,9 +188,9 @@ def _download_base(repo_id: str) -> Path:
         return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "tokenizer.model",
                                                                "*.jinja"]))
     except Exception as exc:  # noqa: BLE001 - the hub raises many kinds; all mean the same to the user here
-        from training.model import _load_hint
+        from training.model_check import explain_load_error
 
-        raise ExportError(_load_hint(repo_id, exc)) from None
+        raise ExportError(explain_load_error(repo_id, exc)) from None
 
 
 def safetensors_param_count(folder: Path) -> int:

@@ -30,7 +30,7 @@ class QLoRAConfig:
     max_micro_batch: int = 16  # the planner never goes above this micro-batch
     device: str = "auto"  # auto: CUDA when present, else the CPU; cpu/cuda force it
     min_gpu_mem_gib: float = 0.0  # refuse to start below this much GPU memory (0: no check)
-    allow_cpu: bool = False  # big presets refuse to run on a CPU (hours per step); tiny allows it
+    allow_cpu: bool = False  # without a GPU, base models over 400M parameters are refused (hours per step); true forces
     # --- quantisation (QLoRA) ---
     load_in_4bit: bool = True  # the Q in QLoRA: base weights stored in 4 bits, ~4x less memory than bf16
     bnb_4bit_quant_type: str = "nf4"  # NF4 fits normally distributed weights better than fp4

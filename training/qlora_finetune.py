@@ -96,6 +96,7 @@ def train(cfg: QLoRAConfig, preset: str, run_name: str, run_dir: Path, metrics_p
     from training.metrics import MetricsCallback, log_event
     from training.backends import choose_backend
     from training.model import load_qlora_model, load_tokenizer, model_type_of, pick_device, plan_for_device
+    from training.model_check import check_base_model
     from training.tiny import resolve_builtin
     from training import distributed
 
@@ -106,6 +107,7 @@ def train(cfg: QLoRAConfig, preset: str, run_name: str, run_dir: Path, metrics_p
     # Every rank joins before the model loads (per-rank device, FSDP's low-memory loading); gloo on the CPU.
     distributed.init_process_group(cpu=device.kind == "cpu")
     model_path = resolve_builtin(cfg.model_name_or_path)
+    check_base_model(model_path)  # config, whole weights, tokenizer: a clear error now, not a traceback later
     log.info("run %s: preset %s, base %s, device %s", run_name, preset, cfg.model_name_or_path, device.describe())
     if processes > 1 and cfg.backend == "unsloth":
         raise ConfigError(f"backend=unsloth runs on one GPU only; with {processes} processes use --set backend=hf "
