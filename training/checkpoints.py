@@ -44,7 +44,7 @@ CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 # What must not change between a checkpoint and the run resuming from it: the adapter would not load (rank,
 # target modules) or would silently apply to other weights (base model).
 INCOMPATIBLE_KEYS = ("model_name_or_path", "lora_r", "target_modules")  # names of training/qlora_config.py
-# Test-only hook: "POINT@STEP:SECONDS" (POINT: step | eval | save) makes the callback pause once at that point so
+# Test-only hook: "POINT@STEP:SECONDS" (POINT: step | eval | save | final) makes the callback pause once at that point so
 # that tests can deliver a signal there. Never set it in real runs.
 TEST_PAUSE_ENV = "QLORA_TEST_PAUSE"
 _CHUNK = 1 << 20
@@ -444,7 +444,7 @@ def _parse_test_pause(value: str | None) -> tuple[str, int, float] | None:
     """"save@2:30" -> ("save", 2, 30.0); malformed -> None."""
     if not value:
         return None
-    m = re.fullmatch(r"(step|eval|save)@(\d+):([0-9.]+)", value.strip())
+    m = re.fullmatch(r"(step|eval|save|final)@(\d+):([0-9.]+)", value.strip())
     if not m:
         print(f"[checkpoints] ignoring {TEST_PAUSE_ENV}={value!r} (want POINT@STEP:SECONDS)", file=sys.stderr)
         return None
@@ -640,6 +640,7 @@ class _CheckpointCallbackLogic:
             control.should_training_stop = True
 
     def on_train_end(self, args, state, control, **kwargs):
+        self._maybe_pause("final", state.global_step, args.output_dir)  # before the recipe saves the adapter
         self.stopped_early = self._should_stop() and state.global_step < state.max_steps
         if self.stopped_early and state.is_world_process_zero:  # rank 0 wrote the marker: it knows the path
             path = self.last_complete if self.last_complete and checkpoint_step(self.last_complete) == \

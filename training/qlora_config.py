@@ -64,6 +64,7 @@ class QLoRAConfig:
     save_steps: int = 100  # checkpoint every N steps: the most work a crash can cost
     keep_checkpoints: int = 3  # newest complete checkpoints kept per run (the backup keeps its own)
     eval_steps: int = 100  # evaluate every N steps when there is an eval split
+    disk_check: bool = True  # refuse to start when the run's checkpoints and adapter cannot fit the output disk
     report_to: str = "tensorboard"  # comma-separated: tensorboard, wandb
     dataloader_num_workers: int = 2  # background data loading; 0 on the CPU
 

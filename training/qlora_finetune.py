@@ -80,10 +80,16 @@ def main(argv: list[str] | None = None) -> int:
         from training.distributed import DistributedError
         from training.model import ModelLoadError, ResourceError
 
-        user_errors = (BackendError, CheckpointError, ConfigError, DataError, DistributedError, ModelLoadError,
-                       ResourceError)
+        from training.disk import DiskFullError
+
+        user_errors = (BackendError, CheckpointError, ConfigError, DataError, DiskFullError, DistributedError,
+                       ModelLoadError, ResourceError)
         user_error = isinstance(exc, user_errors)
-        log_event(metrics_path, run_name, 0, "failed", error=f"{type(exc).__name__}: {exc}")
+        reason = {"reason": exc.reason} if getattr(exc, "reason", None) else {}
+        try:
+            log_event(metrics_path, run_name, 0, "failed", error=f"{type(exc).__name__}: {exc}", **reason)
+        except OSError as log_exc:  # the logs' disk may be the full one: the message below still reaches the user
+            log.warning("could not record the failed event in %s: %s", metrics_path, log_exc)
         if user_error:
             log.error("%s", exc)
             return 2
@@ -130,6 +136,7 @@ def train(cfg: QLoRAConfig, preset: str, run_name: str, run_dir: Path, metrics_p
     # ---------------------------------------------------------------------------------------------- resume
     from training.checkpoints import (CheckpointCallback, check_resume_compatible, load_finished_checkpoint,
                                       read_manifest, resolve_resume)
+    from training.disk import disk_full_guard, preflight_disk, remove_partial_saves
 
     resume_from = resolve_resume(resume, run_dir, log=log.warning)  # a bad PATH is an error, never a fresh start
     resume_changes = check_resume_compatible(resume_from, to_dict(cfg), log=log.warning) if resume_from else []
@@ -139,6 +146,9 @@ def train(cfg: QLoRAConfig, preset: str, run_name: str, run_dir: Path, metrics_p
         log.info("run %s already finished at step %d (adapter in %s): nothing to train; a larger --max-steps "
                  "trains on, --resume never starts over", run_name, resume_step, run_dir / "adapter")
         return 0
+    if distributed.is_main():
+        remove_partial_saves(run_dir, checkpoints=False)  # a .tmp-adapter/ left by a crash during the final save
+        preflight_disk(cfg, model_path, run_dir, resume_step or 0, log=log.warning)
 
     # ------------------------------------------------------------------------------------------------ data
     tokenizer = load_tokenizer(model_path)
@@ -219,24 +229,17 @@ def train(cfg: QLoRAConfig, preset: str, run_name: str, run_dir: Path, metrics_p
                   changes=resume_changes)
         train_loss_mean = None
     else:
-        result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        with disk_full_guard(run_dir):  # a full disk during a checkpoint: partial folder removed, exit 2
+            result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
         if checkpoint_cb.exit_status is not None:  # stopped by a signal: its complete checkpoint is where to resume
             return checkpoint_cb.exit_status
         train_loss_mean = result.training_loss
 
     # ------------------------------------------------------------------------------------------------ save
     adapter_dir = run_dir / "adapter"
-    if distributed.fsdp_enabled():
-        # FSDP holds shards: gather the full adapter state (a collective: every rank), the Trainer writes on rank 0.
-        trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
-        trainer.save_model(str(adapter_dir))
-    if not distributed.is_main():
-        return 0  # rank 0 writes the adapter, the summary and the `finished` event
-    if not distributed.fsdp_enabled():
-        trainer.model.save_pretrained(str(adapter_dir))
-    tokenizer.save_pretrained(str(adapter_dir))
-    if (Path(model_path) / "tokenizer.model").is_file():  # GGUF export needs the SentencePiece file
-        (adapter_dir / "tokenizer.model").write_bytes((Path(model_path) / "tokenizer.model").read_bytes())
+    with disk_full_guard(run_dir):
+        if not save_adapter(trainer, tokenizer, model_path, adapter_dir):
+            return 0  # rank 0 writes the adapter, the summary and the `finished` event
     state = trainer.state
     # The whole run's curve (a resumed run's state carries the earlier attempts' records too)
     losses = [h["loss"] for h in state.log_history if "loss" in h]
@@ -268,13 +271,40 @@ def train(cfg: QLoRAConfig, preset: str, run_name: str, run_dir: Path, metrics_p
     }
     from training.jsonl import write_json_atomic
 
-    write_json_atomic(run_dir / "run_summary.json", run_summary)
+    with disk_full_guard(run_dir):
+        write_json_atomic(run_dir / "run_summary.json", run_summary)
     log_event(metrics_path, run_name, state.global_step, "finished", train_loss_last=run_summary["train_loss_last"])
     write_run_report(metrics_path.parent.parent, run_name, run_dir)
     log.info("done in %.0fs: loss %.4f -> %.4f; adapter in %s", run_summary["duration_s"],
              run_summary["train_loss_first"] or float("nan"), run_summary["train_loss_last"] or float("nan"),
              adapter_dir)
     return 0
+
+
+def save_adapter(trainer, tokenizer, model_path: str, adapter_dir: Path) -> bool:
+    """Write the final adapter (+ tokenizer) into .tmp-adapter/, then rename it to adapter/: a crash or a full disk
+    never leaves half an adapter. Under FSDP every rank takes part; only rank 0 writes. Returns whether it wrote."""
+    from training import distributed
+    from training.checkpoints import fsync_dir, remove_tree_atomically
+    from training.disk import ADAPTER_TMP_NAME
+
+    tmp = adapter_dir.with_name(ADAPTER_TMP_NAME)
+    if distributed.fsdp_enabled():
+        # FSDP holds shards: gather the full adapter state (a collective: every rank), the Trainer writes on rank 0.
+        trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
+        trainer.save_model(str(tmp))
+    if not distributed.is_main():
+        return False
+    if not distributed.fsdp_enabled():
+        trainer.model.save_pretrained(str(tmp))
+    tokenizer.save_pretrained(str(tmp))
+    if (Path(model_path) / "tokenizer.model").is_file():  # GGUF export needs the SentencePiece file
+        (tmp / "tokenizer.model").write_bytes((Path(model_path) / "tokenizer.model").read_bytes())
+    if adapter_dir.exists():
+        remove_tree_atomically(adapter_dir)  # the previous attempt's (a resumed run with more --max-steps)
+    os.replace(tmp, adapter_dir)
+    fsync_dir(adapter_dir.parent)
+    return True
 
 
 def finished_at(run_dir: Path, step: int) -> bool:
