@@ -455,7 +455,7 @@ class _CheckpointCallbackLogic:
     """The body of CheckpointCallback (which adds transformers' TrainerCallback as a base on first use, so that the
     backup sidecar and other file-level users of this module do not pay the 10+ s transformers import).
 
-    Makes every HF checkpoint complete (marker + manifest + run_config.json), keeps the newest `keep`, records
+    Makes every HF checkpoint complete (marker + manifest + run_config.json + extra_json files), keeps the newest `keep`, records
     `checkpoint` / `resumed` / `stopped` events, and turns the first SIGTERM/SIGINT into "finish this optimizer
     step, save a full checkpoint, stop"; a second signal exits at once (the last complete checkpoint is untouched).
 
@@ -474,6 +474,7 @@ class _CheckpointCallbackLogic:
         keep: int | None = 3,
         resumed_from: str | os.PathLike | None = None,
         resume_changes: Iterable[str] = (),
+        extra_json: dict[str, Any] | None = None,
         install_signal_handlers: bool = True,
         log: Log | None = None,
     ):
@@ -483,6 +484,7 @@ class _CheckpointCallbackLogic:
         self.keep = keep
         self.resumed_from = Path(resumed_from) if resumed_from else None
         self.resume_changes = list(resume_changes)
+        self.extra_json = dict(extra_json or {})  # more JSON files each checkpoint records (name -> content)
         self.log = logger.warning if log is None else log
         self.stop_signal: int | None = None  # the signal this process received
         # Several ranks (accelerate launch): the signal every rank agreed to act on at the end of an optimizer step
@@ -628,6 +630,8 @@ class _CheckpointCallbackLogic:
             else:
                 if self.run_config is not None:
                     write_json_atomic(ckpt / RUN_CONFIG_NAME, self.run_config)
+                for name, content in self.extra_json.items():
+                    write_json_atomic(ckpt / name, content)
                 self._maybe_pause("save", state.global_step, args.output_dir)
                 manifest = write_complete_marker(ckpt, state.global_step)
                 self.last_complete = ckpt

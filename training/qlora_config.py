@@ -59,6 +59,7 @@ class QLoRAConfig:
     bf16: str = "auto"  # auto: bf16 on cards that have it (Ampere+), else fp16; fp32 on the CPU
     packing: bool = False  # pack short samples into full rows, padding-free; exact (per-sample masks); more tokens/step
     seed: int = 42  # same seed, same data order and initialisation
+    resume_with_new_data: bool = False  # resume although the data changed: its position is reset (else refused)
     # --- logging and checkpoints ---
     logging_steps: int = 10  # metrics every N optimizer steps
     save_steps: int = 100  # checkpoint every N steps: the most work a crash can cost

@@ -155,6 +155,11 @@ def train(cfg: QLoRAConfig, preset: str, run_name: str, run_dir: Path, metrics_p
     train_ds, eval_ds, stats = build_datasets(cfg.data, tokenizer, cfg.max_seq_length, cfg.eval_fraction,
                                               cfg.seed, cfg.completion_only_loss)
     summary = stats.summary()
+    from training.data_fingerprint import FINGERPRINT_NAME, check_resume_data, data_fingerprint
+
+    fingerprint = data_fingerprint(cfg.data, train_ds, eval_ds, cfg.eval_fraction, cfg.seed)
+    data_changes = (check_resume_data(resume_from, fingerprint, cfg.resume_with_new_data, log=log.warning)
+                    if resume_from is not None else [])
     log.info("data %s: %s; %d train / %d eval examples; %d truncated at %d tokens", cfg.data,
              summary["records_per_format"], stats.n_train, stats.n_eval, stats.truncated, cfg.max_seq_length)
 
@@ -203,6 +208,7 @@ def train(cfg: QLoRAConfig, preset: str, run_name: str, run_dir: Path, metrics_p
         dataloader_num_workers=cfg.dataloader_num_workers,
         seed=cfg.seed,
         data_seed=cfg.seed,
+        ignore_data_skip=bool(data_changes),  # changed data: the checkpoint's position in it means nothing
         disable_tqdm=True,  # MetricsCallback draws its own bar with the loss
         # LoRA under DDP: every trainable parameter gets a gradient each step, so skip DDP's unused-parameter scan
         # (its default for a PeftModel), which costs a graph traversal per step and warns.
@@ -212,13 +218,17 @@ def train(cfg: QLoRAConfig, preset: str, run_name: str, run_dir: Path, metrics_p
     # From here on SIGTERM/SIGINT = finish the step, save a complete checkpoint, stop (a second one: exit at once).
     checkpoint_cb = CheckpointCallback(run_name=run_name, metrics_path=metrics_path, run_config=to_dict(cfg),
                                        keep=cfg.keep_checkpoints, resumed_from=resume_from,
-                                       resume_changes=resume_changes, log=log.warning)
+                                       resume_changes=resume_changes, extra_json={FINGERPRINT_NAME: fingerprint},
+                                       log=log.warning)
     trainer = SFTTrainer(model=model, args=sft_args, train_dataset=train_ds, eval_dataset=eval_ds,
                          processing_class=tokenizer, callbacks=[metrics_cb, checkpoint_cb])
     trainer.remove_callback(PrinterCallback)
 
     log_event(metrics_path, run_name, 0, "start", preset=preset, device=device.describe(), max_steps=cfg.max_steps,
               processes=processes, global_batch=batch.sequences)
+    if data_changes:
+        log_event(metrics_path, run_name, resume_step or 0, "data_changed", checkpoint=str(resume_from),
+                  changes=data_changes, data_position="reset")
     if resume_step is not None and resume_step >= cfg.max_steps and not distributed.fsdp_enabled():
         # Stopped after its last checkpoint but before the final save: nothing left to train, only to save. (FSDP
         # checkpoints hold shards, not the adapter: there HF's resume trains one step past max_steps instead.)
