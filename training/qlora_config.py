@@ -28,6 +28,7 @@ class QLoRAConfig:
     plan_memory: bool = True  # on CUDA the VRAM planner picks micro-batch and checkpointing, keeping tokens per step
     gpu_mem_gib: float = 0.0  # plan for this much GPU memory (0: the card's); e.g. 24 to plan a 4090 run on an H100
     max_micro_batch: int = 16  # the planner never goes above this micro-batch
+    oom_retry: bool = False  # on CUDA out of memory: halve the micro-batch (same tokens per step), retry once
     device: str = "auto"  # auto: CUDA when present, else the CPU; cpu/cuda force it
     min_gpu_mem_gib: float = 0.0  # refuse to start below this much GPU memory (0: no check)
     allow_cpu: bool = False  # without a GPU, base models over 400M parameters are refused (hours per step); true forces

@@ -20,6 +20,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
+from typing import Sequence
 
 if __package__ in (None, ""):  # run as `python training/qlora_finetune.py`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -49,7 +50,8 @@ def make_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, callbacks: Sequence = ()) -> int:
+    """The CLI. `callbacks`: extra TrainerCallbacks (tests inject faults through them)."""
     args = make_parser().parse_args(argv)
     # ---------------------------------------------------------------------------------------------- config
     try:
@@ -70,7 +72,11 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(logs_dir / "train.log" if is_main() else None, rank=rank())
     metrics_path = logs_dir / "metrics.jsonl"
     try:
-        status = train(cfg, args.model_config, run_name, run_dir, metrics_path, args.resume)
+        from training.oom import train_with_oom_retry
+
+        status = train_with_oom_retry(train, cfg, preset=args.model_config,
+                                      run_name=run_name, run_dir=run_dir, metrics_path=metrics_path,
+                                      resume=args.resume, callbacks=callbacks)
         shutdown()  # not on errors: a failing rank would wait in NCCL teardown for ranks blocked in a collective
         return status
     except Exception as exc:
@@ -78,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         from training.checkpoints import CheckpointError
         from training.data import DataError
         from training.distributed import DistributedError
-        from training.model import ModelLoadError, ResourceError
+        from training.model import ModelLoadError, ResourceError  # incl. training.oom.OutOfMemory
 
         from training.disk import DiskFullError
 
@@ -97,7 +103,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
-def train(cfg: QLoRAConfig, preset: str, run_name: str, run_dir: Path, metrics_path: Path, resume: str) -> int:
+def train(cfg: QLoRAConfig, preset: str, run_name: str, run_dir: Path, metrics_path: Path, resume: str,
+          retried: bool = False, callbacks: Sequence = ()) -> int:
     from training.data import build_datasets
     from training.metrics import MetricsCallback, log_event
     from training.backends import choose_backend
@@ -124,6 +131,10 @@ def train(cfg: QLoRAConfig, preset: str, run_name: str, run_dir: Path, metrics_p
     log.info("backend %s: %s", backend.label, backend.reason)
     cfg, plan_line = plan_for_device(cfg, device, backend.label)  # micro-batch + checkpointing
     log.info("%s", plan_line)
+    from training.oom import PlanUsed, oom_guard
+
+    planned = PlanUsed(cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps, cfg.gradient_checkpointing,
+                       cfg.max_seq_length, device.kind == "cuda" and cfg.plan_memory, plan_line, device)
     # Tokens per optimizer step stay the config's (one GPU's micro-batch x accumulation) whatever the GPU count.
     batch = distributed.split_global_batch(cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps,
                                            processes)
@@ -167,7 +178,8 @@ def train(cfg: QLoRAConfig, preset: str, run_name: str, run_dir: Path, metrics_p
     from transformers import set_seed
 
     set_seed(cfg.seed)  # LoRA A matrices start random: seed them, or same-seed runs differ (the Trainer seeds later)
-    model = load_qlora_model(cfg, model_path, device, backend.label)
+    with oom_guard(lambda: planned, lambda: None, run_dir, retried):
+        model = load_qlora_model(cfg, model_path, device, backend.label)
 
     # --------------------------------------------------------------------------------------------- trainer
     from transformers.trainer_callback import PrinterCallback
@@ -221,7 +233,7 @@ def train(cfg: QLoRAConfig, preset: str, run_name: str, run_dir: Path, metrics_p
                                        resume_changes=resume_changes, extra_json={FINGERPRINT_NAME: fingerprint},
                                        log=log.warning)
     trainer = SFTTrainer(model=model, args=sft_args, train_dataset=train_ds, eval_dataset=eval_ds,
-                         processing_class=tokenizer, callbacks=[metrics_cb, checkpoint_cb])
+                         processing_class=tokenizer, callbacks=[metrics_cb, checkpoint_cb, *callbacks])
     trainer.remove_callback(PrinterCallback)
 
     log_event(metrics_path, run_name, 0, "start", preset=preset, device=device.describe(), max_steps=cfg.max_steps,
@@ -239,7 +251,9 @@ def train(cfg: QLoRAConfig, preset: str, run_name: str, run_dir: Path, metrics_p
                   changes=resume_changes)
         train_loss_mean = None
     else:
-        with disk_full_guard(run_dir):  # a full disk during a checkpoint: partial folder removed, exit 2
+        # CUDA OOM or a full disk: the partial checkpoint is removed, complete ones stay, exit 2 with the fix
+        with oom_guard(lambda: planned, lambda: trainer.state.global_step, run_dir, retried), \
+                disk_full_guard(run_dir):
             result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
         if checkpoint_cb.exit_status is not None:  # stopped by a signal: its complete checkpoint is where to resume
             return checkpoint_cb.exit_status
