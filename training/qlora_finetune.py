@@ -120,6 +120,9 @@ def train(cfg: QLoRAConfig, preset: str, run_name: str, run_dir: Path, metrics_p
     # Every rank joins before the model loads (per-rank device, FSDP's low-memory loading); gloo on the CPU.
     distributed.init_process_group(cpu=device.kind == "cpu")
     model_path = resolve_builtin(cfg.model_name_or_path)
+    from training.secrets import hf_token_source
+
+    log.info("Hugging Face token: %s", hf_token_source())
     check_base_model(model_path)  # config, whole weights, tokenizer: a clear error now, not a traceback later
     log.info("run %s: preset %s, base %s, device %s", run_name, preset, cfg.model_name_or_path, device.describe())
     if processes > 1 and cfg.backend == "unsloth":
