@@ -72,7 +72,7 @@ def admit_cpu(cfg: QLoRAConfig, preset: str) -> None:
     params = count_parameters(cfg.model_name_or_path)
     tokens = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * cfg.max_seq_length
     step_s = cpu_step_seconds(params, tokens)
-    size = f"{cfg.model_name_or_path} has {params / 1e6:,.0f}M parameters"
+    size = f"{cfg.model_name_or_path} has {params / 1e6:,.{0 if params >= 1e7 else 1}f}M parameters"
     if params <= CPU_MAX_PARAMS:
         log.info("no CUDA GPU: training on the CPU (%s, at most %.0fM); at least ~%s per optimizer step of %d "
                  "tokens", size, CPU_MAX_PARAMS / 1e6, _duration(step_s), tokens)
@@ -98,6 +98,8 @@ def cpu_step_seconds(params: int, tokens: int) -> float:
 
 
 def _duration(seconds: float) -> str:
+    if seconds < 1:
+        return "under 1 s"
     if seconds < 120:
         return f"{seconds:.0f} s"
     if seconds < 7200:
