@@ -166,3 +166,17 @@ def disk_full_message(run_dir: Path, removed: list[Path], exc: BaseException) ->
             f"{free / MIB:.1f} MiB free on the disk of {where} after "
             f"removing the partial folder{need}. {last[0].upper() + last[1:]}. Free space, keep fewer checkpoints "
             f"(--set keep_checkpoints=1), or point --output-dir at a larger disk.")
+
+
+def export_disk_full_message(exc: BaseException, output_dir: Path, gguf_dir: Path) -> str:
+    """The export ran out of space: its temporary folders are already gone (training/export.py removes them)."""
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    frees = {}
+    for path in (output_dir, gguf_dir):
+        free, where = free_bytes(path)
+        frees[str(where)] = free
+    listed = ", ".join(f"{free / MIB:,.1f} MiB free on the disk of {where}" for where, free in frees.items())
+    return (f"disk full during the export (no space left on the device; the writer said: {first}): the partial "
+            f"merged model / GGUF folders were removed, the adapter and earlier exports are intact; {listed}. Free "
+            f"space, or point --gguf-dir (and --output-dir for the merged model) at a larger disk, then run the "
+            f"same command again.")

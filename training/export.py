@@ -999,6 +999,13 @@ def main(argv: list[str] | None = None) -> int:
     except CheckFailed as exc:
         log.error("export check failed: %s", exc)
         return 3
+    except Exception as exc:
+        from training.disk import export_disk_full_message, is_disk_full
+
+        if not is_disk_full(exc, Path(args.gguf_dir)):
+            raise
+        log.error("%s", export_disk_full_message(exc, Path(args.output_dir), Path(args.gguf_dir)))
+        return 2
     if report.get("gguf_dir"):
         c = report["checks"]["logits_vs_merged"]
         print(f"exported {report['gguf_dir']}/{report['gguf_file']} ({report['gguf_bytes'] / 2**20:.1f} MiB): "
