@@ -9,11 +9,11 @@ import pytest
 
 from tests.conftest import REPO
 from tests.test_resume_e2e import Run
-from training.checkpoints import verify_checkpoint
-from training.data_fingerprint import FINGERPRINT_NAME, fingerprint_changes
+from training.checkpoints import CheckpointError, verify_checkpoint
+from training.data_fingerprint import FINGERPRINT_NAME, check_resume_data, fingerprint_changes
 
 
-def test_fingerprint_changes_name_each_file_and_the_split():
+def test_fingerprint_changes_name_each_file_and_the_split(tmp_path):
     old = {"files": {"a.jsonl": {"size": 10, "sha256": "x"}, "b.json": {"size": 5, "sha256": "y"},
                      "c.csv": {"size": 7, "sha256": "z"}},
            "split": {"eval_fraction": 0.05, "seed": 42, "train_examples": 90, "eval_examples": 5,
@@ -29,6 +29,18 @@ def test_fingerprint_changes_name_each_file_and_the_split():
     retokenized = {**old, "split": {**old["split"], "train_sha256": "other"}}
     assert fingerprint_changes(old, retokenized) == [
         "the tokenized training examples differ (tokenizer or max_seq_length changed?)"]
+
+    ckpt = tmp_path / "checkpoint-2"
+    ckpt.mkdir()
+    (ckpt / FINGERPRINT_NAME).write_text(json.dumps(old))
+    logged = []
+    # same files and examples, tokenized differently: the position still fits, so a warning and no reset
+    assert check_resume_data(ckpt, retokenized, allow_new_data=False, log=logged.append) == []
+    assert "same data, tokenized differently" in logged[-1]
+    with pytest.raises(CheckpointError, match="b.json: removed"):
+        check_resume_data(ckpt, new, allow_new_data=False, log=logged.append)
+    assert len(check_resume_data(ckpt, new, allow_new_data=True, log=logged.append)) == 5
+    assert "the data position is reset" in logged[-1]
 
 
 @pytest.mark.slow

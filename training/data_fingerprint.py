@@ -4,8 +4,9 @@ Each checkpoint holds `data_fingerprint.json` (written before its COMPLETE marke
 the raw files (path relative to --data, size, SHA-256) and the split (eval_fraction, seed, example counts and a
 SHA-256 of the tokenized train and eval examples in order). The checkpoint's data position (how many batches of
 this epoch were consumed) means something only for the same examples in the same order: `--resume auto` with
-different data is refused naming what changed, unless `--set resume_with_new_data=true`, which continues with
-the data position reset (the new data is read from the start of the epoch) and records a `data_changed` event.
+different data is refused naming what changed, unless `--set resume_with_new_data=true`, which continues with the
+data position reset (the new data is read from the start of the epoch) and records a `data_changed` event. The same
+files tokenized differently (another max_seq_length) only warn: the position still points at the same examples.
 """
 
 from __future__ import annotations
@@ -94,6 +95,10 @@ def check_resume_data(ckpt: Path, current: dict[str, Any], allow_new_data: bool,
         return []
     changes = fingerprint_changes(saved, current)
     if not changes:
+        return []
+    if all(c.startswith("the tokenized") for c in changes):  # same files, same examples, same order
+        log(f"resuming from {ckpt}: same data, tokenized differently ({'; '.join(changes)}); the data position "
+            f"still points at the same examples")
         return []
     listed = "; ".join(changes[:8]) + (f"; and {len(changes) - 8} more" if len(changes) > 8 else "")
     if not allow_new_data:
