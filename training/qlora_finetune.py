@@ -83,10 +83,9 @@ def main(argv: list[str] | None = None, callbacks: Sequence = ()) -> int:
         from training.backends import BackendError
         from training.checkpoints import CheckpointError
         from training.data import DataError
-        from training.distributed import DistributedError
-        from training.model import ModelLoadError, ResourceError  # incl. training.oom.OutOfMemory
-
         from training.disk import DiskFullError
+        from training.distributed import DistributedError
+        from training.model import ModelLoadError, ResourceError  # ResourceError includes training.oom.OutOfMemory
 
         user_errors = (BackendError, CheckpointError, ConfigError, DataError, DiskFullError, DistributedError,
                        ModelLoadError, ResourceError)
