@@ -15,7 +15,6 @@ from tests.conftest import REPO
 from training.checkpoints import list_checkpoints, verify_checkpoint
 from training.jsonl import read_jsonl
 
-pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("tiny_model_dir")]
 
 
 def start(tmp_path, name: str, limit: int, step: int, *sets: str):
@@ -32,6 +31,8 @@ def events(tmp_path, name: str, event: str) -> list[dict]:
     return [r for r in read_jsonl(tmp_path / "logs" / name / "metrics.jsonl") if r.get("event") == event]
 
 
+@pytest.mark.slow
+@pytest.mark.usefixtures("tiny_model_dir")
 def test_oom_exits_2_with_the_plan_and_knobs_and_oom_retry_halves_the_micro_batch(tmp_path):
     procs = {
         "first": start(tmp_path, "first", 4, 1),  # the tiny preset's micro-batch 8 "does not fit"
@@ -73,3 +74,38 @@ def test_oom_exits_2_with_the_plan_and_knobs_and_oom_retry_halves_the_micro_batc
     assert rc == 2 and "Traceback" not in log, log[-4000:]
     assert "CUDA out of memory at step 1 after oom_retry halved the micro-batch" in log
     assert "micro-batch 4 x accumulation 2" in log and len(events(tmp_path, "again", "oom_retry")) == 1
+
+
+def test_planned_oom_names_the_planner_knobs_and_the_processes_on_the_card(tmp_path):
+    """The message on a CUDA card, with the planner on; the card report from NVML's process list (the test's NVML
+    stand-in, tests/fake_nvml.py: there is no driver here)."""
+    import torch
+
+    from tests.fake_nvml import MIB, FakeGpu, FakeNvml
+    from training.model import Device
+    from training.oom import PlanUsed, card_report, oom_message
+
+    nvml = FakeNvml([FakeGpu(name="NVIDIA GeForce RTX 4090", mem_used_mib=23_000, mem_total_mib=24_564,
+                             processes=[(os.getpid(), 14_000 * MIB), (99_999_999, 9_000 * MIB)])])
+    card = card_report(nvml=nvml)
+    assert card.startswith(f"NVIDIA GeForce RTX 4090: 22.5 of 24.0 GiB in use; processes on it: pid {os.getpid()} "
+                           "(this run) python"), card
+    assert card.endswith(" 14,000 MiB, pid 99999999 ? 9,000 MiB"), card  # another container's process: no name
+    assert nvml.shutdown_calls == 1
+    device = Device("cuda", "NVIDIA GeForce RTX 4090", 24.0, torch.bfloat16, True, False)
+    plan = PlanUsed(8, 2, False, 2048, True, "planner (24 GiB card, hf+liger): micro-batch 8 x accumulation 2, "
+                    "predicted peak 19.8 GiB", device)
+    err = oom_message(torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.95 GiB"), plan, 0,
+                      tmp_path, retried=False, card=card)
+    text = str(err)
+    assert text.startswith("CUDA out of memory at step 1 (CUDA out of memory. Tried to allocate 1.95 GiB)")
+    assert "micro-batch 8 x accumulation 2 of up to 2048 tokens, gradient checkpointing off" in text
+    assert "predicted peak 19.8 GiB" in text and "pid 99999999" in text
+    assert "--set max_micro_batch=4 (same tokens per step" in text and "--set gpu_mem_gib=N" in text
+    assert "below the card's 24 GiB" in text and "--set max_seq_length=1024" in text and "oom_retry=true" in text
+    assert err.retry == {"per_device_train_batch_size": 4, "gradient_accumulation_steps": 4, "max_micro_batch": 4}
+    assert err.reason == "out_of_memory"
+    again = oom_message(RuntimeError("CUDA out of memory."), PlanUsed(1, 16, True, 2048, True, "planner", device),
+                        None, tmp_path, retried=True, card=card)
+    assert "while loading the model after oom_retry" in str(again) and again.retry is None
+    assert "max_micro_batch" not in str(again)  # micro-batch 1 cannot be halved

@@ -51,21 +51,23 @@ def is_cuda_oom(exc: BaseException) -> bool:
     return isinstance(exc, torch.cuda.OutOfMemoryError) or "CUDA out of memory" in str(exc)
 
 
-def card_report(device_index: int = 0) -> str:
-    """The card's memory and the processes NVML sees on it (this run marked)."""
+def card_report(device_index: int = 0, nvml: Any = None) -> str:
+    """The card's memory and the processes NVML sees on it (this run marked). `nvml`: the pynvml module (a test's
+    stand-in without a driver)."""
     try:
-        import pynvml
         import torch
 
         from training.gpu_monitor import NvmlSampler
 
-        pynvml.nvmlInit()
+        if nvml is None:
+            import pynvml as nvml
+        nvml.nvmlInit()
         try:
             uuid = str(torch.cuda.get_device_properties(device_index).uuid) if torch.cuda.is_available() else None
-            sampler = NvmlSampler(pynvml)
-            samples = [sampler.sample_device(i) for i in range(pynvml.nvmlDeviceGetCount())]
+            sampler = NvmlSampler(nvml)
+            samples = [sampler.sample_device(i) for i in range(nvml.nvmlDeviceGetCount())]
         finally:
-            pynvml.nvmlShutdown()
+            nvml.nvmlShutdown()
     except Exception as exc:  # noqa: BLE001 - no driver, no NVML library, no permission: say so, never fail here
         return f"NVML cannot list the card's processes here ({type(exc).__name__})"
     sample = next((s for s in samples if uuid and s["uuid"] and uuid in s["uuid"]), samples[0] if samples else None)
@@ -78,7 +80,9 @@ def card_report(device_index: int = 0) -> str:
     return f"{sample['name']}: {used / 1024:.1f} of {total / 1024:.1f} GiB in use; processes on it: {listed}"
 
 
-def oom_message(exc: BaseException, plan: PlanUsed, step: int | None, run_dir: Path, retried: bool) -> OutOfMemory:
+def oom_message(exc: BaseException, plan: PlanUsed, step: int | None, run_dir: Path, retried: bool,
+                card: str | None = None) -> OutOfMemory:
+    """The OutOfMemory to raise; `card` defaults to card_report() of the first GPU."""
     from training.checkpoints import find_latest_complete_checkpoint
 
     first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -105,7 +109,7 @@ def oom_message(exc: BaseException, plan: PlanUsed, step: int | None, run_dir: P
              if half and not retried else None)
     text = (f"CUDA out of memory {where}{' after oom_retry halved the micro-batch' if retried else ''} ({first}). "
             f"Plan used: micro-batch {m} x accumulation {a} of up to {seq} tokens, gradient checkpointing "
-            f"{'on' if plan.gradient_checkpointing else 'off'}; {plan.plan_line}. Card now: {card_report()}. "
+            f"{'on' if plan.gradient_checkpointing else 'off'}; {plan.plan_line}. Card now: {card or card_report()}. "
             f"Nothing was saved at this step; newest complete checkpoint: {latest or 'none'}. Turn a knob: "
             + "; ".join(knobs))
     return OutOfMemory(text, retry)
