@@ -110,11 +110,7 @@ def preflight_disk(cfg, model_path: str, run_dir: Path, start_step: int, log: Ca
 def is_disk_full(exc: BaseException, path: Path) -> bool:
     """Whether an exception from a save means the disk is full: ENOSPC/EDQUOT anywhere in its chain, the
     safetensors/torch messages for it, or torch's generic write failures with no space left on `path`'s disk."""
-    seen: list[BaseException] = []
-    e: BaseException | None = exc
-    while e is not None and e not in seen:
-        seen.append(e)
-        e = e.__cause__ or e.__context__
+    seen = exception_chain(exc)
     if any(isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT) for e in seen):
         return True
     text = " ".join(str(e) for e in seen)
@@ -125,6 +121,16 @@ def is_disk_full(exc: BaseException, path: Path) -> bool:
         return any(g in text for g in generic) and free_bytes(path)[0] < MIB
     except OSError:
         return False
+
+
+def exception_chain(exc: BaseException) -> list[BaseException]:
+    """The exception and its causes/contexts, outermost first."""
+    seen: list[BaseException] = []
+    e: BaseException | None = exc
+    while e is not None and e not in seen:
+        seen.append(e)
+        e = e.__cause__ or e.__context__
+    return seen
 
 
 def remove_partial_saves(run_dir: Path, checkpoints: bool = True) -> list[Path]:
@@ -157,7 +163,8 @@ def disk_full_guard(run_dir: Path) -> Iterator[None]:
 def disk_full_message(run_dir: Path, removed: list[Path], exc: BaseException) -> str:
     free, where = free_bytes(run_dir)
     complete = [(s, p) for s, p in list_checkpoints(run_dir) if (p / MARKER_NAME).exists()]
-    folder = ", ".join(str(p) for p in removed) or str(run_dir)
+    written = next((str(e.filename) for e in exception_chain(exc) if isinstance(e, OSError) and e.filename), None)
+    folder = ", ".join(str(p) for p in removed) or written or str(run_dir)  # e.g. the logs, when they filled it
     need = ""
     if complete:
         manifest = read_manifest(complete[-1][1]) or {"files": {}}

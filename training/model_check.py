@@ -115,7 +115,9 @@ def explain_load_error(model_path: str, exc: BaseException) -> str:
     from huggingface_hub import constants
 
     hub = constants.ENDPOINT  # https://huggingface.co unless HF_ENDPOINT names a mirror
-    chain = _exception_chain(exc)
+    from training.disk import exception_chain
+
+    chain = exception_chain(exc)
     text = " ".join(str(e) for e in chain)
     first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     if any(isinstance(e, GatedRepoError) for e in chain) or "gated repo" in text.lower():
@@ -140,14 +142,6 @@ def explain_load_error(model_path: str, exc: BaseException) -> str:
     else:
         hint = f"check the id or path (a local folder needs config.json, the weights and tokenizer files; {README})"
     return f"cannot load '{model_path}': {first}\n-> {hint}"
-
-
-def _exception_chain(exc: BaseException) -> list[BaseException]:
-    seen: list[BaseException] = []
-    while exc is not None and exc not in seen:
-        seen.append(exc)
-        exc = exc.__cause__ or exc.__context__
-    return seen
 
 
 def _offline() -> bool:
