@@ -109,9 +109,14 @@ def test_disk_full_during_a_checkpoint_and_the_final_save_then_resume(tmp_path, 
     assert want.keys() == got.keys() and all(bool((want[k] == got[k]).all()) for k in want)
 
 
-def test_disk_preflight_refuses_a_run_that_cannot_fit(tmp_path, tmpfs):
-    fill(tmpfs, keep_free=1_200_000)  # room for a run keeping one checkpoint, not for one keeping three
+def test_disk_preflight_refuses_a_run_that_cannot_fit(tmp_path, tmpfs, tiny_model_dir):
+    from training.disk import estimate_run_bytes
+    from training.qlora_config import resolve_config
+
     run = DiskRun(tmp_path, "small", tmpfs)
+    small = resolve_config("tiny", set_items=["max_steps=2", "save_steps=2", "logging_steps=1", "keep_checkpoints=1"])
+    need = estimate_run_bytes(small, str(tiny_model_dir), run.out)["total"]
+    fill(tmpfs, keep_free=int(need / 0.95))  # room for a run keeping one checkpoint (tight), not for one keeping three
     rc, log = run.run(60, resume="never", sets={"save_steps": 20})
     assert rc == 2 and "Traceback" not in log, log[-4000:]
     assert f"not enough disk space for run folder {run.out}" in log
@@ -122,4 +127,5 @@ def test_disk_preflight_refuses_a_run_that_cannot_fit(tmp_path, tmpfs):
     t0 = time.time()
     rc, log = run.run(2, resume="never", sets={"save_steps": 2, "keep_checkpoints": 1})
     assert rc == 0, log[-4000:]  # one checkpoint fits: the same disk takes a run that keeps one
+    assert f"disk space is tight for {run.out}: the run needs about" in log
     assert time.time() - t0 < 300
