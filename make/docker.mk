@@ -42,6 +42,11 @@ JUPYTER_PORT ?= 8888
 TENSORBOARD_PORT ?= 6006
 WANDB_PORT ?= 8080
 export BIND_ADDRESS JUPYTER_PORT TENSORBOARD_PORT WANDB_PORT
+# Compose secrets (docker-compose.training.yml): the tokens reach the containers as files, never as environment.
+# Exported even when unset (empty: no secret file), since Compose refuses an unset secret variable.
+HF_TOKEN ?=
+WANDB_API_KEY ?=
+export HF_TOKEN WANDB_API_KEY
 TRAINING_CONTAINER = $(CONTAINER_PREFIX)-qlora-training
 # ./notebooks is bind-mounted into the dev service; as root on the host, hand it to the container user.
 NOTEBOOKS_DIR_READY = mkdir -p notebooks && { [ "$(HOST_UID)" != 0 ] || chown $(APP_UID):$(APP_GID) notebooks; }

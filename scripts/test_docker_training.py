@@ -30,6 +30,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 PROFILES = ("training", "training-dev", "monitoring", "export")
 SECRET_VARS = ("HF_TOKEN", "JUPYTER_TOKEN", "WANDB_API_KEY", "HUGGING_FACE_HUB_TOKEN")
+SECRET_FILE_VARS = ("HF_TOKEN", "WANDB_API_KEY", "HUGGING_FACE_HUB_TOKEN")  # Compose secrets, never environment
 GATED_PRESETS = {"gemma-2b": "google/gemma-2-2b", "gemma-9b": "google/gemma-2-9b"}
 MIN_DRIVER_MAJOR = 525  # CUDA 12.x runtimes (torch cu126) run on drivers >= 525 (minor version compatibility)
 MIN_COMPOSE = (2, 20)  # profiles, `--format json`, build secrets
@@ -207,8 +208,9 @@ def check_ports(r: Report, configs: list[dict]) -> None:
         return
     r.ok(name, f"{seen} published port(s), all on the loopback")
     if os.environ.get("BIND_ADDRESS", "127.0.0.1") not in ("127.0.0.1", "::1", "localhost"):
-        r.warn(name, f"BIND_ADDRESS={os.environ['BIND_ADDRESS']} is set in your environment: the ports will be "
-                     "reachable from that address (Jupyter still needs its token)")
+        r.warn(name, f"BIND_ADDRESS={os.environ['BIND_ADDRESS']} exposes Jupyter, TensorBoard and the W&B server "
+                     "beyond this host: TensorBoard has no authentication (anyone reaching the port reads the runs), "
+                     "Jupyter only its token. Keep 127.0.0.1 and use an SSH tunnel: ssh -L 6006:127.0.0.1:6006 host")
 
 
 def check_secrets(r: Report, configs: list[dict], files: list[Path]) -> None:
@@ -220,6 +222,9 @@ def check_secrets(r: Report, configs: list[dict], files: list[Path]) -> None:
             for key in SECRET_VARS:
                 if env.get(key) not in (None, ""):
                     problems.append(f"service {svc} sets {key} to a literal value")
+                elif key in SECRET_FILE_VARS and key in env:
+                    problems.append(f"service {svc} passes {key} as an environment variable (docker inspect and "
+                                    f"/proc/<pid>/environ show it): use the Compose secret {key.lower()}")
             cmd = " ".join(spec.get("command") or []) if isinstance(spec.get("command"), list) else str(
                 spec.get("command") or "")
             if re.search(r"(ServerApp|NotebookApp|IdentityProvider)\.(token|password)\s*=\s*['\"]{0,2}(\s|$)", cmd):
@@ -233,9 +238,10 @@ def check_secrets(r: Report, configs: list[dict], files: list[Path]) -> None:
             if LITERAL_SECRET_RE.search(line) or "agent-dev-2024" in line:
                 problems.append(f"{path.name}:{lineno}: looks like a literal credential")
     r.verdict(name, problems,
-              "pass secrets from the environment only: `HF_TOKEN:` (no value) under environment: passes it\n"
-              "through; the Jupyter token comes from JUPYTER_TOKEN (make train-dev generates one)",
-              "HF_TOKEN / JUPYTER_TOKEN / WANDB_API_KEY only passed through from the environment")
+              "pass secrets from the caller only: HF_TOKEN / WANDB_API_KEY as Compose secrets (`secrets: [hf_token]`,\n"
+              "top-level `hf_token: {environment: HF_TOKEN}`); the Jupyter token from JUPYTER_TOKEN (make train-dev\n"
+              "generates one)",
+              "HF_TOKEN / WANDB_API_KEY as Compose secrets, JUPYTER_TOKEN passed through from the environment")
 
 
 def dockerfile_stage_users(dockerfile: Path) -> dict[str, tuple[str | None, int | None]]:

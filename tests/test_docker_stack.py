@@ -167,8 +167,10 @@ def stack(tmp_path_factory):
         "BACKUP_INTERVAL": "5",  # the backup sidecar copies the tiny run's checkpoints during the test
         "STOP_GRACE": "30s",
     }
-    for key in ("JUPYTER_TOKEN", "HF_TOKEN", "BIND_ADDRESS", "PRESET", "MODEL", "DATA", "ARGS"):
+    for key in ("JUPYTER_TOKEN", "BIND_ADDRESS", "PRESET", "MODEL", "DATA", "ARGS"):
         env.pop(key, None)
+    # Compose secrets from the environment: the Makefile exports them empty when unset; direct compose calls too.
+    env.update(HF_TOKEN="", WANDB_API_KEY="")
     if _docker("image", "inspect", "local/debian:bookworm").returncode == 0 and "BASE_IMAGE" not in os.environ:
         env["BASE_IMAGE"] = "local/debian:bookworm"  # no registry here: the debootstrap-made base (CI)
     wheels = sorted((REPO / "wheelhouse").glob("torch-*.whl"))
@@ -205,7 +207,11 @@ def test_architecture_check_fails_with_the_fix_on_a_broken_compose_file(stack, t
                           "FAIL  ports bound to 127.0.0.1", "bind each port to the loopback"),
         # a token written in the file
         "literal-token.yml": (good.replace("      JUPYTER_TOKEN:  ", "      JUPYTER_TOKEN: agent-dev-2024  "),
-                              "FAIL  no token or password in the files", "pass secrets from the environment only"),
+                              "FAIL  no token or password in the files", "pass secrets from the caller only"),
+        # a token passed as an environment variable again (docker inspect would show it)
+        "env-token.yml": (good.replace("  HF_TOKEN_PATH: /run/secrets/hf_token\n",
+                                       "  HF_TOKEN_PATH: /run/secrets/hf_token\n  HF_TOKEN:\n"),
+                          "passes HF_TOKEN as an environment variable", "pass secrets from the caller only"),
         # not YAML any more
         "broken.yml": (good.replace("services:\n", "services:\n  - :\n", 1), "FAIL  compose config", "fix the file"),
     }
@@ -220,6 +226,10 @@ def test_architecture_check_fails_with_the_fix_on_a_broken_compose_file(stack, t
         assert failure in p.stdout, f"{name}: {p.stdout}"
         assert f"fix: {fix}" in p.stdout, f"{name}: {p.stdout}"
         assert "All tests passed!" not in p.stdout
+    exposed = subprocess.run(["python3", "scripts/test_docker_training.py", "--cpu-only"], cwd=REPO,
+                             env={**stack, "BIND_ADDRESS": "0.0.0.0"}, capture_output=True, text=True, timeout=300)
+    assert "WARN  ports bound to 127.0.0.1: BIND_ADDRESS=0.0.0.0 exposes Jupyter, TensorBoard" in exposed.stdout
+    assert "TensorBoard has no authentication" in exposed.stdout, exposed.stdout
     # The export image drops back to root for its installs: it must end as the app user like the training image.
     dockerfile = (REPO / "Dockerfile").read_text()
     rooted = dockerfile.replace("ENV LLAMA_CPP_CONVERTER_DIR=/opt/llama-cpp-converter\nUSER app\n",
@@ -232,11 +242,42 @@ def test_architecture_check_fails_with_the_fix_on_a_broken_compose_file(stack, t
     assert "stage 'export' runs as USER root" in p.stdout, p.stdout
 
 
+HF_SENTINEL = "hf_test_sentinel_7f3a9c"  # not a real token: checks that it arrives and that it never leaks
+
+
+def _project_containers(stack) -> list[str]:
+    return _docker("ps", "-aq", "--filter", f"label=com.docker.compose.project={stack['COMPOSE_PROJECT_NAME']}"
+                   ).stdout.split()
+
+
+def _assert_secret_only_in_secret_files(stack, container: str) -> None:
+    """The token is in /run/secrets/hf_token of a running container and in no process's environment there."""
+    secret = _docker("exec", container, "cat", "/run/secrets/hf_token")
+    assert secret.returncode == 0 and secret.stdout == HF_SENTINEL, secret.stderr
+    environs = _docker("exec", container, "sh", "-c", "cat /proc/[0-9]*/environ 2>/dev/null | tr '\\0' '\\n'")
+    assert "HF_TOKEN_PATH=/run/secrets/hf_token" in environs.stdout  # the processes were read
+    assert HF_SENTINEL not in environs.stdout
+
+
 @pytest.mark.docker
 def test_train_tiny_through_compose_writes_the_adapter_as_the_host_user(stack):
     # Few steps, a checkpoint every 5: enough for the adapter and for the backup sidecar to copy something.
-    p = _make(stack, "train-tiny", "ARGS=--max-steps 10 --set save_steps=5 --set eval_steps=5", timeout=900)
+    p = _make({**stack, "HF_TOKEN": HF_SENTINEL}, "train-tiny",
+              "ARGS=--max-steps 10 --set save_steps=5 --set eval_steps=5", timeout=900)
     assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-2000:]
+    # HF_TOKEN is a Compose secret: the trainer found it (the file huggingface_hub reads), yet no container's
+    # inspect, no log, no image layer holds it.
+    assert "Hugging Face token: the file /run/secrets/hf_token" in p.stdout + p.stderr, p.stdout[-3000:]
+    assert HF_SENTINEL not in p.stdout + p.stderr
+    ids = _project_containers(stack)
+    assert ids
+    for cid in ids:
+        assert HF_SENTINEL not in _docker("inspect", cid).stdout
+        logs = _docker("logs", cid)
+        assert HF_SENTINEL not in logs.stdout + logs.stderr
+    layers = subprocess.run(f"{DOCKER} save {stack['IMAGE']} | grep -a -c {HF_SENTINEL}", shell=True,
+                            capture_output=True, text=True, timeout=600)
+    assert layers.stdout.strip() == "0", layers.stderr
     container = _inspect(f"{stack['CONTAINER_PREFIX']}-qlora-training")
     assert container["State"]["ExitCode"] == 0
     listing = _in_volume(stack, "checkpoints", "find /v/tiny -type f -printf '%U:%G %p\\n'")
@@ -361,7 +402,7 @@ def test_train_custom_mounts_the_host_model_and_data_read_only(stack, tmp_path):
 
 @pytest.mark.docker
 def test_train_dev_jupyter_needs_the_token_and_tensorboard_lists_the_run(stack):
-    hf_sentinel = "hf_test_sentinel_7f3a9c"  # not a real token: checks pass-through and that it never leaks
+    hf_sentinel = HF_SENTINEL
     p = _make({**stack, "HF_TOKEN": hf_sentinel}, "train-dev", timeout=300)
     assert p.returncode == 0, p.stdout + p.stderr
     assert hf_sentinel not in p.stdout + p.stderr
@@ -390,10 +431,13 @@ def test_train_dev_jupyter_needs_the_token_and_tensorboard_lists_the_run(stack):
     ports = _inspect(f"{stack['CONTAINER_PREFIX']}-training-dev")["NetworkSettings"]["Ports"]
     for container_port in ("8888/tcp", "6006/tcp"):
         assert {b["HostIp"] for b in ports[container_port]} == {"127.0.0.1"}, ports
-    # HF_TOKEN reaches the container from the caller's environment, but neither the image nor any log holds it;
-    # Jupyter's own log shows `token=...`, not the token.
+    # HF_TOKEN reaches the container as a Compose secret file, which huggingface_hub reads; it is in no process's
+    # environment, not in docker inspect, not in the image or any log. Jupyter's own log shows `token=...`.
     dev = f"{stack['CONTAINER_PREFIX']}-training-dev"
-    assert _docker("exec", dev, "printenv", "HF_TOKEN").stdout.strip() == hf_sentinel
+    _assert_secret_only_in_secret_files(stack, dev)
+    seen = _docker("exec", dev, "python", "-c", "from huggingface_hub import get_token; print(len(get_token() or ''))")
+    assert seen.stdout.strip() == str(len(hf_sentinel)), seen.stderr
+    assert hf_sentinel not in _docker("inspect", dev).stdout
     assert hf_sentinel not in _docker("image", "inspect", stack["IMAGE"]).stdout
     assert hf_sentinel not in _docker("history", "--no-trunc", stack["IMAGE"]).stdout
     dev_log = _docker("logs", dev)
@@ -427,7 +471,8 @@ def test_train_stop_during_a_run_saves_a_complete_checkpoint_first(stack):
     container = f"{stack['CONTAINER_PREFIX']}-qlora-training"
     run = subprocess.Popen(["make", "--no-print-directory", "train-tiny", "RUN=stoptest",
                             "ARGS=--max-steps 2000 --resume never --set save_steps=1000"],
-                           cwd=REPO, env=stack, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                           cwd=REPO, env={**stack, "HF_TOKEN": HF_SENTINEL}, stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 600
         steps = []
@@ -438,6 +483,7 @@ def test_train_stop_during_a_run_saves_a_complete_checkpoint_first(stack):
                 break
             time.sleep(2)
         assert steps and max(steps) >= 5, f"the run did not reach step 5: {run.poll()}"
+        _assert_secret_only_in_secret_files(stack, container)  # the trainer's python and tini (PID 1)
         stop = _make(stack, "train-stop", timeout=300)
         assert stop.returncode == 0, stop.stderr
         out, _ = run.communicate(timeout=300)

@@ -382,6 +382,44 @@ def test_too_little_disk(trained, tmp_path):
         subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
+@pytest.mark.slow
+def test_disk_full_during_the_export(trained, tmp_path):
+    """A 64 MiB tmpfs as the GGUF folder passes the plan; it is filled as soon as the export's work folder appears:
+    exit 2 naming the free space and the fix, nothing partial left; after space is freed the same command works."""
+    import time
+
+    assert HAVE_LLAMA, "CI: llama-cpp-python missing"
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root (CI runs as root)")
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(mnt)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs: {proc.stderr.strip()}")
+    args = ["--run", "tiny-run", "--output-dir", str(trained / "outputs"), "--gguf-dir", str(mnt), "--quant", "q8_0"]
+    try:
+        export = subprocess.Popen([sys.executable, "-m", "training.export", *args], cwd=REPO, text=True,
+                                  env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT)
+        deadline = time.time() + 600
+        while not list(mnt.glob(".tmp-*")) and export.poll() is None and time.time() < deadline:
+            time.sleep(0.01)
+        ballast = mnt / "ballast"
+        with open(ballast, "wb") as fh:  # another writer takes the space while the GGUF is being written
+            fh.write(b"\0" * (shutil.disk_usage(mnt).free - 16384))
+        out, _ = export.communicate(timeout=600)
+        assert export.returncode == 2 and "Traceback" not in out, out[-4000:]
+        assert "disk full during the export" in out and f"MiB free on the disk of {mnt}" in out, out[-3000:]
+        assert "--gguf-dir" in out
+        assert [p.name for p in mnt.iterdir()] == ["ballast"]  # the partial GGUF folder is gone
+        ballast.unlink()
+        proc = run_export(args)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert (mnt / "tiny-run-q8_0" / "tiny-run-q8_0.gguf").is_file()
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
 def test_stale_temporary_export_folders_are_removed(tmp_path):
     from training.export import _remove_stale_tmp
 

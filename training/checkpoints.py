@@ -44,7 +44,7 @@ CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 # What must not change between a checkpoint and the run resuming from it: the adapter would not load (rank,
 # target modules) or would silently apply to other weights (base model).
 INCOMPATIBLE_KEYS = ("model_name_or_path", "lora_r", "target_modules")  # names of training/qlora_config.py
-# Test-only hook: "POINT@STEP:SECONDS" (POINT: step | eval | save) makes the callback pause once at that point so
+# Test-only hook: "POINT@STEP:SECONDS" (POINT: step | eval | save | final) makes the callback pause once at that point so
 # that tests can deliver a signal there. Never set it in real runs.
 TEST_PAUSE_ENV = "QLORA_TEST_PAUSE"
 _CHUNK = 1 << 20
@@ -444,7 +444,7 @@ def _parse_test_pause(value: str | None) -> tuple[str, int, float] | None:
     """"save@2:30" -> ("save", 2, 30.0); malformed -> None."""
     if not value:
         return None
-    m = re.fullmatch(r"(step|eval|save)@(\d+):([0-9.]+)", value.strip())
+    m = re.fullmatch(r"(step|eval|save|final)@(\d+):([0-9.]+)", value.strip())
     if not m:
         print(f"[checkpoints] ignoring {TEST_PAUSE_ENV}={value!r} (want POINT@STEP:SECONDS)", file=sys.stderr)
         return None
@@ -455,7 +455,7 @@ class _CheckpointCallbackLogic:
     """The body of CheckpointCallback (which adds transformers' TrainerCallback as a base on first use, so that the
     backup sidecar and other file-level users of this module do not pay the 10+ s transformers import).
 
-    Makes every HF checkpoint complete (marker + manifest + run_config.json), keeps the newest `keep`, records
+    Makes every HF checkpoint complete (marker + manifest + run_config.json + extra_json files), keeps the newest `keep`, records
     `checkpoint` / `resumed` / `stopped` events, and turns the first SIGTERM/SIGINT into "finish this optimizer
     step, save a full checkpoint, stop"; a second signal exits at once (the last complete checkpoint is untouched).
 
@@ -474,6 +474,7 @@ class _CheckpointCallbackLogic:
         keep: int | None = 3,
         resumed_from: str | os.PathLike | None = None,
         resume_changes: Iterable[str] = (),
+        extra_json: dict[str, Any] | None = None,
         install_signal_handlers: bool = True,
         log: Log | None = None,
     ):
@@ -483,6 +484,7 @@ class _CheckpointCallbackLogic:
         self.keep = keep
         self.resumed_from = Path(resumed_from) if resumed_from else None
         self.resume_changes = list(resume_changes)
+        self.extra_json = dict(extra_json or {})  # more JSON files each checkpoint records (name -> content)
         self.log = logger.warning if log is None else log
         self.stop_signal: int | None = None  # the signal this process received
         # Several ranks (accelerate launch): the signal every rank agreed to act on at the end of an optimizer step
@@ -628,6 +630,8 @@ class _CheckpointCallbackLogic:
             else:
                 if self.run_config is not None:
                     write_json_atomic(ckpt / RUN_CONFIG_NAME, self.run_config)
+                for name, content in self.extra_json.items():
+                    write_json_atomic(ckpt / name, content)
                 self._maybe_pause("save", state.global_step, args.output_dir)
                 manifest = write_complete_marker(ckpt, state.global_step)
                 self.last_complete = ckpt
@@ -640,6 +644,7 @@ class _CheckpointCallbackLogic:
             control.should_training_stop = True
 
     def on_train_end(self, args, state, control, **kwargs):
+        self._maybe_pause("final", state.global_step, args.output_dir)  # before the recipe saves the adapter
         self.stopped_early = self._should_stop() and state.global_step < state.max_steps
         if self.stopped_early and state.is_world_process_zero:  # rank 0 wrote the marker: it knows the path
             path = self.last_complete if self.last_complete and checkpoint_step(self.last_complete) == \

@@ -188,9 +188,9 @@ def _download_base(repo_id: str) -> Path:
         return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "tokenizer.model",
                                                                "*.jinja"]))
     except Exception as exc:  # noqa: BLE001 - the hub raises many kinds; all mean the same to the user here
-        from training.model import _load_hint
+        from training.model_check import explain_load_error
 
-        raise ExportError(_load_hint(repo_id, exc)) from None
+        raise ExportError(explain_load_error(repo_id, exc)) from None
 
 
 def safetensors_param_count(folder: Path) -> int:
@@ -999,6 +999,13 @@ def main(argv: list[str] | None = None) -> int:
     except CheckFailed as exc:
         log.error("export check failed: %s", exc)
         return 3
+    except Exception as exc:
+        from training.disk import export_disk_full_message, is_disk_full
+
+        if not is_disk_full(exc, Path(args.gguf_dir)):
+            raise
+        log.error("%s", export_disk_full_message(exc, Path(args.output_dir), Path(args.gguf_dir)))
+        return 2
     if report.get("gguf_dir"):
         c = report["checks"]["logits_vs_merged"]
         print(f"exported {report['gguf_dir']}/{report['gguf_file']} ({report['gguf_bytes'] / 2**20:.1f} MiB): "

@@ -24,6 +24,11 @@ class ModelLoadError(RuntimeError):
     """The base model or tokenizer cannot be loaded (missing path, gated repo, no network...)."""
 
 
+# Up to ~400M parameters (SmolLM2-360M, Qwen2.5-0.5B without embeddings) a CPU step on short sequences takes
+# seconds to minutes; the Gemma-2 2B/9B presets would take hours per step.
+CPU_MAX_PARAMS = 400_000_000
+
+
 @dataclass(frozen=True)
 class Device:
     kind: str  # "cuda" or "cpu"
@@ -53,36 +58,67 @@ def pick_device(cfg: QLoRAConfig, preset: str) -> Device:
                                 "--set max_seq_length, or --set min_gpu_mem_gib=0 to try anyway")
         bf16 = cfg.bf16 == "true" or (cfg.bf16 == "auto" and torch.cuda.is_bf16_supported())
         return Device("cuda", props.name, mem, torch.bfloat16 if bf16 else torch.float16, bf16, not bf16)
-    if not cfg.allow_cpu:
-        raise ResourceError(f"preset '{preset}' ({cfg.model_name_or_path}) needs a CUDA GPU with at least "
-                            f"{cfg.min_gpu_mem_gib:g} GiB, and none is visible: on a CPU one step would take hours. "
-                            "Run it on a GPU host (make doctor checks one), try the pipeline with "
-                            "--model-config tiny, or force it with --set allow_cpu=true")
+    admit_cpu(cfg, preset)
     return Device("cpu", "CPU", None, torch.float32, False, False)
+
+
+def admit_cpu(cfg: QLoRAConfig, preset: str) -> None:
+    """Train on the CPU only a base model small enough for it (or with allow_cpu); refuse with the time per step."""
+    from training.model_check import count_parameters
+
+    if cfg.allow_cpu:
+        log.info("no CUDA GPU: training on the CPU (allow_cpu=true)")
+        return
+    params = count_parameters(cfg.model_name_or_path)
+    tokens = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * cfg.max_seq_length
+    step_s = cpu_step_seconds(params, tokens)
+    size = f"{cfg.model_name_or_path} has {params / 1e6:,.{0 if params >= 1e7 else 1}f}M parameters"
+    if params <= CPU_MAX_PARAMS:
+        log.info("no CUDA GPU: training on the CPU (%s, at most %.0fM); at least ~%s per optimizer step of %d "
+                 "tokens", size, CPU_MAX_PARAMS / 1e6, _duration(step_s), tokens)
+        return
+    raise ResourceError(f"preset '{preset}': {size}, more than the {CPU_MAX_PARAMS / 1e6:.0f}M a CPU trains in "
+                        f"reasonable time: it needs a CUDA GPU, and none is visible (one optimizer step of "
+                        f"{tokens:,} tokens would take at least ~{_duration(step_s)} here). Run it on a GPU host (make doctor checks one), try the "
+                        "pipeline with --model-config tiny or a smaller --model, or force it with --set allow_cpu=true")
+
+
+def cpu_step_seconds(params: int, tokens: int) -> float:
+    """A lower bound for one QLoRA optimizer step on this CPU: ~6 FLOPs per parameter per token (forward, input
+    gradients, recomputation under gradient checkpointing) at the fp32 matmul speed measured here."""
+    import time
+
+    a = torch.randn(512, 512)
+    torch.mm(a, a)  # warm-up
+    t0 = time.perf_counter()
+    for _ in range(4):
+        torch.mm(a, a)
+    flops_per_s = 4 * 2 * 512**3 / max(time.perf_counter() - t0, 1e-9)
+    return 6 * params * tokens / flops_per_s
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 1:
+        return "under 1 s"
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} minutes"
+    return f"{seconds / 3600:.1f} hours"
 
 
 def load_tokenizer(model_path: str):
     from transformers import AutoTokenizer
 
+    from training.model_check import explain_load_error
+
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_path)
     except (OSError, ValueError) as exc:
-        raise ModelLoadError(_load_hint(model_path, exc)) from None
+        raise ModelLoadError(explain_load_error(model_path, exc)) from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token  # batches need a pad id; labels mask it anyway
     return tokenizer
-
-
-def _load_hint(model_path: str, exc: Exception) -> str:
-    text = str(exc)
-    hint = "check the id or path (a local folder needs config.json and the weights)"
-    if "gated" in text.lower() or "401" in text or "403" in text:
-        hint = (f"'{model_path}' is gated: accept its licence on huggingface.co, create a read token and "
-                "export HF_TOKEN=hf_... before running")
-    elif "offline" in text.lower() or "connect" in text.lower() or "resolve" in text.lower():
-        hint = ("the Hugging Face hub is unreachable: download the model once with network access "
-                "(see models/README.md) or pass --model /path/to/local/folder")
-    return f"cannot load '{model_path}': {text.splitlines()[0] if text else type(exc).__name__}\n-> {hint}"
 
 
 def model_type_of(model_path: str) -> str | None:
@@ -146,6 +182,7 @@ def load_qlora_model(cfg: QLoRAConfig, model_path: str, device: Device, backend:
 
     from training.distributed import fsdp_enabled, local_rank
     from training.fast_lora import apply_fused_lora
+    from training.model_check import explain_load_error
 
     fsdp = fsdp_enabled()
     quant = BitsAndBytesConfig(
@@ -169,7 +206,7 @@ def load_qlora_model(cfg: QLoRAConfig, model_path: str, device: Device, backend:
             device_map=device_map,
         )
     except (OSError, ValueError) as exc:
-        raise ModelLoadError(_load_hint(model_path, exc)) from None
+        raise ModelLoadError(explain_load_error(model_path, exc)) from None
     model.config.use_cache = False  # the KV cache is useless in training and conflicts with checkpointing
     prepare_for_kbit_training(model, cfg.fp32_norms_and_embeddings)
     lora = LoraConfig(

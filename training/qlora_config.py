@@ -28,9 +28,10 @@ class QLoRAConfig:
     plan_memory: bool = True  # on CUDA the VRAM planner picks micro-batch and checkpointing, keeping tokens per step
     gpu_mem_gib: float = 0.0  # plan for this much GPU memory (0: the card's); e.g. 24 to plan a 4090 run on an H100
     max_micro_batch: int = 16  # the planner never goes above this micro-batch
+    oom_retry: bool = False  # on CUDA out of memory: halve the micro-batch (same tokens per step), retry once
     device: str = "auto"  # auto: CUDA when present, else the CPU; cpu/cuda force it
     min_gpu_mem_gib: float = 0.0  # refuse to start below this much GPU memory (0: no check)
-    allow_cpu: bool = False  # big presets refuse to run on a CPU (hours per step); tiny allows it
+    allow_cpu: bool = False  # without a GPU, base models over 400M parameters are refused (hours per step); true forces
     # --- quantisation (QLoRA) ---
     load_in_4bit: bool = True  # the Q in QLoRA: base weights stored in 4 bits, ~4x less memory than bf16
     bnb_4bit_quant_type: str = "nf4"  # NF4 fits normally distributed weights better than fp4
@@ -62,11 +63,13 @@ class QLoRAConfig:
     bf16: str = "auto"  # auto: bf16 on cards that have it (Ampere+), else fp16; fp32 on the CPU
     packing: bool = True  # pack short samples into full rows, padding-free; exact (per-sample masks); false: a row each
     seed: int = 42  # same seed, same data order and initialisation
+    resume_with_new_data: bool = False  # resume although the data changed: its position is reset (else refused)
     # --- logging and checkpoints ---
     logging_steps: int = 10  # metrics every N optimizer steps
     save_steps: int = 100  # checkpoint every N steps: the most work a crash can cost
     keep_checkpoints: int = 3  # newest complete checkpoints kept per run (the backup keeps its own)
     eval_steps: int = 100  # evaluate every N steps when there is an eval split
+    disk_check: bool = True  # refuse to start when the run's checkpoints and adapter cannot fit the output disk
     report_to: str = "tensorboard"  # comma-separated: tensorboard, wandb
     dataloader_num_workers: int = 2  # background data loading; 0 on the CPU
 

@@ -20,6 +20,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
+from typing import Sequence
 
 if __package__ in (None, ""):  # run as `python training/qlora_finetune.py`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -49,7 +50,8 @@ def make_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, callbacks: Sequence = ()) -> int:
+    """The CLI. `callbacks`: extra TrainerCallbacks (tests inject faults through them)."""
     args = make_parser().parse_args(argv)
     # ---------------------------------------------------------------------------------------------- config
     try:
@@ -70,20 +72,29 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(logs_dir / "train.log" if is_main() else None, rank=rank())
     metrics_path = logs_dir / "metrics.jsonl"
     try:
-        status = train(cfg, args.model_config, run_name, run_dir, metrics_path, args.resume)
+        from training.oom import train_with_oom_retry
+
+        status = train_with_oom_retry(train, cfg, preset=args.model_config,
+                                      run_name=run_name, run_dir=run_dir, metrics_path=metrics_path,
+                                      resume=args.resume, callbacks=callbacks)
         shutdown()  # not on errors: a failing rank would wait in NCCL teardown for ranks blocked in a collective
         return status
     except Exception as exc:
         from training.backends import BackendError
         from training.checkpoints import CheckpointError
         from training.data import DataError
+        from training.disk import DiskFullError
         from training.distributed import DistributedError
-        from training.model import ModelLoadError, ResourceError
+        from training.model import ModelLoadError, ResourceError  # ResourceError includes training.oom.OutOfMemory
 
-        user_errors = (BackendError, CheckpointError, ConfigError, DataError, DistributedError, ModelLoadError,
-                       ResourceError)
+        user_errors = (BackendError, CheckpointError, ConfigError, DataError, DiskFullError, DistributedError,
+                       ModelLoadError, ResourceError)
         user_error = isinstance(exc, user_errors)
-        log_event(metrics_path, run_name, 0, "failed", error=f"{type(exc).__name__}: {exc}")
+        reason = {"reason": exc.reason} if getattr(exc, "reason", None) else {}
+        try:
+            log_event(metrics_path, run_name, 0, "failed", error=f"{type(exc).__name__}: {exc}", **reason)
+        except OSError as log_exc:  # the logs' disk may be the full one: the message below still reaches the user
+            log.warning("could not record the failed event in %s: %s", metrics_path, log_exc)
         if user_error:
             log.error("%s", exc)
             return 2
@@ -91,11 +102,13 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
-def train(cfg: QLoRAConfig, preset: str, run_name: str, run_dir: Path, metrics_path: Path, resume: str) -> int:
+def train(cfg: QLoRAConfig, preset: str, run_name: str, run_dir: Path, metrics_path: Path, resume: str,
+          retried: bool = False, callbacks: Sequence = ()) -> int:
     from training.data import build_datasets
     from training.metrics import MetricsCallback, log_event
     from training.backends import apply_backend, choose_backend, resolve_attention
     from training.model import load_qlora_model, load_tokenizer, model_type_of, pick_device, plan_for_device
+    from training.model_check import check_base_model
     from training.tiny import resolve_builtin
     from training import distributed
 
@@ -106,6 +119,10 @@ def train(cfg: QLoRAConfig, preset: str, run_name: str, run_dir: Path, metrics_p
     # Every rank joins before the model loads (per-rank device, FSDP's low-memory loading); gloo on the CPU.
     distributed.init_process_group(cpu=device.kind == "cpu")
     model_path = resolve_builtin(cfg.model_name_or_path)
+    from training.secrets import hf_token_source
+
+    log.info("Hugging Face token: %s", hf_token_source())
+    check_base_model(model_path)  # config, whole weights, tokenizer: a clear error now, not a traceback later
     log.info("run %s: preset %s, base %s, device %s", run_name, preset, cfg.model_name_or_path, device.describe())
     if processes > 1 and cfg.backend == "unsloth":
         raise ConfigError(f"backend=unsloth runs on one GPU only; with {processes} processes use --set backend=hf "
@@ -125,6 +142,10 @@ def train(cfg: QLoRAConfig, preset: str, run_name: str, run_dir: Path, metrics_p
         cfg = dataclasses.replace(cfg, packing=False)
     cfg, plan_line = plan_for_device(cfg, device, backend.label)  # micro-batch + checkpointing, from what applied
     log.info("%s", plan_line)
+    from training.oom import PlanUsed, oom_guard
+
+    planned = PlanUsed(cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps, cfg.gradient_checkpointing,
+                       cfg.max_seq_length, device.kind == "cuda" and cfg.plan_memory, plan_line, device)
     # Tokens per optimizer step stay the config's (one GPU's micro-batch x accumulation) whatever the GPU count.
     batch = distributed.split_global_batch(cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps,
                                            processes)
@@ -137,6 +158,7 @@ def train(cfg: QLoRAConfig, preset: str, run_name: str, run_dir: Path, metrics_p
     # ---------------------------------------------------------------------------------------------- resume
     from training.checkpoints import (CheckpointCallback, check_resume_compatible, load_finished_checkpoint,
                                       read_manifest, resolve_resume)
+    from training.disk import disk_full_guard, preflight_disk, remove_partial_saves
 
     resume_from = resolve_resume(resume, run_dir, log=log.warning)  # a bad PATH is an error, never a fresh start
     resume_changes = check_resume_compatible(resume_from, to_dict(cfg), log=log.warning) if resume_from else []
@@ -146,12 +168,20 @@ def train(cfg: QLoRAConfig, preset: str, run_name: str, run_dir: Path, metrics_p
         log.info("run %s already finished at step %d (adapter in %s): nothing to train; a larger --max-steps "
                  "trains on, --resume never starts over", run_name, resume_step, run_dir / "adapter")
         return 0
+    if distributed.is_main():
+        remove_partial_saves(run_dir, checkpoints=False)  # a .tmp-adapter/ left by a crash during the final save
+        preflight_disk(cfg, model_path, run_dir, resume_step or 0, log=log.warning)
 
     # ------------------------------------------------------------------------------------------------ data
     tokenizer = load_tokenizer(model_path)
     train_ds, eval_ds, stats = build_datasets(cfg.data, tokenizer, cfg.max_seq_length, cfg.eval_fraction,
                                               cfg.seed, cfg.completion_only_loss)
     summary = stats.summary()
+    from training.data_fingerprint import FINGERPRINT_NAME, check_resume_data, data_fingerprint
+
+    fingerprint = data_fingerprint(cfg.data, train_ds, eval_ds, cfg.eval_fraction, cfg.seed)
+    data_changes = (check_resume_data(resume_from, fingerprint, cfg.resume_with_new_data, log=log.warning)
+                    if resume_from is not None else [])
     log.info("data %s: %s; %d train / %d eval examples; %d truncated at %d tokens", cfg.data,
              summary["records_per_format"], stats.n_train, stats.n_eval, stats.truncated, cfg.max_seq_length)
     rows = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * processes
@@ -167,7 +197,8 @@ def train(cfg: QLoRAConfig, preset: str, run_name: str, run_dir: Path, metrics_p
     from transformers import set_seed
 
     set_seed(cfg.seed)  # LoRA A matrices start random: seed them, or same-seed runs differ (the Trainer seeds later)
-    model = load_qlora_model(cfg, model_path, device, backend.label)
+    with oom_guard(lambda: planned, lambda: None, run_dir, retried):
+        model = load_qlora_model(cfg, model_path, device, backend.label)
 
     # --------------------------------------------------------------------------------------------- trainer
     from transformers.trainer_callback import PrinterCallback
@@ -208,6 +239,7 @@ def train(cfg: QLoRAConfig, preset: str, run_name: str, run_dir: Path, metrics_p
         dataloader_num_workers=cfg.dataloader_num_workers,
         seed=cfg.seed,
         data_seed=cfg.seed,
+        ignore_data_skip=bool(data_changes),  # changed data: the checkpoint's position in it means nothing
         disable_tqdm=True,  # MetricsCallback draws its own bar with the loss
         # LoRA under DDP: every trainable parameter gets a gradient each step, so skip DDP's unused-parameter scan
         # (its default for a PeftModel), which costs a graph traversal per step and warns.
@@ -217,13 +249,17 @@ def train(cfg: QLoRAConfig, preset: str, run_name: str, run_dir: Path, metrics_p
     # From here on SIGTERM/SIGINT = finish the step, save a complete checkpoint, stop (a second one: exit at once).
     checkpoint_cb = CheckpointCallback(run_name=run_name, metrics_path=metrics_path, run_config=to_dict(cfg),
                                        keep=cfg.keep_checkpoints, resumed_from=resume_from,
-                                       resume_changes=resume_changes, log=log.warning)
+                                       resume_changes=resume_changes, extra_json={FINGERPRINT_NAME: fingerprint},
+                                       log=log.warning)
     trainer = SFTTrainer(model=model, args=sft_args, train_dataset=train_ds, eval_dataset=eval_ds,
-                         processing_class=tokenizer, callbacks=[metrics_cb, checkpoint_cb])
+                         processing_class=tokenizer, callbacks=[metrics_cb, checkpoint_cb, *callbacks])
     trainer.remove_callback(PrinterCallback)
 
     log_event(metrics_path, run_name, 0, "start", preset=preset, device=device.describe(), max_steps=cfg.max_steps,
               processes=processes, global_batch=batch.sequences)
+    if data_changes:
+        log_event(metrics_path, run_name, resume_step or 0, "data_changed", checkpoint=str(resume_from),
+                  changes=data_changes, data_position="reset")
     if resume_step is not None and resume_step >= cfg.max_steps and not distributed.fsdp_enabled():
         # Stopped after its last checkpoint but before the final save: nothing left to train, only to save. (FSDP
         # checkpoints hold shards, not the adapter: there HF's resume trains one step past max_steps instead.)
@@ -234,24 +270,19 @@ def train(cfg: QLoRAConfig, preset: str, run_name: str, run_dir: Path, metrics_p
                   changes=resume_changes)
         train_loss_mean = None
     else:
-        result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        # CUDA OOM or a full disk: the partial checkpoint is removed, complete ones stay, exit 2 with the fix
+        with oom_guard(lambda: planned, lambda: trainer.state.global_step, run_dir, retried), \
+                disk_full_guard(run_dir):
+            result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
         if checkpoint_cb.exit_status is not None:  # stopped by a signal: its complete checkpoint is where to resume
             return checkpoint_cb.exit_status
         train_loss_mean = result.training_loss
 
     # ------------------------------------------------------------------------------------------------ save
     adapter_dir = run_dir / "adapter"
-    if distributed.fsdp_enabled():
-        # FSDP holds shards: gather the full adapter state (a collective: every rank), the Trainer writes on rank 0.
-        trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
-        trainer.save_model(str(adapter_dir))
-    if not distributed.is_main():
-        return 0  # rank 0 writes the adapter, the summary and the `finished` event
-    if not distributed.fsdp_enabled():
-        trainer.model.save_pretrained(str(adapter_dir))
-    tokenizer.save_pretrained(str(adapter_dir))
-    if (Path(model_path) / "tokenizer.model").is_file():  # GGUF export needs the SentencePiece file
-        (adapter_dir / "tokenizer.model").write_bytes((Path(model_path) / "tokenizer.model").read_bytes())
+    with disk_full_guard(run_dir):
+        if not save_adapter(trainer, tokenizer, model_path, adapter_dir):
+            return 0  # rank 0 writes the adapter, the summary and the `finished` event
     state = trainer.state
     # The whole run's curve (a resumed run's state carries the earlier attempts' records too)
     losses = [h["loss"] for h in state.log_history if "loss" in h]
@@ -283,13 +314,40 @@ def train(cfg: QLoRAConfig, preset: str, run_name: str, run_dir: Path, metrics_p
     }
     from training.jsonl import write_json_atomic
 
-    write_json_atomic(run_dir / "run_summary.json", run_summary)
+    with disk_full_guard(run_dir):
+        write_json_atomic(run_dir / "run_summary.json", run_summary)
     log_event(metrics_path, run_name, state.global_step, "finished", train_loss_last=run_summary["train_loss_last"])
     write_run_report(metrics_path.parent.parent, run_name, run_dir)
     log.info("done in %.0fs: loss %.4f -> %.4f; adapter in %s", run_summary["duration_s"],
              run_summary["train_loss_first"] or float("nan"), run_summary["train_loss_last"] or float("nan"),
              adapter_dir)
     return 0
+
+
+def save_adapter(trainer, tokenizer, model_path: str, adapter_dir: Path) -> bool:
+    """Write the final adapter (+ tokenizer) into .tmp-adapter/, then rename it to adapter/: a crash or a full disk
+    never leaves half an adapter. Under FSDP every rank takes part; only rank 0 writes. Returns whether it wrote."""
+    from training import distributed
+    from training.checkpoints import fsync_dir, remove_tree_atomically
+    from training.disk import ADAPTER_TMP_NAME
+
+    tmp = adapter_dir.with_name(ADAPTER_TMP_NAME)
+    if distributed.fsdp_enabled():
+        # FSDP holds shards: gather the full adapter state (a collective: every rank), the Trainer writes on rank 0.
+        trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
+        trainer.save_model(str(tmp))
+    if not distributed.is_main():
+        return False
+    if not distributed.fsdp_enabled():
+        trainer.model.save_pretrained(str(tmp))
+    tokenizer.save_pretrained(str(tmp))
+    if (Path(model_path) / "tokenizer.model").is_file():  # GGUF export needs the SentencePiece file
+        (tmp / "tokenizer.model").write_bytes((Path(model_path) / "tokenizer.model").read_bytes())
+    if adapter_dir.exists():
+        remove_tree_atomically(adapter_dir)  # the previous attempt's (a resumed run with more --max-steps)
+    os.replace(tmp, adapter_dir)
+    fsync_dir(adapter_dir.parent)
+    return True
 
 
 def finished_at(run_dir: Path, step: int) -> bool:

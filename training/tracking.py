@@ -2,7 +2,8 @@
 
 W&B never blocks or fails training:
 - no `wandb` package: a warning, and the run goes on with TensorBoard;
-- no WANDB_API_KEY and no WANDB_BASE_URL: offline mode (WANDB_MODE=offline); sync later with `wandb sync DIR`;
+- no WANDB_API_KEY (environment, or the stack's /run/secrets/wandb_api_key) and no WANDB_BASE_URL: offline mode
+  (WANDB_MODE=offline); sync later with `wandb sync DIR`;
 - WANDB_BASE_URL set (the local server of the `monitoring` profile, http://training-monitor:8080 in the stack):
   checked first; if it does not answer, a warning and offline mode.
 Offline runs are written under `logs/<run>/wandb/`.
@@ -42,6 +43,11 @@ def resolve_report_to(report_to: str, run_logs_dir: Path) -> list[str]:
                     "continuing with TensorBoard only")
         return [t for t in targets if t != "wandb"]
     run_logs_dir.mkdir(parents=True, exist_ok=True)
+    from training.secrets import read_secret
+
+    key = read_secret("WANDB_API_KEY")  # the Compose secret file, else the environment
+    if key and not os.environ.get("WANDB_API_KEY"):
+        os.environ["WANDB_API_KEY"] = key  # this process (and wandb's own) only: not the container's environment
     for var, default in (("WANDB_DIR", str(run_logs_dir)), ("WANDB_PROJECT", "qlora-stack"), ("WANDB_SILENT", "true")):
         if not os.environ.get(var):  # unset or empty
             os.environ[var] = default

@@ -1,0 +1,155 @@
+"""Before anything large loads: is the base model there, whole and reachable, and how big is it.
+
+A local folder must hold `config.json`, complete safetensors weights (every shard the index names, none cut short)
+and tokenizer files; a hub id must be reachable (or cached, with HF_HUB_OFFLINE=1) and, when gated, readable with
+HF_TOKEN. Each problem raises ModelLoadError naming the file or the id and the fix (models/README.md). The parameter
+count comes from the config alone (a meta-device model: no weights are read), for the CPU admission in model.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from training.model import ModelLoadError
+
+README = "models/README.md"
+# Any one of these makes a folder loadable by AutoTokenizer (fast tokenizer, SentencePiece, BPE vocab + merges).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model")
+
+
+def looks_like_path(name: str) -> bool:
+    """A local path (which must exist) rather than a hub id `org/name`."""
+    return name.startswith(("/", "./", "../", "~")) or os.path.exists(name)
+
+
+def load_base_config(model_path: str):
+    """The model's config (local config.json, or the hub's few KB), or ModelLoadError with the fix."""
+    from transformers import AutoConfig
+
+    if looks_like_path(model_path):
+        folder = Path(model_path).expanduser()
+        if not folder.is_dir():
+            raise ModelLoadError(f"cannot load '{model_path}': the folder {folder} does not exist.\n-> give an existing folder (in Docker: "
+                                 f"MODEL=/host/path is mounted read-only), or a hub id such as google/gemma-2-2b "
+                                 f"({README})")
+        if not (folder / "config.json").is_file():
+            raise ModelLoadError(f"{folder / 'config.json'} is missing: {folder} is not a Hugging Face model folder.\n"
+                                 f"-> copy the whole folder as downloaded (config.json, *.safetensors, tokenizer "
+                                 f"files), e.g. `hf download ORG/NAME --local-dir {folder}` ({README})")
+    try:
+        return AutoConfig.from_pretrained(str(Path(model_path).expanduser()) if looks_like_path(model_path)
+                                          else model_path)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(explain_load_error(model_path, exc)) from None
+
+
+def check_base_model(model_path: str) -> None:
+    """Config readable (local or hub), and a local folder's weights and tokenizer all there and whole."""
+    load_base_config(model_path)
+    check_model_folder(model_path)
+
+
+def check_model_folder(model_path: str) -> None:
+    """A local folder's weights are all there and whole, and it has a tokenizer; hub ids pass (loading checks)."""
+    if not looks_like_path(model_path):
+        return
+    from safetensors import SafetensorError, safe_open
+
+    folder = Path(model_path).expanduser()
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+        except (OSError, ValueError, KeyError, AttributeError) as exc:
+            raise ModelLoadError(f"{index}: unreadable shard index ({exc}).\n-> download the model again "
+                                 f"({README})") from None
+        missing = [s for s in shards if not (folder / s).is_file()]
+        if missing:
+            raise ModelLoadError(f"{folder / missing[0]} is missing ({len(missing)} of the {len(shards)} shards "
+                                 f"{index.name} lists).\n-> copy the missing shards, or download the model again "
+                                 f"({README})")
+        weights = [folder / s for s in shards]
+    else:
+        weights = sorted(folder.glob("*.safetensors"))
+    if not weights and not list(folder.glob("pytorch_model*.bin")):
+        raise ModelLoadError(f"{folder} has no weights (*.safetensors or pytorch_model*.bin).\n-> copy the weight "
+                             f"files too, or download the model again ({README})")
+    for shard in weights:
+        try:
+            with safe_open(str(shard), framework="pt"):  # reads the header: catches a file cut short
+                pass
+        except (SafetensorError, OSError) as exc:
+            raise ModelLoadError(f"{shard} is damaged ({exc}; {shard.stat().st_size:,} bytes): a download or copy "
+                                 f"that did not finish.\n-> copy or download this file again ({README})") from None
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise ModelLoadError(f"{folder} has no tokenizer files (one of {', '.join(TOKENIZER_FILES)}).\n-> copy them "
+                             f"from the original model folder, e.g. `hf download ORG/NAME --include 'tokenizer*' "
+                             f"--local-dir {folder}` ({README})")
+
+
+def count_parameters(model_name_or_path: str) -> int:
+    """Parameters of the base model from its config alone: the presets' known architectures without a download,
+    anything else as a model on the meta device (shapes, no memory)."""
+    from training.plan import KNOWN_ARCHS
+
+    if model_name_or_path in KNOWN_ARCHS:
+        arch = KNOWN_ARCHS[model_name_or_path]
+        return arch.linear_params() + arch.vocab * arch.hidden  # Gemma ties input and output embeddings
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from training.tiny import resolve_builtin
+
+    config = load_base_config(resolve_builtin(model_name_or_path))
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return sum(p.numel() for p in model.parameters())
+
+
+def explain_load_error(model_path: str, exc: BaseException) -> str:
+    """What went wrong loading `model_path` (a real exception from transformers / huggingface_hub) and the fix."""
+    from huggingface_hub.errors import GatedRepoError, OfflineModeIsEnabled, RepositoryNotFoundError
+
+    from huggingface_hub import constants
+
+    hub = constants.ENDPOINT  # https://huggingface.co unless HF_ENDPOINT names a mirror
+    from training.disk import exception_chain
+
+    chain = exception_chain(exc)
+    text = " ".join(str(e) for e in chain)
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if any(isinstance(e, GatedRepoError) for e in chain) or "gated repo" in text.lower():
+        if _have_token():
+            hint = (f"'{model_path}' is gated and your HF_TOKEN has no access to it yet: accept the licence at "
+                    f"{hub}/{model_path} with the account that owns the token, then run again")
+        else:
+            hint = (f"'{model_path}' is gated: accept its licence at {hub}/{model_path}, create a read token "
+                    f"({hub}/settings/tokens) and export HF_TOKEN=hf_... before running ({README})")
+    elif any(isinstance(e, OfflineModeIsEnabled) for e in chain) or (
+            _offline() and "couldn't connect" in text.lower()):
+        hint = (f"HF_HUB_OFFLINE is set and '{model_path}' is not in the Hugging Face cache "
+                f"({os.environ.get('HF_HOME', '~/.cache/huggingface')}): download it once where the hub is "
+                f"reachable, or pass --model /path/to/local/folder ({README})")
+    elif "couldn't connect" in text.lower() or "connect" in text.lower() or "resolve" in text.lower():
+        hint = (f"the Hugging Face hub ({hub}) is unreachable from here and '{model_path}' is not cached: download "
+                f"it where the hub is reachable and pass --model /path/to/folder, or if it is in the cache set "
+                f"HF_HUB_OFFLINE=1 to skip the hub ({README})")
+    elif any(isinstance(e, RepositoryNotFoundError) for e in chain) or "not a valid model identifier" in text:
+        hint = (f"no model '{model_path}' on the hub (or it is private): check the spelling, or give a local "
+                f"folder ({README})")
+    else:
+        hint = f"check the id or path (a local folder needs config.json, the weights and tokenizer files; {README})"
+    return f"cannot load '{model_path}': {first}\n-> {hint}"
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+
+
+def _have_token() -> bool:
+    """HF_TOKEN, the file HF_TOKEN_PATH names (the Compose secret), or a stored `hf auth login`."""
+    from huggingface_hub import get_token
+
+    return get_token() is not None
