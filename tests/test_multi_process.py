@@ -7,7 +7,7 @@ for GPUS=1 and `env TORCH_ELASTIC_SHUTDOWN_TIMEOUT=110 .venv/bin/accelerate laun
 
 Three real runs of the tiny preset, 12 optimizer steps of 8 sequences each:
 - one process, micro-batch 4 x accumulation 2;
-- two processes (the preset's 8 x 1 becomes micro-batch 4 x accumulation 1 x 2 ranks), SIGTERM to the launcher
+- two processes (micro-batch 8 x 1 becomes micro-batch 4 x accumulation 1 x 2 ranks), SIGTERM to the launcher
   while step 6 is about to run;
 - the same two-process command again (--resume auto), to step 12.
 Tolerance of the loss-curve comparison: 1e-4 relative per step. Both set-ups see the same 8 sequences per step in
@@ -86,7 +86,7 @@ def runs(tmp_path_factory, tiny_model_dir):
     env = {"TINY_MODEL_DIR": str(tiny_model_dir)}
     one_cmd = make_command(1, "one", root, "--resume never --set per_device_train_batch_size=4 "
                                           "--set gradient_accumulation_steps=2")
-    two_cmd = make_command(2, "two", root)
+    two_cmd = make_command(2, "two", root, "--set per_device_train_batch_size=8")  # 8 x 1, split over 2 ranks
     one = start(one_cmd, root, env)
     # Two processes, paused before step 6 (test hook) so that the signal lands mid-run at a known point.
     two = start(two_cmd, root, {**env, "QLORA_TEST_PAUSE": "step@6:120"})

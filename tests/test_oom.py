@@ -20,7 +20,7 @@ from training.jsonl import read_jsonl
 def start(tmp_path, name: str, limit: int, step: int, *sets: str):
     cmd = [sys.executable, "tests/inject_oom.py", str(limit), str(step), "--model-config", "tiny", "--run-name",
            name, "--output-dir", str(tmp_path / name), "--logs-dir", str(tmp_path / "logs"), "--max-steps", "4",
-           "--set", "save_steps=2", "--set", "logging_steps=1"]
+           "--set", "save_steps=2", "--set", "logging_steps=1", "--set", "per_device_train_batch_size=8"]
     for item in sets:
         cmd += ["--set", item]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
@@ -35,7 +35,7 @@ def events(tmp_path, name: str, event: str) -> list[dict]:
 @pytest.mark.usefixtures("tiny_model_dir")
 def test_oom_exits_2_with_the_plan_and_knobs_and_oom_retry_halves_the_micro_batch(tmp_path):
     procs = {
-        "first": start(tmp_path, "first", 4, 1),  # the tiny preset's micro-batch 8 "does not fit"
+        "first": start(tmp_path, "first", 4, 1),  # micro-batch 8 "does not fit"
         "later": start(tmp_path, "later", 4, 3),  # after checkpoint-2
         "retry": start(tmp_path, "retry", 4, 1, "oom_retry=true"),  # micro-batch 4 fits
         "again": start(tmp_path, "again", 1, 1, "oom_retry=true"),  # 4 does not fit either
