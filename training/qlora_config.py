@@ -45,6 +45,7 @@ class QLoRAConfig:
     max_seq_length: int = 2048  # longer samples are truncated (validate-data reports how many)
     eval_fraction: float = 0.05  # share of records held out for evaluation (deterministic split)
     completion_only_loss: bool = True  # learn the answers, not the prompts
+    chat_template: str = ""  # a Jinja file replacing the tokenizer's own chat template ("": the model's own)
     # --- optimisation ---
     per_device_train_batch_size: int = 4  # micro-batch per GPU
     gradient_accumulation_steps: int = 4  # effective batch = micro-batch x accumulation x GPUs
