@@ -167,7 +167,7 @@ def test_a_tokenizer_without_a_chat_template_is_refused_with_the_fix(tiny_model_
     assert not tok.chat_template
     ex = Example("data.jsonl:3", "chat", messages=[{"role": "user", "content": "hi"},
                                                     {"role": "assistant", "content": "hello"}])
-    with pytest.raises(DataError, match=r"data.jsonl:3: .*no chat template.*--set chat_template="):
+    with pytest.raises(DataError, match=r"(?s)data.jsonl:3: .*no chat template.*--set chat_template="):
         Tokenize(tok, 64)(ex)
     ids, labels = Tokenize(tok, 64)(Example("x", "text", text="plain text needs no template"))
     assert ids == labels
