@@ -188,3 +188,23 @@ def test_a_tokenizer_without_a_chat_template_is_refused_with_the_fix(tiny_model_
     proc = run_recipe(["--model-config", "tiny", "--output-dir", str(tmp_path / "outputs" / "u"), "--logs-dir",
                        str(logs), "--set", f"chat_template={tmp_path / 'missing.jinja'}"])
     assert_user_error(proc, "chat_template=", "no such file")
+
+
+def test_quickstart_notebook_runs_headless_on_the_tiny_run(tiny_run, monkeypatch):
+    """notebooks/quickstart.ipynb as Jupyter runs it (a real kernel, nbclient): metrics plot, eval, chat."""
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    for key, value in (("OUTPUT_DIR", str(tiny_run / "outputs")), ("LOGS_DIR", str(tiny_run / "logs")),
+                       ("RUN", "tiny-chat"), ("PYTHONPATH", str(REPO)), ("MPLBACKEND", "agg")):
+        monkeypatch.setenv(key, value)
+    nb = nbformat.read(str(REPO / "notebooks" / "quickstart.ipynb"), as_version=4)
+    nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
+                            resources={"metadata": {"path": str(REPO / "notebooks")}}).execute()
+    outputs = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.get("outputs", [])]
+    assert not [o for o in outputs if o.get("output_type") == "error"]
+    assert any("image/png" in o.get("data", {}) for o in outputs)  # the loss plot
+    assert any("Base vs fine-tuned" in o.get("data", {}).get("text/markdown", "") for o in outputs)
+    streamed = "".join(o.get("text", "") for o in outputs if o.get("output_type") == "stream")
+    assert f"run: {tiny_run / 'outputs' / 'tiny-chat'}" in streamed
+    ev = json.loads((tiny_run / "outputs" / "tiny-chat" / "eval.json").read_text())
+    assert len(ev["prompts"]) == 3 and ev["max_new_tokens"] == 32  # the notebook's own evaluation

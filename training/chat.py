@@ -18,6 +18,7 @@ Exit status: 0 done, 2 bad input (no such run, the base missing or not the one t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
@@ -40,6 +41,7 @@ class RunModel:
     base_name: str
     max_context: int  # tokens: the run's max_seq_length
     stop_ids: list[int]
+    adapter_on: bool = True  # False: the base alone (the adapter switched off), to compare
 
     @property
     def device(self):
@@ -134,7 +136,7 @@ def generate(rm: RunModel, ids: list[int], sampling: Sampling, streamer=None) ->
     import torch
 
     input_ids = torch.tensor([ids], device=rm.device)
-    with torch.inference_mode():
+    with torch.inference_mode(), rm.model.disable_adapter() if not rm.adapter_on else contextlib.nullcontext():
         out = rm.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
                                 eos_token_id=rm.stop_ids, pad_token_id=rm.tokenizer.pad_token_id, streamer=streamer,
                                 **sampling.generate_kwargs())
@@ -183,7 +185,8 @@ def answer(rm: RunModel, history: list[dict[str, str]], sampling: Sampling,
 def repl(rm: RunModel, sampling: Sampling, system: str | None = None) -> int:
     """Read a line, answer it, repeat. /reset forgets the conversation, /exit (or Ctrl-D) ends, Ctrl-C stops an
     answer."""
-    print(f"Chatting with run '{rm.run_dir.name}' (base {rm.base_name}). /reset clears the history, /exit or Ctrl-D "
+    who = f"run '{rm.run_dir.name}'" if rm.adapter_on else f"the base of run '{rm.run_dir.name}' (no adapter)"
+    print(f"Chatting with {who} (base {rm.base_name}). /reset clears the history, /exit or Ctrl-D "
           "quits, Ctrl-C stops an answer.", flush=True)
     start = [{"role": "system", "content": system}] if system else []
     history = list(start)
@@ -226,6 +229,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--merged", action="store_true", help="merge the adapter into the base in its own precision "
                                                          "(bf16 on a GPU) instead of the 4-bit base as trained")
     p.add_argument("--base", help="base model id or folder (default: the one the run was trained on)")
+    p.add_argument("--base-only", action="store_true", help="the base without the adapter, to compare answers")
     d = Sampling()
     p.add_argument("--greedy", action="store_true", help="always the most likely token: reproducible answers")
     p.add_argument("--temperature", type=float, default=d.temperature, help="default: %(default)s")
@@ -244,6 +248,10 @@ def main(argv: list[str] | None = None) -> int:
                         stream=sys.stderr)
     bad = [f"--{k.replace('_', '-')} {v}" for k, v in (("temperature", args.temperature), ("top_p", args.top_p),
                                                          ("max_new_tokens", args.max_new_tokens)) if v <= 0]
+    if args.base_only and args.merged:
+        print("error: --base-only and --merged exclude each other (a merged model has no adapter to switch off)",
+              file=sys.stderr)
+        return 2
     if bad or not 0 < args.top_p <= 1:
         print(f"error: {', '.join(bad) or f'--top-p {args.top_p}'}: must be > 0 (--top-p at most 1)", file=sys.stderr)
         return 2
@@ -259,6 +267,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.max_context:
         rm.max_context = args.max_context
+    rm.adapter_on = not args.base_only
     from transformers import set_seed
 
     set_seed(args.seed)

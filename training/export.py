@@ -543,8 +543,10 @@ def wants_bos(tokenizer) -> bool:
         return False
     if tokenizer("a")["input_ids"][:1] == [tokenizer.bos_token_id]:
         return True
-    rendered = tokenizer.apply_chat_template([{"role": "user", "content": "a"}], tokenize=False)
-    return rendered.startswith(tokenizer.bos_token)
+    rendered = tokenizer.apply_chat_template([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}],
+                                             tokenize=False)
+    # ChatML's <|im_start|> is SmolLM2's bos_token but opens every turn: Ollama's template writes it, llama.cpp must not
+    return rendered.startswith(tokenizer.bos_token) and rendered.count(tokenizer.bos_token) == 1
 
 
 def reusable_merge(merged_dir: Path, run_dir: Path, base_path: Path, dtype: str) -> dict | None:
