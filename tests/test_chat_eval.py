@@ -96,6 +96,9 @@ def test_history_is_cut_to_the_context_oldest_turns_first(tiny_tokenizer):
     assert len(ids) <= budget and kept[-1] == history[-1] and kept[0]["role"] == "user"
     assert kept == history[len(history) - len(kept):] and len(kept) < len(history)
     assert ids == prompt_ids(tiny_tokenizer, kept)
+    system = [{"role": "system", "content": "Be brief."}]
+    kept, ids = fit_history(tiny_tokenizer, system + history, budget)
+    assert kept[0] == system[0] and kept[1]["role"] == "user" and kept[-1] == history[-1] and len(ids) <= budget
 
 
 def test_make_eval_with_a_data_file_and_a_prompts_file(tiny_run, tmp_path):

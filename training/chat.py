@@ -94,13 +94,15 @@ def load_run_model(output_dir: Path, run: str | None, merged: bool = False, base
 
 def fit_history(tokenizer, history: list[dict[str, str]], budget: int) -> tuple[list[dict[str, str]], list[int]]:
     """Prompt ids for the conversation, dropping the oldest user/assistant pairs until it fits `budget` tokens
-    (the newest user turn is always kept)."""
-    kept = list(history)
+    (a leading system message and the newest user turn are always kept)."""
+    system = history[:1] if history and history[0]["role"] == "system" else []
+    turns = history[len(system):]
     while True:
+        kept = system + turns
         ids = prompt_ids(tokenizer, kept)
-        if len(ids) <= budget or len(kept) <= 1:
+        if len(ids) <= budget or len(turns) <= 1:
             return kept, ids[-budget:] if len(ids) > budget else ids
-        kept = kept[2:]
+        turns = turns[2:]
 
 
 def prompt_ids(tokenizer, messages: list[dict[str, str]]) -> list[int]:
@@ -171,13 +173,17 @@ class AnswerStreamer:
         self.inner.end()
 
 
-def answer(rm: RunModel, history: list[dict[str, str]], sampling: Sampling,
-           stream: bool = True) -> tuple[str, list[dict[str, str]]]:
-    """Generate the assistant's reply to `history` (streamed to stdout); returns it and the history it saw."""
+def answer(rm: RunModel, history: list[dict[str, str]], sampling: Sampling, stream: bool = True,
+           prefix: str = "") -> tuple[str, list[dict[str, str]]]:
+    """Generate the assistant's reply to `history` (streamed to stdout after `prefix`); returns it and the history
+    it saw."""
     budget = max(rm.max_context - sampling.max_new_tokens, 16)
     kept, ids = fit_history(rm.tokenizer, history, budget)
     if len(kept) < len(history):
-        log.info("history cut to the last %d message(s) to fit %d tokens", len(kept), rm.max_context)
+        log.info("history cut to the last %d message(s): %d tokens of context, %d of them for the answer "
+                 "(--max-context / --max-new-tokens)", len(kept), rm.max_context, sampling.max_new_tokens)
+    if stream and prefix:
+        print(prefix, end="", flush=True)
     new = generate(rm, ids, sampling, AnswerStreamer(rm) if stream else None)
     return answer_text(rm, new), kept
 
@@ -209,9 +215,8 @@ def repl(rm: RunModel, sampling: Sampling, system: str | None = None) -> int:
             print("(history cleared)", flush=True)
             continue
         history.append({"role": "user", "content": text})
-        print("bot> ", end="", flush=True)
         try:
-            reply, history = answer(rm, history, sampling)
+            reply, history = answer(rm, history, sampling, prefix="bot> ")
         except KeyboardInterrupt:
             print("\n(stopped)", flush=True)
             history.pop()

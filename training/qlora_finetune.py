@@ -6,7 +6,8 @@ Usage:
     python -m training.qlora_finetune --model-config custom --model ORG/NAME --data PATH --set lora_r=16
 
 Outputs (docs/contracts.md): outputs/<run>/adapter/ (PEFT adapter + tokenizer), outputs/<run>/checkpoint-N/,
-outputs/<run>/runs/ (TensorBoard), outputs/<run>/run_summary.json, logs/<run>/metrics.jsonl and train.log.
+outputs/<run>/runs/ (TensorBoard), outputs/<run>/run_summary.json, logs/<run>/metrics.jsonl and train.log; with an
+eval split also outputs/<run>/eval.json (base vs adapter, training/evaluate.py), shown in outputs/<run>/report/.
 Exit status: 0 done, 2 bad input (config, data, model path, machine too small), 1 a bug (with traceback).
 """
 
