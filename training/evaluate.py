@@ -72,14 +72,14 @@ def read_prompts(path: str) -> list[str]:
 
 def conversation_prompts(examples, n: int) -> list[dict]:
     """The conversation before the last answer of the first `n` chat examples, with that answer as reference."""
-    out = []
+    out: list[dict] = []
     for ex in examples:
+        if len(out) >= n:
+            break
         if ex.messages is None:
             continue
         last = max(i for i, m in enumerate(ex.messages) if m["role"] == "assistant")
         out.append({"messages": ex.messages[:last], "reference": ex.messages[last]["content"]})
-        if len(out) == n:
-            break
     return out
 
 

@@ -274,7 +274,7 @@ def train(cfg: QLoRAConfig, preset: str, run_name: str, run_dir: Path, metrics_p
     log_event(metrics_path, run_name, state.global_step, "finished", train_loss_last=run_summary["train_loss_last"])
     if eval_ds is not None:  # base vs adapter into eval.json (and so the report), loaded from the files as make eval
         del trainer, model
-        write_run_eval(run_dir)
+        write_run_eval(run_dir, cfg)
     write_run_report(metrics_path.parent.parent, run_name, run_dir)
     log.info("done in %.0fs: loss %.4f -> %.4f; adapter in %s", run_summary["duration_s"],
              run_summary["train_loss_first"] or float("nan"), run_summary["train_loss_last"] or float("nan"),
@@ -294,7 +294,7 @@ def finished_at(run_dir: Path, step: int) -> bool:
             and (run_dir / "adapter" / "adapter_config.json").is_file())
 
 
-def write_run_eval(run_dir: Path) -> None:
+def write_run_eval(run_dir: Path, cfg: QLoRAConfig) -> None:
     """Held-out loss and answers of the base and the adapter; an evaluation problem never fails a finished run."""
     import gc
 
@@ -306,7 +306,8 @@ def write_run_eval(run_dir: Path) -> None:
     try:
         from training.evaluate import run_eval
 
-        log.info("eval: %s", run_eval(run_dir.parent, run_dir.name))
+        log.info("eval: %s", run_eval(run_dir.parent, run_dir.name, n_prompts=cfg.eval_prompts,
+                                      max_new_tokens=cfg.eval_max_new_tokens))
     except Exception as exc:  # noqa: BLE001 - the adapter is saved; say why and go on
         log.warning("base vs adapter evaluation not written (%s: %s); make eval RUN=%s retries", type(exc).__name__,
                     str(exc).splitlines()[0] if str(exc) else "", run_dir.name)
