@@ -50,9 +50,11 @@ def run_make(args: list[str], env: dict | None = None, timeout: int = 600, **kw)
                           cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout, **kw)
 
 
-def reference_greedy(base_dir: Path, adapter_dir: Path, prompt: str, max_new_tokens: int) -> tuple[str, list[int]]:
-    """What plain transformers + peft say for `prompt`: the base in 4-bit as trained, the adapter on, greedy
-    `model.generate`, the run's chat template; the answer without its end-of-turn token, and the new token ids."""
+def reference_greedy(base_dir: Path, adapter_dir: Path, prompt: str, max_new_tokens: int,
+                     merged: bool = False) -> tuple[str, list[int]]:
+    """What plain transformers + peft say for `prompt`: the base in 4-bit as trained (merged: in float32, the
+    adapter merged into it), the adapter on, greedy `model.generate`, the run's chat template; the answer without
+    its end-of-turn token, and the new token ids."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
@@ -60,9 +62,12 @@ def reference_greedy(base_dir: Path, adapter_dir: Path, prompt: str, max_new_tok
     tok = AutoTokenizer.from_pretrained(str(adapter_dir))
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                bnb_4bit_compute_dtype=torch.float32)
-    base = AutoModelForCausalLM.from_pretrained(str(base_dir), quantization_config=quant, dtype=torch.float32,
-                                                attn_implementation="eager", device_map={"": "cpu"})
+    base = AutoModelForCausalLM.from_pretrained(str(base_dir), quantization_config=None if merged else quant,
+                                                dtype=torch.float32, attn_implementation="eager",
+                                                device_map={"": "cpu"})
     model = PeftModel.from_pretrained(base, str(adapter_dir)).eval()
+    if merged:
+        model = model.merge_and_unload()
     text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
     ids = tok(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
     end_of_turn = tok.convert_tokens_to_ids("<|im_end|>" if "<|im_start|>" in text else "<end_of_turn>")

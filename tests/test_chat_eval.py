@@ -50,6 +50,12 @@ def test_make_chat_prompt_greedy_prints_what_generate_gives(tiny_run, tiny_model
     assert proc.stdout.endswith(want + "\n"), (proc.stdout, want)
     assert proc.stdout.splitlines()[-1] == want.splitlines()[-1] and "<end_of_turn>" not in proc.stdout
 
+    proc = run_make(["chat", "RUN=tiny-chat", f"PROMPT={PROMPT}",
+                     f"ARGS=--greedy --merged --max-new-tokens 24 --output-dir {tiny_run / 'outputs'}"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    merged, _ = reference_greedy(tiny_model_dir, run_dir / "adapter", PROMPT, 24, merged=True)
+    assert proc.stdout.endswith(merged + "\n"), (proc.stdout, merged)
+
 
 def test_repl_through_a_pseudo_terminal(tiny_run):
     pexpect = pytest.importorskip("pexpect")
@@ -141,8 +147,8 @@ def test_chat_errors_missing_run_missing_base_other_base(tiny_run, tiny_model_di
                       "run 'nope'", "does not exist", "tiny-chat", "make chat")
     other = tmp_path / "other-base"
     shutil.copytree(tiny_model_dir, other)
-    assert_user_error(chat(["--run", "tiny-chat", "--output-dir", str(outputs), "--base", str(other), "--prompt", "hi"]),
-                      "was trained on", "--base")
+    assert_user_error(chat(["--run", "tiny-chat", "--output-dir", str(outputs), "--base", str(other),
+                            "--prompt", "hi"]), "was trained on", "--base")
     moved = tmp_path / "outputs" / "moved"
     shutil.copytree(outputs / "tiny-chat", moved)
     for rel, key in (("run_summary.json", None), ("adapter/adapter_config.json", "base_model_name_or_path")):

@@ -1,7 +1,7 @@
 """Talk to a trained run: its adapter on its base, with the run's own chat template, tokens streamed as they come.
 
 Usage:
-    python -m training.chat --run NAME                       # interactive: /reset clears the history, /exit or Ctrl-D ends
+    python -m training.chat --run NAME                       # interactive: /reset forgets, /exit or Ctrl-D ends
     python -m training.chat --run NAME --prompt "Hi" --greedy  # one answer on stdout, then exit (for scripts)
     python -m training.chat --run NAME --merged              # adapter merged into the base in 16/32-bit, not 4-bit
 
