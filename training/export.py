@@ -94,7 +94,6 @@ CHECK_CONVERSATIONS = [
 ]
 
 
-
 class ExportError(Exception):
     """Bad input or an unfit machine: the message says what, where and what to do. Exit 2, no traceback."""
 
