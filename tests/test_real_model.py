@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 from importlib.metadata import PackageNotFoundError, distribution
@@ -198,3 +199,37 @@ def test_gguf_q8_0_generates_what_the_merged_model_generates(smol_run):
     mf = parse_modelfile((folder / "Modelfile").read_text())
     assert mf["template"] == OLLAMA_TEMPLATES["chatml"] and mf["system"].startswith("You are a helpful AI assistant")
     assert ("stop", "<|im_end|>") in mf["parameters"]
+
+
+@pytest.mark.skipif(shutil.which("go") is None, reason="needs a Go toolchain (apt install golang-go) to run "
+                                                        "Ollama's template language, Go's text/template")
+def test_chatml_modelfile_template_renders_what_smollm2s_template_renders(smol_dir, tmp_path):
+    """Ollama gives TEMPLATE the system text as .System (a request's system message, else the Modelfile's SYSTEM,
+    which the export fills with the template's default) and every message; the ChatML Go template must then write
+    exactly what SmolLM2's Jinja template writes before an answer."""
+    from transformers import AutoTokenizer
+
+    from tests.test_export import GO_RENDER
+    from training.templates import OLLAMA_TEMPLATES, default_system_prompt
+
+    tok = AutoTokenizer.from_pretrained(str(smol_dir))
+    default = default_system_prompt(tok)
+    assert default and default.startswith("You are a helpful AI assistant named SmolLM")
+    (tmp_path / "render.go").write_text(GO_RENDER)
+    conversations = [
+        [{"role": "user", "content": "Hi there"}],
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+         {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Bye"}],
+        [{"role": "user", "content": "one"}, {"role": "assistant", "content": "two"},
+         {"role": "user", "content": "three\nlines"}],
+    ]
+    for conv in conversations:
+        want = tok.apply_chat_template(conv, tokenize=False, add_generation_prompt=True)
+        system = conv[0]["content"] if conv[0]["role"] == "system" else default
+        job = {"Template": OLLAMA_TEMPLATES["chatml"],
+               "Data": {"System": system, "Messages": [{"Role": m["role"], "Content": m["content"]} for m in conv]}}
+        proc = subprocess.run(["go", "run", str(tmp_path / "render.go")], input=json.dumps(job), capture_output=True,
+                              text=True, timeout=300, env={**os.environ, "GOCACHE": str(tmp_path / "gocache"),
+                                                           "GOPATH": str(tmp_path / "gopath")})
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout == want, conv
