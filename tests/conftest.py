@@ -40,3 +40,40 @@ def run_recipe(args: list[str], cwd: Path = REPO, env: dict | None = None, timeo
 @pytest.fixture
 def recipe():
     return run_recipe
+
+
+def run_make(args: list[str], env: dict | None = None, timeout: int = 600, **kw) -> subprocess.CompletedProcess:
+    """A native make verb as a user types it, on the venv that runs the tests (never re-running `make setup`)."""
+    venv = Path(sys.executable).parent.parent
+    full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
+    return subprocess.run(["make", "--no-print-directory", "-o", f"{venv}/.installed", f"VENV={venv}", *args],
+                          cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout, **kw)
+
+
+def reference_greedy(base_dir: Path, adapter_dir: Path, prompt: str, max_new_tokens: int,
+                     merged: bool = False) -> tuple[str, list[int]]:
+    """What plain transformers + peft say for `prompt`: the base in 4-bit as trained (merged: in float32, the
+    adapter merged into it), the adapter on, greedy `model.generate`, the run's chat template; the answer without
+    its end-of-turn token, and the new token ids."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+    tok = AutoTokenizer.from_pretrained(str(adapter_dir))
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(str(base_dir), quantization_config=None if merged else quant,
+                                                dtype=torch.float32, attn_implementation="eager",
+                                                device_map={"": "cpu"})
+    model = PeftModel.from_pretrained(base, str(adapter_dir)).eval()
+    if merged:
+        model = model.merge_and_unload()
+    text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+    ids = tok(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    end_of_turn = tok.convert_tokens_to_ids("<|im_end|>" if "<|im_start|>" in text else "<end_of_turn>")
+    stop = [end_of_turn, tok.eos_token_id]
+    with torch.inference_mode():
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                             max_new_tokens=max_new_tokens, eos_token_id=stop, pad_token_id=tok.pad_token_id)
+    new = out[0, ids.shape[1]:].tolist()
+    return tok.decode([t for t in new if t not in stop], skip_special_tokens=True), new

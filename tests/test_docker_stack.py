@@ -30,7 +30,7 @@ IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 DOCKER = os.environ.get("DOCKER", "docker")
 TEST_IMAGE = os.environ.get("DOCKER_TEST_IMAGE", "qlora-training:test")
 VERBS = ["build", "train-gemma-2b", "train-gemma-9b", "train-tiny", "train-dev", "train-monitor", "train-status",
-         "train-logs", "train-stop", "train-clean", "train-export", "doctor"]
+         "train-logs", "train-stop", "train-clean", "train-export", "train-chat", "doctor"]
 
 
 def _engine_problem() -> str | None:
@@ -401,6 +401,17 @@ def test_train_custom_mounts_the_host_model_and_data_read_only(stack, tmp_path):
 
 
 @pytest.mark.docker
+def test_train_chat_answers_once_from_the_run_in_the_volume(stack):
+    """`make train-chat PROMPT=...` on the run train-tiny wrote: the adapter and its base from the volumes."""
+    p = _make(stack, "train-chat", "RUN=tiny", "PROMPT=Name the four seasons.", "ARGS=--greedy --max-new-tokens 8",
+              timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "loading builtin:tiny-gemma2" in p.stderr and "Traceback" not in p.stderr
+    p = _make(stack, "train-chat", "RUN=nope", "PROMPT=hi", timeout=600)
+    assert p.returncode == 2 and "run 'nope'" in p.stdout + p.stderr, p.stdout[-2000:] + p.stderr[-2000:]
+
+
+@pytest.mark.docker
 def test_train_dev_jupyter_needs_the_token_and_tensorboard_lists_the_run(stack):
     hf_sentinel = HF_SENTINEL
     p = _make({**stack, "HF_TOKEN": hf_sentinel}, "train-dev", timeout=300)
@@ -419,6 +430,9 @@ def test_train_dev_jupyter_needs_the_token_and_tensorboard_lists_the_run(stack):
     assert status == 200 and "outputs" in body
     status, _ = _http(f"http://127.0.0.1:{jport}/api/contents", {"Authorization": "token wrong-token"})
     assert status == 403
+    status, body = _http(f"http://127.0.0.1:{jport}/api/contents/notebooks/quickstart.ipynb",
+                         {"Authorization": f"token {token}"})
+    assert status == 200 and "run_eval" in body  # the starter notebook, bind-mounted from ./notebooks
 
     status, body = _wait_http(f"http://127.0.0.1:{tport}/data/plugin/scalars/tags")
     assert status == 200

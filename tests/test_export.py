@@ -177,10 +177,14 @@ def parse_modelfile(text: str) -> dict:
 
 
 def test_modelfile_parser_reads_what_we_write_and_rejects_garbage():
-    from training.export import OLLAMA_GEMMA_TEMPLATE, modelfile_text
+    from training.export import modelfile_text
+    from training.templates import OLLAMA_TEMPLATES
 
     mf = parse_modelfile(modelfile_text("x-q8_0.gguf", 4096))
-    assert mf["from"] == "./x-q8_0.gguf" and mf["template"] == OLLAMA_GEMMA_TEMPLATE
+    assert mf["from"] == "./x-q8_0.gguf" and mf["template"] == OLLAMA_TEMPLATES["gemma"] and mf["system"] is None
+    chatml = parse_modelfile(modelfile_text("s.gguf", 8192, "chatml", "You are SmolLM."))
+    assert chatml["template"] == OLLAMA_TEMPLATES["chatml"] and chatml["system"] == "You are SmolLM."
+    assert ("stop", "<|im_end|>") in chatml["parameters"]
     assert ("num_ctx", "4096") in mf["parameters"]
     with pytest.raises(ValueError):
         parse_modelfile('FROM ./a.gguf\nTEMPLATE """never closed\n')
@@ -223,7 +227,7 @@ def test_modelfile_template_renders_what_the_chat_template_renders(tmp_path, tin
     the text the run was trained on (Gemma's chat template, system folded into the first user turn), less the <bos>
     that llama.cpp adds itself."""
     from training.data import fold_system_message
-    from training.export import OLLAMA_GEMMA_TEMPLATE
+    from training.templates import OLLAMA_TEMPLATES
 
     (tmp_path / "render.go").write_text(GO_RENDER)
     conversations = [
@@ -236,7 +240,7 @@ def test_modelfile_template_renders_what_the_chat_template_renders(tmp_path, tin
     for conv in conversations:
         want = tiny_tokenizer.apply_chat_template(fold_system_message(conv), tokenize=False,
                                                   add_generation_prompt=True)
-        job = {"Template": OLLAMA_GEMMA_TEMPLATE,
+        job = {"Template": OLLAMA_TEMPLATES["gemma"],
                "Data": {"System": "", "Messages": [{"Role": m["role"], "Content": m["content"]} for m in conv]}}
         proc = subprocess.run(["go", "run", str(tmp_path / "render.go")], input=json.dumps(job), capture_output=True,
                               text=True, timeout=300, env={**os.environ, "GOCACHE": str(tmp_path / "gocache"),

@@ -10,7 +10,8 @@ Formats (detected from the keys of each record):
   alpaca            {"instruction": "...", "input": "... (optional)", "output": "..."}
   prompt_completion {"prompt": "...", "completion": "..."}
   text              {"text": "..."}
-chat, sharegpt and alpaca become conversations rendered with the tokenizer's chat template. Gemma's template
+chat, sharegpt and alpaca become conversations rendered with the tokenizer's own chat template (a tokenizer without
+one is refused: --set chat_template=PATH gives one, training/templates.py). Gemma's template
 has no system role: a system message is folded into the first user turn ("SYSTEM\n\nUSER"), which is what
 Google's own Gemma chat format recommends. The loss covers the assistant turns (chat) or the completion
 (prompt_completion) only, unless `completion_only_loss` is false; `text` trains on every token.
@@ -351,9 +352,7 @@ class Tokenize:
     """Turn Examples into {'input_ids', 'labels'} with labels = -100 outside the trained spans."""
 
     def __init__(self, tokenizer, max_seq_length: int, completion_only_loss: bool = True):
-        if tokenizer.chat_template is None:
-            tokenizer.chat_template = _default_chat_template()
-        self.tok = tokenizer
+        self.tok = tokenizer  # its own chat template (training/templates.py): never another family's
         self.max_len = max_seq_length
         self.completion_only = completion_only_loss
         self.fold_system = not supports_system_role(tokenizer)
@@ -362,6 +361,10 @@ class Tokenize:
         return self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
 
     def chat(self, ex: Example) -> tuple[list[int], list[int]]:
+        if not self.tok.chat_template:
+            from training.templates import missing_template_message
+
+            raise DataError(f"{ex.where}: {missing_template_message(self.tok.name_or_path)}")
         messages = fold_system_message(ex.messages) if self.fold_system else ex.messages
         try:
             full = self._render(messages)
@@ -400,12 +403,6 @@ class Tokenize:
         if not self.completion_only:
             labels = list(ids)
         return ids, labels
-
-
-def _default_chat_template() -> str:
-    from training.tiny import GEMMA_CHAT_TEMPLATE
-
-    return GEMMA_CHAT_TEMPLATE
 
 
 def tokenize_examples(examples: list[Example], tokenize: Tokenize, stats: DataStats) -> dict[str, list]:

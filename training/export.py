@@ -16,10 +16,10 @@ Steps (each checked, every number in export_report.json):
   3. checks: metadata and tensor count against config.json, every tensor finite, chat template present, the
      same token ids from llama.cpp's tokenizer, then the fixed prompts through the merged model and the GGUF
      (llama-cpp-python): top-1 agreement and max logit difference within the limits of the quantisation type.
-  4. an Ollama Modelfile (Gemma's chat template, stop tokens) beside the GGUF.
+  4. an Ollama Modelfile (the run's chat template family: Gemma or ChatML, its stop tokens) beside the GGUF.
 The GGUF folder is written under a temporary name and renamed only when every check passed.
 
-Exit status: 0 exported and checked, 2 bad input (run, base, tokenizer.model, RAM/disk, quantisation, converter),
+Exit status: 0 exported and checked, 2 bad input (run, base, tokenizer files, RAM/disk, quantisation, converter),
 3 a check failed (nothing is left in the GGUF folder), 1 a bug (with traceback).
 """
 
@@ -93,24 +93,6 @@ CHECK_CONVERSATIONS = [
     [{"role": "user", "content": "List three prime numbers greater than 100, then explain why 2 is prime."}],
 ]
 
-# Ollama's Go template for Gemma: no system role (a system message joins the first user turn, as in training).
-OLLAMA_GEMMA_TEMPLATE = """{{- $system := .System }}{{- $first := true }}
-{{- range $i, $_ := .Messages }}
-{{- $last := eq (len (slice $.Messages $i)) 1 }}
-{{- if eq .Role "system" }}{{ $system = .Content }}
-{{- else if eq .Role "user" }}<start_of_turn>user
-{{ if and $first $system }}{{ $system }}
-
-{{ end }}{{ $first = false }}{{ .Content }}<end_of_turn>
-{{ if $last }}<start_of_turn>model
-{{ end }}
-{{- else if eq .Role "assistant" }}<start_of_turn>model
-{{ .Content }}{{ if not $last }}<end_of_turn>
-{{ end }}
-{{- end }}
-{{- end }}"""
-OLLAMA_STOP = ("<end_of_turn>", "<start_of_turn>")
-
 
 class ExportError(Exception):
     """Bad input or an unfit machine: the message says what, where and what to do. Exit 2, no traceback."""
@@ -121,15 +103,15 @@ class CheckFailed(Exception):
 
 
 # ------------------------------------------------------------------------------------------------------- the run
-def find_run(output_dir: Path, run: str | None) -> Path:
-    """The run folder with a saved adapter; without --run, the newest one."""
+def find_run(output_dir: Path, run: str | None, verb: str = "export") -> Path:
+    """The run folder with a saved adapter; without --run, the newest one (`verb`: the make verb, for the hint)."""
     if run:
         run_dir = output_dir / run
         if not (run_dir / "adapter" / "adapter_config.json").is_file():
             known = ", ".join(sorted(p.parent.parent.name for p in output_dir.glob("*/adapter/adapter_config.json")))
             what = "has no adapter/ (training did not finish?)" if run_dir.is_dir() else "does not exist"
             raise ExportError(f"run '{run}': {run_dir} {what}.\n-> runs with an adapter in {output_dir}: "
-                              f"{known or 'none'}; pass RUN=<one of them> (make export) or --run NAME")
+                              f"{known or 'none'}; pass RUN=<one of them> (make {verb}) or --run NAME")
         return run_dir
     found = sorted(output_dir.glob("*/adapter/adapter_config.json"), key=lambda p: p.stat().st_mtime)
     if not found:
@@ -446,13 +428,17 @@ def merge_adapter(run_dir: Path, base_name: str, base_path: Path, dtype: str, me
     from transformers import AutoTokenizer
 
     adapter_dir = run_dir / "adapter"
-    spm = adapter_dir / "tokenizer.model"
-    if not spm.is_file():
-        spm = base_path / "tokenizer.model"
-    if not spm.is_file():
-        raise ExportError(f"no tokenizer.model in {adapter_dir} or {base_path}: GGUF conversion of Gemma needs the "
+    # llama.cpp's converter reads a SentencePiece model (Gemma) from tokenizer.model, a BPE one (Llama 3, SmolLM2,
+    # Qwen...) from tokenizer.json
+    spm = next((p for p in (adapter_dir / "tokenizer.model", base_path / "tokenizer.model") if p.is_file()), None)
+    if spm is None and sentencepiece_family(base_path):
+        raise ExportError(f"no tokenizer.model in {adapter_dir} or {base_path}: GGUF conversion of this "
+                          f"SentencePiece model ({read_json(base_path / 'config.json').get('model_type')}) needs the "
                           "SentencePiece file.\n-> copy tokenizer.model from the base model's files (the Hugging Face "
                           f"repo of {base_name}) into {adapter_dir}/")
+    if spm is None and not (adapter_dir / "tokenizer.json").is_file():
+        raise ExportError(f"{adapter_dir} has neither tokenizer.model nor tokenizer.json: GGUF conversion needs the "
+                          "tokenizer's files.\n-> re-save the base model's tokenizer into that folder")
     t0 = time.time()
     tokenizer = AutoTokenizer.from_pretrained(str(adapter_dir))
     if not tokenizer.chat_template:
@@ -476,7 +462,8 @@ def merge_adapter(run_dir: Path, base_name: str, base_path: Path, dtype: str, me
         merged.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
         write_added_tokens_decoder(tokenizer, tmp / "tokenizer_config.json")
-        shutil.copyfile(spm, tmp / "tokenizer.model")
+        if spm is not None:
+            shutil.copyfile(spm, tmp / "tokenizer.model")
         del model, merged, base
         gc.collect()
         t_merge = time.time() - t0
@@ -555,8 +542,10 @@ def wants_bos(tokenizer) -> bool:
         return False
     if tokenizer("a")["input_ids"][:1] == [tokenizer.bos_token_id]:
         return True
-    rendered = tokenizer.apply_chat_template([{"role": "user", "content": "a"}], tokenize=False)
-    return rendered.startswith(tokenizer.bos_token)
+    rendered = tokenizer.apply_chat_template([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}],
+                                             tokenize=False)
+    # ChatML's <|im_start|> is SmolLM2's bos_token but opens every turn: Ollama's template writes it, llama.cpp must not
+    return rendered.startswith(tokenizer.bos_token) and rendered.count(tokenizer.bos_token) == 1
 
 
 def reusable_merge(merged_dir: Path, run_dir: Path, base_path: Path, dtype: str) -> dict | None:
@@ -753,17 +742,30 @@ def expected_tensor_count(merged_dir: Path, config: dict) -> int:
 
 
 # ------------------------------------------------------------------------------------------------ Modelfile
-def modelfile_text(gguf_name: str, num_ctx: int) -> str:
+def sentencepiece_family(base_path: Path) -> bool:
+    """Gemma's tokenizer is SentencePiece: its GGUF needs tokenizer.model, which transformers 5 does not save."""
+    return str(read_json(base_path / "config.json").get("model_type", "")).startswith("gemma")
+
+
+def modelfile_text(gguf_name: str, num_ctx: int, family: str | None = "gemma", system: str | None = None) -> str:
+    """Ollama's Modelfile in the run's template family (training/templates.py), with the template's default system
+    prompt (ChatML models such as SmolLM2 have one)."""
+    from training.templates import OLLAMA_STOPS, OLLAMA_TEMPLATES
+
     lines = ["# Ollama: ollama create NAME -f Modelfile   (written by python -m training.export)",
-             f"FROM ./{gguf_name}", f'TEMPLATE """{OLLAMA_GEMMA_TEMPLATE}"""']
-    lines += [f'PARAMETER stop "{s}"' for s in OLLAMA_STOP]
+             f"FROM ./{gguf_name}"]
+    if family is not None:
+        lines.append(f'TEMPLATE """{OLLAMA_TEMPLATES[family]}"""')
+    if system:
+        lines.append(f'SYSTEM """{system}"""')
+    lines += [f'PARAMETER stop "{s}"' for s in OLLAMA_STOPS.get(family, ())]
     lines.append(f"PARAMETER num_ctx {num_ctx}")
     return "\n".join(lines) + "\n"
 
 
 def parse_modelfile(text: str) -> dict:
     """The FROM / TEMPLATE / PARAMETER instructions of a Modelfile (Ollama's syntax, the subset we write)."""
-    out: dict = {"from": None, "template": None, "parameters": []}
+    out: dict = {"from": None, "template": None, "system": None, "parameters": []}
     i, lines = 0, text.splitlines()
     while i < len(lines):
         line = lines[i].strip()
@@ -772,14 +774,14 @@ def parse_modelfile(text: str) -> dict:
             continue
         cmd, _, rest = line.partition(" ")
         cmd = cmd.upper()
-        if cmd == "TEMPLATE" and rest.startswith('"""'):
+        if cmd in ("TEMPLATE", "SYSTEM") and rest.startswith('"""'):
             body = rest[3:]
             while '"""' not in body:
                 if i >= len(lines):
-                    raise ValueError("TEMPLATE: unterminated triple-quoted string")
+                    raise ValueError(f"{cmd}: unterminated triple-quoted string")
                 body += "\n" + lines[i]
                 i += 1
-            out["template"] = body[:body.index('"""')]
+            out[cmd.lower()] = body[:body.index('"""')]
         elif cmd == "FROM":
             out["from"] = rest.strip()
         elif cmd == "PARAMETER":
@@ -923,8 +925,15 @@ def gguf_export(converter: Path, merged_dir: Path, work: Path, name: str, quant:
     log.info("GGUF %s vs merged model over %d positions: top-1 agreement %.3f (limit %.2f), max logit diff %.3g = "
              "%.3g sd (limit %.3g sd)", quant, c["positions"], c["top1_agreement"], c["limit_top1"],
              c["max_logit_diff"], c["max_logit_diff_sd"], c["limit_max_logit_diff_sd"])
+    from training.templates import default_system_prompt, family
+
+    fam = family(tokenizer)
+    if fam is None:
+        log.warning("no Ollama template for this chat template: the Modelfile leaves it to Ollama, which reads "
+                    "tokenizer.chat_template from the GGUF")
     (work / "Modelfile").write_text(modelfile_text(gguf_path.name, min(int(config.get("max_position_embeddings")
-                                                                           or 8192), 8192)), encoding="utf-8")
+                                                                           or 8192), 8192), fam,
+                                                   default_system_prompt(tokenizer)), encoding="utf-8")
     return {"gguf_file": gguf_path.name, "gguf_bytes": gguf_path.stat().st_size, "modelfile": "Modelfile",
             "converter": read_json(converter / "converter_info.json"), "llama_cpp_python": llama_cpp_version(),
             "checks": checks}

@@ -48,6 +48,7 @@ class QLoRAConfig:
     max_seq_length: int = 2048  # longer samples are truncated (validate-data reports how many)
     eval_fraction: float = 0.05  # share of records held out for evaluation (deterministic split)
     completion_only_loss: bool = True  # learn the answers, not the prompts
+    chat_template: str = ""  # a Jinja file replacing the tokenizer's own chat template ("": the model's own)
     # --- optimisation ---
     per_device_train_batch_size: int = 4  # micro-batch per GPU
     gradient_accumulation_steps: int = 4  # effective batch = micro-batch x accumulation x GPUs
@@ -70,6 +71,8 @@ class QLoRAConfig:
     keep_checkpoints: int = 3  # newest complete checkpoints kept per run (the backup keeps its own)
     eval_steps: int = 100  # evaluate every N steps when there is an eval split
     disk_check: bool = True  # refuse to start when the run's checkpoints and adapter cannot fit the output disk
+    eval_prompts: int = 4  # end of run: greedy answers of base and adapter to this many held-out prompts (eval.json)
+    eval_max_new_tokens: int = 64  # ... each at most this long
     report_to: str = "tensorboard"  # comma-separated: tensorboard, wandb
     dataloader_num_workers: int = 2  # background data loading; 0 on the CPU
 
@@ -94,6 +97,8 @@ PRESETS: dict[str, QLoRAConfig] = {
         logging_steps=5,
         save_steps=20,
         eval_steps=20,
+        eval_prompts=2,  # a random-init base never stops talking: keep the end-of-run evaluation short
+        eval_max_new_tokens=16,
         dataloader_num_workers=0,
     ),
     "gemma-2b": QLoRAConfig(
@@ -131,8 +136,10 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "optim": ("adamw_8bit", "paged_adamw_8bit", "adamw_torch", "paged_adamw_32bit", "adamw_torch_fused"),
 }
 POSITIVE = ("max_micro_batch", "lora_r", "lora_alpha", "max_seq_length", "per_device_train_batch_size", "gradient_accumulation_steps",
-            "max_steps", "learning_rate", "logging_steps", "save_steps", "eval_steps", "keep_checkpoints")
-NON_NEGATIVE = ("gpu_mem_gib", "warmup_steps", "weight_decay", "max_grad_norm", "min_gpu_mem_gib", "dataloader_num_workers")
+            "max_steps", "learning_rate", "logging_steps", "save_steps", "eval_steps", "keep_checkpoints",
+            "eval_max_new_tokens")
+NON_NEGATIVE = ("gpu_mem_gib", "warmup_steps", "weight_decay", "max_grad_norm", "min_gpu_mem_gib", "dataloader_num_workers",
+                "eval_prompts")
 FRACTIONS = ("lora_dropout", "eval_fraction")  # in [0, 1)
 REPORT_TARGETS = ("tensorboard", "wandb", "none")
 

@@ -6,7 +6,8 @@ Usage:
     python -m training.qlora_finetune --model-config custom --model ORG/NAME --data PATH --set lora_r=16
 
 Outputs (docs/contracts.md): outputs/<run>/adapter/ (PEFT adapter + tokenizer), outputs/<run>/checkpoint-N/,
-outputs/<run>/runs/ (TensorBoard), outputs/<run>/run_summary.json, logs/<run>/metrics.jsonl and train.log.
+outputs/<run>/runs/ (TensorBoard), outputs/<run>/run_summary.json, logs/<run>/metrics.jsonl and train.log; with an
+eval split also outputs/<run>/eval.json (base vs adapter, training/evaluate.py), shown in outputs/<run>/report/.
 Exit status: 0 done, 2 bad input (config, data, model path, machine too small), 1 a bug (with traceback).
 """
 
@@ -174,6 +175,9 @@ def train(cfg: QLoRAConfig, preset: str, run_name: str, run_dir: Path, metrics_p
 
     # ------------------------------------------------------------------------------------------------ data
     tokenizer = load_tokenizer(model_path)
+    from training.templates import apply_chat_template_file
+
+    apply_chat_template_file(tokenizer, cfg.chat_template)  # "": the model's own (a tokenizer without one: refused)
     train_ds, eval_ds, stats = build_datasets(cfg.data, tokenizer, cfg.max_seq_length, cfg.eval_fraction,
                                               cfg.seed, cfg.completion_only_loss)
     summary = stats.summary()
@@ -317,6 +321,9 @@ def train(cfg: QLoRAConfig, preset: str, run_name: str, run_dir: Path, metrics_p
     with disk_full_guard(run_dir):
         write_json_atomic(run_dir / "run_summary.json", run_summary)
     log_event(metrics_path, run_name, state.global_step, "finished", train_loss_last=run_summary["train_loss_last"])
+    if eval_ds is not None:  # base vs adapter into eval.json (and so the report), loaded from the files as make eval
+        del trainer, model
+        write_run_eval(run_dir, cfg)
     write_run_report(metrics_path.parent.parent, run_name, run_dir)
     log.info("done in %.0fs: loss %.4f -> %.4f; adapter in %s", run_summary["duration_s"],
              run_summary["train_loss_first"] or float("nan"), run_summary["train_loss_last"] or float("nan"),
@@ -360,6 +367,25 @@ def finished_at(run_dir: Path, step: int) -> bool:
         return False
     return (summary.get("status") == "finished" and summary.get("steps") == step
             and (run_dir / "adapter" / "adapter_config.json").is_file())
+
+
+def write_run_eval(run_dir: Path, cfg: QLoRAConfig) -> None:
+    """Held-out loss and answers of the base and the adapter; an evaluation problem never fails a finished run."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()  # the trainer's copy of the model is gone: room for the evaluation's
+    try:
+        from training.evaluate import run_eval
+
+        log.info("eval: %s", run_eval(run_dir.parent, run_dir.name, n_prompts=cfg.eval_prompts,
+                                      max_new_tokens=cfg.eval_max_new_tokens))
+    except Exception as exc:  # noqa: BLE001 - the adapter is saved; say why and go on
+        log.warning("base vs adapter evaluation not written (%s: %s); make eval RUN=%s retries", type(exc).__name__,
+                    str(exc).splitlines()[0] if str(exc) else "", run_dir.name)
 
 
 def write_run_report(logs_dir: Path, run_name: str, run_dir: Path) -> None:

@@ -17,6 +17,7 @@ runs at once on one machine the GPU plot shows all of them.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import sys
@@ -244,6 +245,7 @@ def write_report(logs_dir: str | os.PathLike, run: str, output_dir: str | os.Pat
                      f"{_f(max(mem) / 1024 if mem else None, '.1f')} GiB ({len(samples)} samples) |")
     lines.append(f"| last complete checkpoint | {checkpoint['path'] if checkpoint else 'none'} |")
     lines.append("")
+    lines += eval_section(report_dir.parent / "eval.json")
     for file, caption in plots:
         lines += [f"![{caption}]({file})", ""]
     if notes:
@@ -252,6 +254,34 @@ def write_report(logs_dir: str | os.PathLike, run: str, output_dir: str | os.Pat
     tmp.write_text("\n".join(lines), encoding="utf-8")
     os.replace(tmp, report_dir / "report.md")
     return report_dir
+
+
+def _cell(text: str | None, limit: int = 300) -> str:
+    text = " ".join((text or "").split())
+    text = text[:limit] + "..." if len(text) > limit else text
+    return text.replace("|", "\\|") or "(empty)"
+
+
+def eval_section(path: Path) -> list[str]:
+    """Base vs fine-tuned, from the run's eval.json (training/evaluate.py); nothing when there is none."""
+    try:
+        ev = json.loads(path.read_text(encoding="utf-8"))
+        base, adapter = ev["base_loss"], ev["adapter_loss"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+    lines = ["## Base vs fine-tuned", "",
+             f"Held-out data: {ev.get('data', {}).get('source', '-')} `{ev.get('data', {}).get('path', '-')}`, "
+             f"{ev.get('examples', '-')} examples (`{path.name}`, written by `make eval`).", "",
+             "| | base | fine-tuned |", "|---|---|---|",
+             f"| held-out loss | {_f(base.get('loss'), '.4f')} | {_f(adapter.get('loss'), '.4f')} |",
+             f"| perplexity | {_f(base.get('perplexity'), '.2f')} | {_f(adapter.get('perplexity'), '.2f')} |", ""]
+    if ev.get("prompts"):
+        lines += [f"Greedy answers (at most {ev.get('max_new_tokens', '-')} new tokens):", "",
+                  "| prompt | base | fine-tuned |", "|---|---|---|"]
+        lines += [f"| {_cell(p.get('prompt'))} | {_cell(p.get('base'))} | {_cell(p.get('adapter'))} |"
+                  for p in ev["prompts"]]
+        lines.append("")
+    return lines
 
 
 def make_parser() -> argparse.ArgumentParser:

@@ -136,12 +136,17 @@ def build_tiny_model(target: Path, force: bool = False) -> Path:
 
 
 def resolve_builtin(name_or_path: str) -> str:
-    """Map `builtin:tiny-gemma2` to its built folder; leave hub ids and paths alone."""
+    """Map `builtin:tiny-gemma2` / `builtin:smollm2-135m` to its built folder; leave hub ids and paths alone."""
     if not name_or_path.startswith(BUILTIN_PREFIX):
         return name_or_path
+    from training import real_model
+
     name = name_or_path[len(BUILTIN_PREFIX):]
+    if name == real_model.SMOLLM2_NAME:
+        return str(real_model.build_real_model(real_model.default_dir()))
     if name != TINY_NAME:
-        raise ValueError(f"unknown built-in model '{name}'; the only one is '{BUILTIN_PREFIX}{TINY_NAME}'")
+        raise ValueError(f"unknown built-in model '{name}'; the built-ins are '{BUILTIN_PREFIX}{TINY_NAME}' and "
+                         f"'{BUILTIN_PREFIX}{real_model.SMOLLM2_NAME}'")
     return str(build_tiny_model(default_dir()))
 
 
