@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Usage on the device machine (from the repository root, with build/site.tgz carried: the wheels it lacks, see
+# ../shared/docs/ENVIRONMENT.md): setsid nohup bash scripts/device/bench_driver.sh &  then  bash scripts/device/wait.sh 540
+# Detached GPU driver: a smoke run, then the benchmark of record, then a real CUDA OOM through the recipe, from a
+# frozen copy of the repo (later calls re-lay the working tree). VARIANTS= and STEPS= choose the rows;
+# SKIP_SMOKE=1 skips the smoke run.
+set -u
+SRC=$(cd "$(dirname "$0")/../.." && pwd)
+rm -rf /tmp/repo && mkdir -p /tmp/repo /tmp/bench-out && cp -r "$SRC"/training "$SRC"/scripts "$SRC"/datasets "$SRC"/pyproject.toml /tmp/repo/
+[ -d /tmp/site ] || tar -C /tmp -xzf "${SITE_TGZ:-$SRC/build/site.tgz}"
+export PYTHONPATH=/tmp/site:/tmp/repo UNSLOTH_COMPILE_DISABLE=1 TOKENIZERS_PARALLELISM=false
+cd /tmp/repo
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > /tmp/bench-out/gpu.txt
+echo "smoke $(date -u +%T)" >> /tmp/bench-out/progress.txt
+rc=0
+[ -n "${SKIP_SMOKE:-}" ] || python scripts/benchmark.py --variants project-2b --steps 1 --warmup 1 \
+  --out /tmp/bench-out/smoke.md --json-out /tmp/bench-out/smoke.json > /tmp/bench-out/smoke.log 2>&1 || rc=$?
+echo "smoke rc=$rc $(date -u +%T)" >> /tmp/bench-out/progress.txt
+if [ $rc != 0 ] || [ -f /tmp/bench-out/STOP ]; then echo "all done (smoke failed) $(date -u +%T)" >> /tmp/bench-out/progress.txt; exit 0; fi
+python scripts/benchmark.py ${VARIANTS:+--variants "$VARIANTS"} --steps "${STEPS:-6}" --warmup 2 --out /tmp/bench-out/benchmarks.md \
+  --json-out /tmp/bench-out/results.json --variant-timeout 420 > /tmp/bench-out/bench.log 2>&1
+echo "bench rc=$? $(date -u +%T)" >> /tmp/bench-out/progress.txt
+echo "oom $(date -u +%T)" >> /tmp/bench-out/progress.txt
+timeout 300 python scripts/oom_check.py --root /tmp/oom_check > /tmp/bench-out/oom.log 2>&1
+echo "oom rc=$? $(date -u +%T)" >> /tmp/bench-out/progress.txt
+echo "all done $(date -u +%T)" >> /tmp/bench-out/progress.txt
