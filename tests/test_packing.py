@@ -1,5 +1,5 @@
-"""Padding-free packing (`--set packing=true`) is exact for Gemma-2 with eager attention, which keeps its logit
-soft-capping: TRL's BFD packing emits position_ids that restart at 0 for each sample and no attention mask, and
+"""Padding-free packing (on by default) is exact for Gemma-2 with eager and with flex attention, which both keep its
+logit soft-capping: TRL's BFD packing emits position_ids that restart at 0 for each sample and no attention mask, and
 transformers 5 turns those into a per-sample causal (and sliding-window) mask, so packed samples never attend to
 each other. Checked on the built-in tiny Gemma-2, then through the recipe."""
 
@@ -16,14 +16,27 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture
+def uncompiled_flex(monkeypatch):
+    """flex attention as the GPU runs it, minus the compilation: torch.compile of flex attention takes minutes on
+    these CPUs, and the compiled kernel computes what the uncompiled one does (the same score_mod for the soft-cap,
+    the same block mask). The compiled kernel is checked against eager on the card itself: the flex self-check
+    (training.backends) before the recipe uses it."""
+    monkeypatch.setattr(torch, "compile", lambda fn=None, *args, **kwargs: fn if fn is not None else (lambda f: f))
+
+
+@pytest.mark.parametrize("attention", ["eager", "flex_attention"])
 @pytest.mark.parametrize("sliding_window", [None, 8])  # 8: shorter than every sample, the local layers' mask too
-def test_packed_row_gives_each_sample_its_own_logits(tiny_model_dir, sliding_window):
+def test_packed_row_gives_each_sample_its_own_logits(tiny_model_dir, sliding_window, attention, request):
     from transformers import AutoModelForCausalLM
 
+    if attention == "flex_attention":
+        request.getfixturevalue("uncompiled_flex")
     extra = {"sliding_window": sliding_window} if sliding_window else {}
-    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), attn_implementation="eager",
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), attn_implementation=attention,
                                                  dtype=torch.float32, **extra).eval()
     assert model.config.attn_logit_softcapping, "the tiny model must soft-cap like Gemma-2"
+    assert model.config._attn_implementation == attention
     gen = torch.Generator().manual_seed(0)
     samples = [torch.randint(4, model.config.vocab_size, (n,), generator=gen) for n in (23, 40, 17)]
     # use_cache=False as in training (the recipe sets it, TRL passes it): with a KV cache transformers does not look
