@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import hashlib
 import json
 import logging
 import os
@@ -345,11 +344,9 @@ def fetch_converter(folder: Path, sdist: Path | None = None) -> Path:
 
 
 def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    from training.checkpoints import sha256_file
+
+    return sha256_file(path)[1]
 
 
 def require_llama_cpp() -> str:

@@ -14,7 +14,6 @@ source GGUF differs.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import shutil
@@ -60,11 +59,9 @@ def package_gguf() -> Path:
 
 
 def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    from training.checkpoints import sha256_file as size_and_sha256
+
+    return size_and_sha256(path)[1]
 
 
 def _current(target: Path, source_sha: str) -> bool:
