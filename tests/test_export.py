@@ -192,6 +192,28 @@ def test_modelfile_parser_reads_what_we_write_and_rejects_garbage():
         parse_modelfile("FROM ./a.gguf\nBOGUS 1\n")
 
 
+# Conversations that end with a user turn: one turn, a system message and several turns, a multi-line message.
+TEMPLATE_CONVERSATIONS = [
+    [{"role": "user", "content": "Hi there"}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+     {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Bye"}],
+    [{"role": "user", "content": "one"}, {"role": "assistant", "content": "two"},
+     {"role": "user", "content": "three\nlines"}],
+]
+
+
+def render_ollama_template(template: str, system: str, conv: list[dict], tmp_path) -> str:
+    """What Ollama writes for `conv` with this TEMPLATE and system text: Go's text/template, run for real."""
+    (tmp_path / "render.go").write_text(GO_RENDER)
+    job = {"Template": template,
+           "Data": {"System": system, "Messages": [{"Role": m["role"], "Content": m["content"]} for m in conv]}}
+    proc = subprocess.run(["go", "run", str(tmp_path / "render.go")], input=json.dumps(job), capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "GOCACHE": str(tmp_path / "gocache"),
+                                                       "GOPATH": str(tmp_path / "gopath")})
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
 GO_RENDER = """package main
 
 import (
@@ -229,24 +251,11 @@ def test_modelfile_template_renders_what_the_chat_template_renders(tmp_path, tin
     from training.data import fold_system_message
     from training.templates import OLLAMA_TEMPLATES
 
-    (tmp_path / "render.go").write_text(GO_RENDER)
-    conversations = [
-        [{"role": "user", "content": "Hi there"}],
-        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
-         {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Bye"}],
-        [{"role": "user", "content": "one"}, {"role": "assistant", "content": "two"},
-         {"role": "user", "content": "three\nlines"}],
-    ]
-    for conv in conversations:
+    for conv in TEMPLATE_CONVERSATIONS:
         want = tiny_tokenizer.apply_chat_template(fold_system_message(conv), tokenize=False,
                                                   add_generation_prompt=True)
-        job = {"Template": OLLAMA_TEMPLATES["gemma"],
-               "Data": {"System": "", "Messages": [{"Role": m["role"], "Content": m["content"]} for m in conv]}}
-        proc = subprocess.run(["go", "run", str(tmp_path / "render.go")], input=json.dumps(job), capture_output=True,
-                              text=True, timeout=300, env={**os.environ, "GOCACHE": str(tmp_path / "gocache"),
-                                                           "GOPATH": str(tmp_path / "gopath")})
-        assert proc.returncode == 0, proc.stderr
-        assert proc.stdout == want.removeprefix(tiny_tokenizer.bos_token), conv
+        got = render_ollama_template(OLLAMA_TEMPLATES["gemma"], "", conv, tmp_path)
+        assert got == want.removeprefix(tiny_tokenizer.bos_token), conv
 
 
 @pytest.mark.slow

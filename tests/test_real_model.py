@@ -209,27 +209,13 @@ def test_chatml_modelfile_template_renders_what_smollm2s_template_renders(smol_d
     exactly what SmolLM2's Jinja template writes before an answer."""
     from transformers import AutoTokenizer
 
-    from tests.test_export import GO_RENDER
+    from tests.test_export import TEMPLATE_CONVERSATIONS, render_ollama_template
     from training.templates import OLLAMA_TEMPLATES, default_system_prompt
 
     tok = AutoTokenizer.from_pretrained(str(smol_dir))
     default = default_system_prompt(tok)
     assert default and default.startswith("You are a helpful AI assistant named SmolLM")
-    (tmp_path / "render.go").write_text(GO_RENDER)
-    conversations = [
-        [{"role": "user", "content": "Hi there"}],
-        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
-         {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Bye"}],
-        [{"role": "user", "content": "one"}, {"role": "assistant", "content": "two"},
-         {"role": "user", "content": "three\nlines"}],
-    ]
-    for conv in conversations:
+    for conv in TEMPLATE_CONVERSATIONS:
         want = tok.apply_chat_template(conv, tokenize=False, add_generation_prompt=True)
         system = conv[0]["content"] if conv[0]["role"] == "system" else default
-        job = {"Template": OLLAMA_TEMPLATES["chatml"],
-               "Data": {"System": system, "Messages": [{"Role": m["role"], "Content": m["content"]} for m in conv]}}
-        proc = subprocess.run(["go", "run", str(tmp_path / "render.go")], input=json.dumps(job), capture_output=True,
-                              text=True, timeout=300, env={**os.environ, "GOCACHE": str(tmp_path / "gocache"),
-                                                           "GOPATH": str(tmp_path / "gopath")})
-        assert proc.returncode == 0, proc.stderr
-        assert proc.stdout == want, conv
+        assert render_ollama_template(OLLAMA_TEMPLATES["chatml"], system, conv, tmp_path) == want, conv
