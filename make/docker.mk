@@ -1,5 +1,5 @@
 # Docker Compose verbs (included by the top-level Makefile). README_DOCKER.md explains the stack.
-# Variables: GPU=auto|1|0  MODEL=  DATA=  RUN=  ARGS='--max-steps 50'  FORCE=1  BACKUP=1  IMAGE  BIND_ADDRESS
+# Variables: GPU=auto|1|0  UNSLOTH=1  MODEL=  DATA=  RUN=  ARGS='--max-steps 50'  FORCE=1  BACKUP=1  IMAGE  BIND_ADDRESS
 #            GPUS=N FSDP=1 NNODES/NODE_RANK/MASTER_ADDR/MASTER_PORT (several GPUs: LAUNCH, from the Makefile)
 # Every recipe only calls `docker compose`, so `make -n VERB` works on a machine without Docker.
 
