@@ -15,9 +15,13 @@ import yaml
 from tests.conftest import REPO
 
 
+def clean_env() -> dict:
+    return {k: v for k, v in os.environ.items() if k not in ("GPU_EXTRAS", "UNSLOTH")}  # `make test` exports them
+
+
 def make_value(var: str, *assignments: str) -> str:
     out = subprocess.run(["make", "-s", "--eval", f"print-var: ; @echo $({var})", "print-var", *assignments],
-                         cwd=REPO, capture_output=True, text=True, timeout=60)
+                         cwd=REPO, capture_output=True, text=True, timeout=60, env=clean_env())
     assert out.returncode == 0, out.stderr
     return out.stdout.strip().splitlines()[-1]
 
@@ -25,9 +29,11 @@ def make_value(var: str, *assignments: str) -> str:
 def test_make_build_on_a_gpu_host_passes_the_fast_path_extras():
     assert make_value("GPU_EXTRAS", "GPU=1") == "notebook,gpu"
     assert make_value("GPU_EXTRAS", "GPU=1", "UNSLOTH=1") == "notebook,gpu,fast"
-    build = subprocess.run(["make", "-s", "-n", "build", "GPU=1"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    build = subprocess.run(["make", "-s", "-n", "build", "GPU=1"], cwd=REPO, capture_output=True, text=True, timeout=60,
+                           env=clean_env())
     assert "-f docker-compose.gpu.yml" in build.stdout and "build qlora-training" in build.stdout
-    cpu = subprocess.run(["make", "-s", "-n", "build", "GPU=0"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    cpu = subprocess.run(["make", "-s", "-n", "build", "GPU=0"], cwd=REPO, capture_output=True, text=True, timeout=60,
+                         env=clean_env())
     assert "docker-compose.gpu.yml" not in cpu.stdout  # CPU hosts keep the lean image
 
 
