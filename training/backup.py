@@ -43,7 +43,6 @@ from training.checkpoints import (
     remove_leftovers,
     remove_tree_atomically,
     verify_checkpoint,
-    write_manifest_marker,
 )
 from training.jsonl import append_jsonl, write_json_atomic
 
