@@ -28,7 +28,6 @@ import os
 import shutil
 import signal
 import sys
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +44,7 @@ from training.checkpoints import (
     verify_checkpoint,
 )
 from training.jsonl import append_jsonl, write_json_atomic
+from training.stop_signal import StopSignal
 
 LOCK_NAME = ".backup.lock"
 EVENTS_NAME = "backup_events.jsonl"
@@ -313,26 +313,9 @@ def backup_round(source: Path, dest: Path, keep: int, stop: Callable[[], bool] =
 # ---------------------------------------------------------------------------------------------------------------
 
 
-class _StopFlag:
-    """SIGTERM/SIGINT -> a flag the copy loop checks between chunks (compose stop, restart policies)."""
-
-    def __init__(self) -> None:
-        self.event = threading.Event()
-        self.signum: int | None = None
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._handle)
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        self.signum = signum
-        self.event.set()
-
-    def __call__(self) -> bool:
-        return self.event.is_set()
-
-
 def cmd_run(args: argparse.Namespace) -> int:
     source, dest = Path(args.source), Path(args.dest)
-    stop = _StopFlag()
+    stop = StopSignal().install()  # a flag the copy loop checks between chunks (compose stop)
     dest.mkdir(parents=True, exist_ok=True)
     lock = BackupLock(dest)
     log(f"watching {source} -> {dest}, keep {args.keep} per run"
@@ -364,7 +347,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             log(f"round done: {len(result.copied)} copied, {len(result.failed)} failed")
         if args.once:
             return 1 if result is None or result.failed else 0
-        if stop.event.wait(args.interval):
+        if stop.wait(args.interval):
             log(f"stopped by {signal.Signals(stop.signum).name}")
             return 0
 

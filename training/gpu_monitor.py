@@ -25,16 +25,15 @@ import json
 import logging
 import os
 import shutil
-import signal
 import socket
 import sys
-import threading
 import time
 from pathlib import Path
 from types import ModuleType
 from typing import Any, Callable
 
 from training.jsonl import append_jsonl
+from training.stop_signal import StopSignal
 
 log = logging.getLogger("training.gpu_monitor")
 
@@ -240,7 +239,7 @@ class GpuMonitor:
         self.retry_interval = retry_interval
         self.disk_path = disk_path
         self.host = host or socket.gethostname()
-        self.stop_event = threading.Event()
+        self.stop_event = StopSignal()  # not threading.Event: SIGTERM may arrive inside its wait()
         self.initialised = False
         self.problem: str | None = None  # event name of the current trouble; one line per change, not per retry
 
@@ -366,8 +365,7 @@ def main(argv: list[str] | None = None, nvml: ModuleType | Any | None = None) ->
     logging.basicConfig(level=logging.INFO, format="%(asctime)s gpu_monitor %(levelname)s %(message)s")
     monitor = GpuMonitor(args.output, interval=interval, disk_path=args.disk_path, nvml=nvml,
                          retry_interval=args.retry_interval, max_bytes=args.max_bytes, keep=args.keep)
-    signal.signal(signal.SIGTERM, monitor.stop)
-    signal.signal(signal.SIGINT, monitor.stop)
+    monitor.stop_event.install()
     log.info("sampling every %g s into %s", interval, args.output)
     rc = monitor.run(max_samples=args.samples)
     log.info("stopped")
