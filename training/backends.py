@@ -31,13 +31,14 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from training.errors import UserError
 
 log = logging.getLogger("training")
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 SELF_CHECK_TIMEOUT_S = 600
 
 
-class BackendError(RuntimeError):
+class BackendError(UserError, RuntimeError):
     """An explicitly requested backend cannot run here; the message says why and what to use instead."""
 
 

@@ -23,7 +23,6 @@ import argparse
 import errno
 import fcntl
 import hashlib
-import json
 import os
 import shutil
 import signal
@@ -45,6 +44,7 @@ from training.checkpoints import (
 )
 from training.jsonl import append_jsonl, write_json_atomic
 from training.stop_signal import StopSignal
+from training.errors import UserError
 
 LOCK_NAME = ".backup.lock"
 EVENTS_NAME = "backup_events.jsonl"
@@ -61,7 +61,7 @@ def log(msg: str) -> None:
     print(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} backup: {msg}", flush=True)
 
 
-class BackupError(Exception):
+class BackupError(UserError):
     """A problem the user must know about; the message says what, where and what to do."""
 
 

@@ -262,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from training.export import ExportError
     from training.model import ModelLoadError
-    from training.qlora_finetune import quiet_libraries
+    from training.console import quiet_libraries
 
     quiet_libraries()
     try:

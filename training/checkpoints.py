@@ -35,6 +35,7 @@ from typing import Any, Callable, Iterable
 
 from training import distributed
 from training.jsonl import append_jsonl, write_json_atomic
+from training.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +53,7 @@ _CHUNK = 1 << 20
 Log = Callable[[str], None]
 
 
-class CheckpointError(Exception):
+class CheckpointError(UserError):
     """A checkpoint problem the user must act on; the message says what, where and what to do."""
 
 

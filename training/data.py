@@ -30,6 +30,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
+from training.errors import UserError
 
 DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
 FORMATS = ("chat", "sharegpt", "alpaca", "prompt_completion", "text")
@@ -39,7 +40,7 @@ SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "a
 IGNORE_INDEX = -100  # label value the loss ignores
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """Bad training data; the message starts with file:line (or file:row N) and says how to fix it."""
 
 

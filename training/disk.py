@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from training.checkpoints import MARKER_NAME, list_checkpoints, read_manifest, remove_tree_atomically
+from training.errors import UserError
 
 MIB = 2**20
 ADAPTER_TMP_NAME = ".tmp-adapter"  # the final adapter is written here, then renamed to adapter/
@@ -32,7 +33,7 @@ REPORT_BYTES = MIB // 2  # the end-of-run report (plots: ~60 KB each)
 TOKENIZER_GLOBS = ("tokenizer*", "special_tokens_map.json", "chat_template.jinja", "vocab.json", "merges.txt")
 
 
-class DiskFullError(RuntimeError):
+class DiskFullError(UserError, RuntimeError):
     """The output disk cannot hold what the run writes; the message gives the numbers and the fix."""
 
     reason = "disk_full"

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from training.errors import UserError
 
 
 def _env_int(name: str, default: int) -> int:
@@ -104,7 +105,7 @@ def agree_max(value: int) -> int:
     return int(t.item())
 
 
-class DistributedError(ValueError):
+class DistributedError(UserError, ValueError):
     """A several-process launch that cannot work as asked; the message says what to change."""
 
 

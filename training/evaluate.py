@@ -171,7 +171,8 @@ def main(argv: list[str] | None = None) -> int:
     from training.data import DataError
     from training.export import ExportError
     from training.model import ModelLoadError
-    from training.qlora_finetune import quiet_libraries, write_run_report
+    from training.console import quiet_libraries
+    from training.qlora_finetune import write_run_report
 
     quiet_libraries()
     try:

@@ -45,6 +45,7 @@ if __package__ in (None, ""):  # run as `python training/export.py`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from training.jsonl import write_json_atomic  # noqa: E402
+from training.errors import UserError
 
 log = logging.getLogger("training.export")
 
@@ -93,7 +94,7 @@ CHECK_CONVERSATIONS = [
 ]
 
 
-class ExportError(Exception):
+class ExportError(UserError):
     """Bad input or an unfit machine: the message says what, where and what to do. Exit 2, no traceback."""
 
 
@@ -813,7 +814,7 @@ def export(args) -> dict:
                            int(read_json(base_path / "config.json").get("vocab_size") or 0))
     log.info("run %s: base %s (%s, %.3gB parameters) merged in %s; needs ~%.1f GiB RAM", run, base_name,
              base_path, params / 1e9, dtype, plan["ram_needed_bytes"] / GIB)
-    from training.qlora_finetune import quiet_libraries
+    from training.console import quiet_libraries
 
     quiet_libraries()
     converter = None

@@ -8,7 +8,6 @@ One callback does both so that the numbers a person sees are the numbers the fil
 from __future__ import annotations
 
 import logging
-import math
 import sys
 import time
 from pathlib import Path
@@ -16,6 +15,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
+from training.console import format_duration
 from training.jsonl import append_jsonl
 
 log = logging.getLogger("training")
@@ -29,15 +29,6 @@ def log_event(metrics_path: Path, run: str, step: int, event: str, **fields: Any
     if not is_main():
         return
     append_jsonl(metrics_path, {"ts": time.time(), "run": run, "step": step, "event": event, **fields})
-
-
-def format_duration(seconds: float | None) -> str:
-    if seconds is None or not math.isfinite(seconds):
-        return "?"
-    seconds = int(seconds)
-    h, rem = divmod(seconds, 3600)
-    m, s = divmod(rem, 60)
-    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
 
 class MetricsCallback(TrainerCallback):
@@ -126,34 +117,3 @@ class MetricsCallback(TrainerCallback):
         if self.bar is not None:
             self.bar.close()
             self.bar = None
-
-
-def setup_logging(log_file: Path | None, rank: int = 0) -> None:
-    """Plain lines to stderr (and so to the container log) and to logs/<run>/train.log.
-
-    The other ranks of a several-process run (rank > 0, log_file None) print only warnings and errors, prefixed
-    with their rank: rank 0 tells the story once."""
-    prefix = f"[rank {rank}] " if rank else ""
-    fmt = logging.Formatter(f"%(asctime)s %(levelname)s {prefix}%(message)s", "%Y-%m-%d %H:%M:%S")
-    handlers: list[logging.Handler] = []
-    if log_file is not None:
-        log_file.parent.mkdir(parents=True, exist_ok=True)
-        handlers.append(logging.FileHandler(log_file, encoding="utf-8"))
-    stream = logging.StreamHandler(sys.stderr)
-    for h in (stream, *handlers):
-        h.setFormatter(fmt)
-    root = logging.getLogger("training")
-    root.setLevel(logging.WARNING if rank else logging.INFO)
-    for h in list(root.handlers):
-        root.removeHandler(h)
-    root.addHandler(stream)
-    for h in handlers:
-        root.addHandler(h)
-    root.propagate = False
-    file_only = logging.getLogger("training.file")  # progress lines a tqdm bar already shows on the terminal
-    file_only.setLevel(logging.INFO)
-    for h in list(file_only.handlers):
-        file_only.removeHandler(h)
-    for h in handlers:
-        file_only.addHandler(h)
-    file_only.propagate = False

@@ -12,15 +12,16 @@ from dataclasses import dataclass
 import torch
 
 from training.qlora_config import QLoRAConfig
+from training.errors import UserError
 
 log = logging.getLogger("training")
 
 
-class ResourceError(RuntimeError):
+class ResourceError(UserError, RuntimeError):
     """The machine cannot run this preset; the message says what is missing and what to do instead."""
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(UserError, RuntimeError):
     """The base model or tokenizer cannot be loaded (missing path, gated repo, no network...)."""
 
 

@@ -18,6 +18,7 @@ import argparse
 import json
 import sys
 from dataclasses import asdict, dataclass
+from training.errors import UserError
 
 GIB = 2**30
 HEADROOM_GIB = 1.5  # CUDA context, cuBLAS workspace, allocator fragmentation
@@ -159,7 +160,7 @@ class Plan:
         return asdict(self)
 
 
-class PlanError(ValueError):
+class PlanError(UserError, ValueError):
     """Nothing fits the card; the message says what would."""
 
 

@@ -13,9 +13,10 @@ import typing
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
+from training.errors import UserError
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """Bad user input in a config: the message says what, where and how to fix it."""
 
 

@@ -19,13 +19,14 @@ import logging
 import os
 import sys
 import time
-import warnings
 from pathlib import Path
 from typing import Sequence
 
 if __package__ in (None, ""):  # run as `python training/qlora_finetune.py`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from training.console import quiet_libraries  # noqa: E402
+from training.errors import UserError  # noqa: E402
 from training.qlora_config import PRESETS, ConfigError, QLoRAConfig, resolve_config, to_dict  # noqa: E402
 
 log = logging.getLogger("training")
@@ -67,7 +68,8 @@ def main(argv: list[str] | None = None, callbacks: Sequence = ()) -> int:
     run_dir = Path(args.output_dir or Path("outputs") / run_name)
     logs_dir = Path(args.logs_dir) / run_name
     from training.distributed import is_main, rank, shutdown
-    from training.metrics import log_event, setup_logging
+    from training.console import setup_logging
+    from training.metrics import log_event
 
     # Several processes (GPUS=N): rank 0 writes train.log; the others print only their warnings and errors.
     setup_logging(logs_dir / "train.log" if is_main() else None, rank=rank())
@@ -81,16 +83,7 @@ def main(argv: list[str] | None = None, callbacks: Sequence = ()) -> int:
         shutdown()  # not on errors: a failing rank would wait in NCCL teardown for ranks blocked in a collective
         return status
     except Exception as exc:
-        from training.backends import BackendError
-        from training.checkpoints import CheckpointError
-        from training.data import DataError
-        from training.disk import DiskFullError
-        from training.distributed import DistributedError
-        from training.model import ModelLoadError, ResourceError  # ResourceError includes training.oom.OutOfMemory
-
-        user_errors = (BackendError, CheckpointError, ConfigError, DataError, DiskFullError, DistributedError,
-                       ModelLoadError, ResourceError)
-        user_error = isinstance(exc, user_errors)
+        user_error = isinstance(exc, UserError)  # every error the message tells the user how to fix: exit 2
         reason = {"reason": exc.reason} if getattr(exc, "reason", None) else {}
         try:
             log_event(metrics_path, run_name, 0, "failed", error=f"{type(exc).__name__}: {exc}", **reason)
@@ -403,18 +396,6 @@ def checkpointing_args(config_cls, enabled: bool) -> dict:
     names = {f.name for f in dataclasses.fields(config_cls)}
     key = "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
     return {key: enabled, f"{key}_kwargs": {"use_reentrant": False}}
-
-
-def quiet_libraries() -> None:
-    """Deprecation chatter from the libraries is not the user's business; progress bars only on a terminal."""
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", message=".*kernels-community.*")
-    if not sys.stderr.isatty():
-        import datasets
-        import transformers
-
-        datasets.disable_progress_bars()
-        transformers.utils.logging.disable_progress_bar()
 
 
 def library_versions() -> dict[str, str]:

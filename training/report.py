@@ -30,13 +30,14 @@ from matplotlib.figure import Figure  # the object API: no pyplot global state, 
 from training.gpu_monitor import rotated_files
 from training.jsonl import iter_jsonl
 from training.status import METRICS_FILE, GPU_FILE, _num, find_checkpoints, list_runs
+from training.errors import UserError
 
 FIGSIZE = (8.0, 4.5)  # inches; at DPI below: 800 x 450 px, readable in a markdown preview
 DPI = 100
 GPU_WINDOW_MARGIN_S = 30.0  # GPU samples this close before the start / after the end still belong to the run
 
 
-class ReportError(Exception):
+class ReportError(UserError):
     """A problem the user can fix (wrong run name, no metrics): printed without a traceback."""
 
 
