@@ -3,7 +3,7 @@
 # ../shared/docs/ENVIRONMENT.md): setsid nohup bash scripts/device/bench_driver.sh &  then  bash scripts/device/wait.sh 540
 # Detached GPU driver: a smoke run, then the benchmark of record, then a real CUDA OOM through the recipe, from a
 # frozen copy of the repo (later calls re-lay the working tree). VARIANTS= and STEPS= choose the rows;
-# SKIP_SMOKE=1 skips the smoke run.
+# SKIP_SMOKE=1 skips the smoke run, SKIP_OOM=1 the OOM check.
 set -u
 SRC=$(cd "$(dirname "$0")/../.." && pwd)
 rm -rf /tmp/repo && mkdir -p /tmp/repo /tmp/bench-out && cp -r "$SRC"/training "$SRC"/scripts "$SRC"/datasets "$SRC"/pyproject.toml /tmp/repo/
@@ -20,7 +20,9 @@ if [ $rc != 0 ] || [ -f /tmp/bench-out/STOP ]; then echo "all done (smoke failed
 python scripts/benchmark.py ${VARIANTS:+--variants "$VARIANTS"} --steps "${STEPS:-6}" --warmup 2 --out /tmp/bench-out/benchmarks.md \
   --json-out /tmp/bench-out/results.json --variant-timeout 420 > /tmp/bench-out/bench.log 2>&1
 echo "bench rc=$? $(date -u +%T)" >> /tmp/bench-out/progress.txt
-echo "oom $(date -u +%T)" >> /tmp/bench-out/progress.txt
-timeout 300 python scripts/oom_check.py --root /tmp/oom_check > /tmp/bench-out/oom.log 2>&1
-echo "oom rc=$? $(date -u +%T)" >> /tmp/bench-out/progress.txt
+if [ -z "${SKIP_OOM:-}" ]; then
+  echo "oom $(date -u +%T)" >> /tmp/bench-out/progress.txt
+  timeout 300 python scripts/oom_check.py --root /tmp/oom_check > /tmp/bench-out/oom.log 2>&1
+  echo "oom rc=$? $(date -u +%T)" >> /tmp/bench-out/progress.txt
+fi
 echo "all done $(date -u +%T)" >> /tmp/bench-out/progress.txt
