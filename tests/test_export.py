@@ -1,4 +1,4 @@
-"""training/export.py on a really trained tiny run: merge (== adapter-on-base), GGUF f32 / q8_0 / q4_k_m through
+"""training/export/ on a really trained tiny run: merge (== adapter-on-base), GGUF f32 / q8_0 / q4_k_m through
 llama.cpp's real converter, loaded back with the real llama-cpp-python and compared with the merged model here,
 independently of the export's own checks; the Modelfile; each bad input a clear error with exit 2; a failed check
 exit 3 with nothing left in the GGUF folder.
@@ -171,9 +171,33 @@ def test_gguf_export_agrees_with_merged_model(trained, quant):
 
 
 def parse_modelfile(text: str) -> dict:
-    from training.export import parse_modelfile as parse
-
-    return parse(text)
+    """The FROM / TEMPLATE / PARAMETER instructions of a Modelfile (Ollama's syntax, the subset the export writes)."""
+    out: dict = {"from": None, "template": None, "system": None, "parameters": []}
+    i, lines = 0, text.splitlines()
+    while i < len(lines):
+        line = lines[i].strip()
+        i += 1
+        if not line or line.startswith("#"):
+            continue
+        cmd, _, rest = line.partition(" ")
+        cmd = cmd.upper()
+        if cmd in ("TEMPLATE", "SYSTEM") and rest.startswith('"""'):
+            body = rest[3:]
+            while '"""' not in body:
+                if i >= len(lines):
+                    raise ValueError(f"{cmd}: unterminated triple-quoted string")
+                body += "\n" + lines[i]
+                i += 1
+            out[cmd.lower()] = body[:body.index('"""')]
+        elif cmd == "FROM":
+            out["from"] = rest.strip()
+        elif cmd == "PARAMETER":
+            key, _, value = rest.strip().partition(" ")
+            value = value.strip()
+            out["parameters"].append((key, json.loads(value) if value.startswith('"') else value))
+        else:
+            raise ValueError(f"unknown Modelfile instruction {cmd!r}")
+    return out
 
 
 def test_modelfile_parser_reads_what_we_write_and_rejects_garbage():
@@ -434,24 +458,24 @@ def test_disk_full_during_the_export(trained, tmp_path):
 
 
 def test_stale_temporary_export_folders_are_removed(tmp_path):
-    from training.export import _remove_stale_tmp
+    from training.export.gguf import remove_stale_tmp
 
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     (tmp_path / f".tmp-run-q8_0-{dead.pid}").mkdir()
     (tmp_path / f".tmp-run-f32-{os.getpid()}").mkdir()  # a live export's folder stays
     (tmp_path / "run-q8_0").mkdir()
-    _remove_stale_tmp(tmp_path)
+    remove_stale_tmp(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([f".tmp-run-f32-{os.getpid()}", "run-q8_0"])
 
 
 def test_hub_base_matches_its_cache_snapshot(tmp_path):
-    from training.export import _same_base
+    from training.export.run import same_base
 
     snap = tmp_path / "hub" / "models--google--gemma-2-2b" / "snapshots" / "abc123"
     snap.mkdir(parents=True)
-    assert _same_base("google/gemma-2-2b", snap)
-    assert not _same_base("google/gemma-2-9b", snap)
+    assert same_base("google/gemma-2-2b", snap)
+    assert not same_base("google/gemma-2-9b", snap)
 
 
 def test_llama_cpp_python_pin_is_one_version_everywhere():

@@ -158,7 +158,7 @@ def test_gguf_q8_0_generates_what_the_merged_model_generates(smol_run):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from training.export import parse_modelfile
+    from tests.test_export import parse_modelfile
     from training.templates import OLLAMA_TEMPLATES
 
     gguf_dir = smol_run / "gguf"

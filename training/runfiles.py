@@ -93,3 +93,8 @@ class RunPaths:
 
     def has_adapter(self) -> bool:
         return (self.adapter / ADAPTER_CONFIG).is_file()
+
+# -- the export's files (training/export/) --------------------------------------------------------------------------
+EXPORT_REPORT = "export_report.json"  # in merged/ (--format merged) and in the GGUF folder: every number of the export
+EXPORT_FAILED_REPORT = "export_report-{quant}-failed.json"  # the run folder: a failed GGUF check's evidence
+MERGE_INFO = "merge_info.json"  # inside merged/, written last: the merge is complete (and what it was made of)
