@@ -45,11 +45,10 @@ from training.checkpoints import (
 )
 from training.disk import free_bytes
 from training.jsonl import append_jsonl, write_json_atomic
-from training.runfiles import BACKUP_EVENTS, BACKUP_LOCK, CHECKPOINT_PREFIX, LAST_BACKUP
+from training.runfiles import BACKUP_EVENTS, BACKUP_LOCK, BACKUP_TMP_PREFIX, CHECKPOINT_PREFIX, LAST_BACKUP
 from training.stop_signal import StopSignal
 from training.errors import UserError
 
-TMP_PREFIX = ".tmp-"
 DEFAULT_INTERVAL_S = 3600  # one checkpoint interval of work at most is lost if the training disk dies
 DEFAULT_KEEP = 5  # per run; the backup volume needs room for keep+1 checkpoints of each run
 # Test-only hook: seconds to sleep after each copied file, so tests can catch a copy in progress.
@@ -143,7 +142,7 @@ def copy_checkpoint_verified(src: Path, dst: Path, stop: Callable[[], bool] = la
         raise BackupError(f"{src}: no readable {MARKER_NAME} marker")
     marker_bytes = (src / MARKER_NAME).read_bytes()
     dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(f"{TMP_PREFIX}{dst.name}-{os.getpid()}")
+    tmp = dst.with_name(f"{BACKUP_TMP_PREFIX}{dst.name}-{os.getpid()}")
     delay = float(os.environ.get(TEST_FILE_DELAY_ENV) or 0)
 
     def check_stop() -> None:
@@ -258,7 +257,7 @@ def backup_round(source: Path, dest: Path, keep: int, stop: Callable[[], bool] =
             continue
         run_backup = dest / run_dir.name
         run_backup.mkdir(parents=True, exist_ok=True)
-        for leftover in run_backup.glob(f"{TMP_PREFIX}*"):
+        for leftover in run_backup.glob(f"{BACKUP_TMP_PREFIX}*"):
             shutil.rmtree(leftover, ignore_errors=True)
             log(f"removed {leftover}, a partial copy left by an interrupted backup")
         remove_leftovers(run_backup)

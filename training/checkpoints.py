@@ -28,8 +28,8 @@ from pathlib import Path
 from typing import IO, Any, Callable, Iterator
 
 from training.errors import UserError
-from training.runfiles import ADAPTER_CONFIG, CHECKPOINT_MARKER, CHECKPOINT_PREFIX, CHECKPOINT_RUN_CONFIG, \
-    TRAINER_STATE
+from training.runfiles import (ADAPTER_CONFIG, CHECKPOINT_MARKER, CHECKPOINT_PREFIX, CHECKPOINT_RUN_CONFIG,
+                               SUPERSEDED_PREFIX, TRAINER_STATE, TRASH_PREFIX)
 
 logger = logging.getLogger(__name__)
 
@@ -364,7 +364,7 @@ def remove_tree_atomically(path: str | os.PathLike) -> None:
     """Rename the folder out of the way first (one atomic step), then delete it: a crash in between leaves a
     `.trash-*` folder that nothing reads, never a checkpoint with missing files."""
     path = Path(path)
-    trash = path.with_name(f".trash-{path.name}-{os.getpid()}-{time.time_ns()}")
+    trash = path.with_name(f"{TRASH_PREFIX}{path.name}-{os.getpid()}-{time.time_ns()}")
     os.rename(path, trash)
     fsync_dir(path.parent)
     shutil.rmtree(trash, ignore_errors=True)
@@ -374,7 +374,7 @@ def remove_leftovers(folder: str | os.PathLike) -> None:
     """Delete `.trash-*` folders left by a crash during a deletion."""
     root = Path(folder)
     if root.is_dir():
-        for child in root.glob(".trash-*"):
+        for child in root.glob(f"{TRASH_PREFIX}*"):
             shutil.rmtree(child, ignore_errors=True)
 
 
@@ -406,7 +406,7 @@ def set_aside_later_checkpoints(run_dir: str | os.PathLike, step: int, log: Log 
     run_dir = Path(run_dir)
     remove_leftovers(run_dir)
     moved = []
-    aside = run_dir / f"superseded-{time.strftime('%Y%m%d-%H%M%S')}"
+    aside = run_dir / f"{SUPERSEDED_PREFIX}{time.strftime('%Y%m%d-%H%M%S')}"
     for s, path in list_checkpoints(run_dir):
         if s <= step:
             continue

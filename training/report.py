@@ -29,7 +29,7 @@ from matplotlib.figure import Figure  # the object API: no pyplot global state, 
 
 from training.checkpoints import iter_complete_checkpoints
 from training.errors import UserError
-from training.runfiles import (EVAL, GPU_METRICS, METRICS, REPORT_DIR, REPORT_MD, iter_records, list_runs, num,
+from training.runfiles import (EVAL, GPU_METRICS, GPU_PLOT, METRICS, REPORT_DIR, REPORT_MD, iter_records, list_runs, num,
                                read_history, rotated_files, run_status)
 
 FIGSIZE = (8.0, 4.5)  # inches; at DPI below: 800 x 450 px, readable in a markdown preview
@@ -184,10 +184,10 @@ def write_report(logs_dir: str | os.PathLike, run: str, output_dir: str | os.Pat
     if m["start_ts"] is not None:
         per_gpu = read_gpu_window(gpu_path, m["start_ts"] - GPU_WINDOW_MARGIN_S, m["end_ts"] + GPU_WINDOW_MARGIN_S)
     if per_gpu:
-        save_png(plot_gpu(run, per_gpu, m["start_ts"]), report_dir / "gpu.png")
-        plots.append(("gpu.png", "GPU utilisation and memory"))
+        save_png(plot_gpu(run, per_gpu, m["start_ts"]), report_dir / GPU_PLOT)
+        plots.append((GPU_PLOT, "GPU utilisation and memory"))
     else:
-        (report_dir / "gpu.png").unlink(missing_ok=True)  # an old plot would not match this report
+        (report_dir / GPU_PLOT).unlink(missing_ok=True)  # an old plot would not match this report
         notes.append(f"no GPU samples in {gpu_path} during the run (no GPU, or the gpu-monitor was not running): "
                      "gpu.png not drawn")
 

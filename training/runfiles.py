@@ -40,6 +40,9 @@ CHECKPOINT_MARKER = "COMPLETE"  # inside checkpoint-N/, written last: the checkp
 CHECKPOINT_RUN_CONFIG = "run_config.json"  # inside checkpoint-N/: the config it was trained with
 TRAINER_STATE = "trainer_state.json"  # inside checkpoint-N/: HF's TrainerState
 MERGED_DIR = "merged"  # the export's merged bf16/fp16 model
+TRASH_PREFIX = ".trash-"  # a folder being deleted (renamed first); leftovers are garbage
+SUPERSEDED_PREFIX = "superseded-"  # superseded-<time>/: complete checkpoints of another timeline, set aside
+GPU_PLOT = "gpu.png"  # report/: the GPU plot; the others are report/<series>.png (loss, learning_rate, tokens_per_s)
 
 # -- the logs folder (logs/<run>) ---------------------------------------------------------------------------------
 METRICS = "metrics.jsonl"
@@ -51,6 +54,7 @@ GPU_METRICS = "gpu_metrics.jsonl"  # logs/gpu_metrics.jsonl, and rotated .1 .. .
 LAST_BACKUP = "LAST_BACKUP.json"  # backups/<run>/, after each verified copy
 BACKUP_EVENTS = "backup_events.jsonl"  # backups/: copied / pruned / failed records
 BACKUP_LOCK = ".backup.lock"
+BACKUP_TMP_PREFIX = ".tmp-"  # backups/<run>/.tmp-checkpoint-N-<pid>/: a copy being made and verified
 TAIL_BYTES = 256 * 1024  # the GPU log can be tens of MB; the latest samples are in its last lines
 
 
