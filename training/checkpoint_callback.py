@@ -86,8 +86,8 @@ class PauseAt:
 
 
 class CheckpointCallback(TrainerCallback):
-    """Makes every HF checkpoint complete (marker + manifest + run_config.json + extra_json files), keeps the newest `keep`, records
-    `checkpoint` / `resumed` / `stopped` events, and turns the first SIGTERM/SIGINT into "finish this optimizer
+    """Makes every HF checkpoint complete (marker + manifest + run_config.json + extra_json files), keeps the newest
+    `keep`, records `checkpoint` / `resumed` / `stopped` events, and turns the first SIGTERM/SIGINT into "finish this optimizer
     step, save a full checkpoint, stop"; a second signal exits at once (the last complete checkpoint is untouched).
 
     Set `save_total_limit=None` in TrainingArguments: HF rotates before this callback marks the new checkpoint, so
