@@ -52,9 +52,9 @@ def run(root: Path, name: str, model: Path, data: Path, seq: int, *extra: str) -
 
 
 def events(root: Path, name: str, event: str) -> list[dict]:
-    from training.jsonl import read_jsonl
+    from training.runfiles import read_records
 
-    return [r for r in read_jsonl(root / "logs" / name / "metrics.jsonl") if r.get("event") == event]
+    return [r for r in read_records(root / "logs" / name / "metrics.jsonl") if r.get("event") == event]
 
 
 def main(argv: list[str] | None = None) -> int:

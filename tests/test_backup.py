@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from training.backup import EVENTS_NAME, LAST_BACKUP_NAME, LOCK_NAME, TEST_FILE_DELAY_ENV
+from training.backup import TEST_FILE_DELAY_ENV
 from training.checkpoints import (
     MARKER_NAME,
     is_complete_checkpoint,
@@ -25,7 +25,7 @@ from training.checkpoints import (
     resolve_resume,
     write_complete_marker,
 )
-from training.jsonl import read_jsonl
+from training.runfiles import BACKUP_EVENTS, BACKUP_LOCK, LAST_BACKUP, read_records
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -97,9 +97,9 @@ def test_only_complete_checkpoints_are_copied(dirs):
         copy = dest / run / f"checkpoint-{step}"
         assert is_complete_checkpoint(copy) == (True, "complete")
         assert same_files(src / run / f"checkpoint-{step}", copy)
-    last = json.loads((dest / "runA" / LAST_BACKUP_NAME).read_text())
+    last = json.loads((dest / "runA" / LAST_BACKUP).read_text())
     assert last["checkpoint"] == "checkpoint-2" and last["step"] == 2 and last["bytes"] > 0
-    copied = [e for e in read_jsonl(dest / EVENTS_NAME) if e["event"] == "copied"]
+    copied = [e for e in read_records(dest / BACKUP_EVENTS) if e["event"] == "copied"]
     assert sorted((e["run"], e["step"]) for e in copied) == [("runA", 1), ("runA", 2), ("runB", 5)]
 
     # a second round copies nothing new
@@ -228,8 +228,8 @@ def test_two_backup_processes_do_not_both_copy(dirs):
     second = start_backup("run", "--source", str(src), "--dest", str(dest), "--once", env=slow)
     out1, out2 = first.communicate(timeout=60)[0], second.communicate(timeout=60)[0]
     assert first.returncode == 0 and second.returncode == 0, out1 + out2
-    assert f"waiting for {dest / LOCK_NAME}, held by pid {first.pid}" in out2
-    copied = [e for e in read_jsonl(dest / EVENTS_NAME) if e["event"] == "copied"]
+    assert f"waiting for {dest / BACKUP_LOCK}, held by pid {first.pid}" in out2
+    copied = [e for e in read_records(dest / BACKUP_EVENTS) if e["event"] == "copied"]
     assert sorted(e["step"] for e in copied) == [1, 2, 3], "each checkpoint copied exactly once"
     assert "3 copied" in out1 and "0 copied" in out2
     # a loop-mode sidecar finding the lock busy skips its round instead of copying alongside
@@ -237,7 +237,7 @@ def test_two_backup_processes_do_not_both_copy(dirs):
     make_checkpoint(src / "run", 4)
     wait_for(lambda: any(p.name.startswith(".tmp-") for p in (dest / "run").glob("*")), what="holder copying")
     looper = start_backup("run", "--source", str(src), "--dest", str(dest), "--interval", "600")
-    wait_for(lambda: (dest / LOCK_NAME).read_text().startswith(f"pid {holder.pid}"), what="lock file")
+    wait_for(lambda: (dest / BACKUP_LOCK).read_text().startswith(f"pid {holder.pid}"), what="lock file")
     time.sleep(1.0)
     looper.send_signal(signal.SIGTERM)
     out3 = looper.communicate(timeout=30)[0]
@@ -288,7 +288,7 @@ def test_full_backup_disk_fails_cleanly_and_keeps_earlier_backups(tmp_path, tiny
     assert backed_up(tiny_disk, "run") == ["checkpoint-1"]
     assert not [p for p in (tiny_disk / "run").iterdir() if p.name.startswith(".tmp")], "partial copy left behind"
     assert backup("verify", "--dest", str(tiny_disk)).returncode == 0
-    failed = [e for e in read_jsonl(tiny_disk / EVENTS_NAME) if e["event"] == "failed"]
+    failed = [e for e in read_records(tiny_disk / BACKUP_EVENTS) if e["event"] == "failed"]
     assert failed and failed[-1]["disk_full"] is True and failed[-1]["checkpoint"] == "checkpoint-2"
     assert read_manifest(tiny_disk / "run" / "checkpoint-1") == read_manifest(src / "run" / "checkpoint-1")
 

@@ -33,7 +33,7 @@ from training.checkpoints import (
     verify_checkpoint,
     write_complete_marker,
 )
-from training.jsonl import read_jsonl
+from training.runfiles import read_records
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -264,7 +264,7 @@ def train_tiny(out: Path, metrics: Path, mode: str, max_steps: int = 8, save_ste
     from torch import nn
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
-    from training.checkpoints import CheckpointCallback
+    from training.checkpoint_callback import CheckpointCallback
 
     class Tiny(nn.Module):
         def __init__(self):
@@ -336,7 +336,7 @@ def test_callback_marks_every_save_keeps_newest_and_records_events(tmp_path):
         assert is_complete_checkpoint(ckpt) == (True, "complete")
         files = read_manifest(ckpt)["files"]
         assert {"run_config.json", "trainer_state.json", "optimizer.pt", "rng_state.pth"} <= set(files)
-    events = read_jsonl(metrics)
+    events = read_records(metrics)
     ckpt_events = [e for e in events if e.get("event") == "checkpoint"]
     assert [e["step"] for e in ckpt_events] == [2, 4, 6]
     assert all(e["run"] == "t" and e["path"].endswith(f"checkpoint-{e['step']}") and e["ts"] for e in ckpt_events)
@@ -355,7 +355,7 @@ def test_first_signal_saves_a_complete_checkpoint_at_the_current_step(tmp_path, 
     ckpt = out / f"checkpoint-{stop_step}"
     assert is_complete_checkpoint(ckpt) == (True, "complete")
     assert find_latest_complete_checkpoint(out) == ckpt
-    stopped = [e for e in read_jsonl(metrics) if e.get("event") == "stopped"]
+    stopped = [e for e in read_records(metrics) if e.get("event") == "stopped"]
     assert len(stopped) == 1 and stopped[0]["signal"] == signal.Signals(sig).name and stopped[0]["step"] == stop_step
     assert stopped[0]["checkpoint"] == str(ckpt)
     assert json.loads((ckpt / "trainer_state.json").read_text())["global_step"] == stop_step
@@ -373,7 +373,7 @@ def test_second_signal_exits_at_once_without_a_checkpoint(tmp_path):
     # checkpoint-2 is the newest and intact; nothing was saved for steps 3+
     assert find_latest_complete_checkpoint(out) == out / "checkpoint-2"
     assert [p.name for _, p in list_checkpoints(out)] == ["checkpoint-2"]
-    assert not [e for e in read_jsonl(metrics) if e.get("event") == "stopped"]
+    assert not [e for e in read_records(metrics) if e.get("event") == "stopped"]
 
 
 def test_signal_during_the_last_step_lets_the_run_finish(tmp_path):
@@ -382,7 +382,7 @@ def test_signal_during_the_last_step_lets_the_run_finish(tmp_path):
     trainer, cb = train_tiny(out, metrics, "last-step", max_steps=5, save_steps=100)
     assert cb.stop_requested and cb.exit_status is None and trainer.state.global_step == 5
     assert is_complete_checkpoint(out / "checkpoint-5") == (True, "complete")
-    assert not [e for e in read_jsonl(metrics) if e.get("event") == "stopped"]
+    assert not [e for e in read_records(metrics) if e.get("event") == "stopped"]
 
 
 def test_ctrl_c_with_dataloader_workers_still_saves(tmp_path):

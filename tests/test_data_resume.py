@@ -10,7 +10,8 @@ import pytest
 from tests.conftest import REPO
 from tests.test_resume_e2e import Run
 from training.checkpoints import CheckpointError, verify_checkpoint
-from training.data_fingerprint import FINGERPRINT_NAME, check_resume_data, fingerprint_changes
+from training.data_fingerprint import check_resume_data, fingerprint_changes
+from training.runfiles import DATA_FINGERPRINT
 
 
 def test_fingerprint_changes_name_each_file_and_the_split(tmp_path):
@@ -32,7 +33,7 @@ def test_fingerprint_changes_name_each_file_and_the_split(tmp_path):
 
     ckpt = tmp_path / "checkpoint-2"
     ckpt.mkdir()
-    (ckpt / FINGERPRINT_NAME).write_text(json.dumps(old))
+    (ckpt / DATA_FINGERPRINT).write_text(json.dumps(old))
     logged = []
     # same files and examples, tokenized differently: the position still fits, so a warning and no reset
     assert check_resume_data(ckpt, retokenized, allow_new_data=False, log=logged.append) == []
@@ -53,9 +54,9 @@ def test_resume_with_edited_data_is_refused_then_continues_with_the_override(tmp
     rc, log = run.run(2, resume="never", sets=sets)
     assert rc == 0, log[-4000:]
     ckpt = run.out / "checkpoint-2"
-    saved = json.loads((ckpt / FINGERPRINT_NAME).read_text())
+    saved = json.loads((ckpt / DATA_FINGERPRINT).read_text())
     assert set(saved["files"]) == {"alpaca.json", "chat.jsonl"} and saved["split"]["train_sha256"]
-    assert FINGERPRINT_NAME in json.loads((ckpt / "COMPLETE").read_text())["files"]  # covered by the manifest
+    assert DATA_FINGERPRINT in json.loads((ckpt / "COMPLETE").read_text())["files"]  # covered by the manifest
 
     chat = data / "chat.jsonl"
     size = chat.stat().st_size
@@ -77,7 +78,7 @@ def test_resume_with_edited_data_is_refused_then_continues_with_the_override(tmp
                                                          for c in changed[0]["changes"])
     assert run.events("resumed")[-1]["path"] == str(ckpt)
     assert json.loads((run.out / "run_summary.json").read_text())["steps"] == 4
-    assert json.loads((run.out / "checkpoint-4" / FINGERPRINT_NAME).read_text())["files"]["chat.jsonl"]["size"] \
+    assert json.loads((run.out / "checkpoint-4" / DATA_FINGERPRINT).read_text())["files"]["chat.jsonl"]["size"] \
         == chat.stat().st_size
 
     rc, log = run.run(6, resume="auto", sets=sets)  # the newest checkpoint was trained on this data: no refusal

@@ -1,6 +1,6 @@
 """A full disk, for real: the run folder on a small tmpfs (CI runs as root) that another writer fills mid-run.
 
-The trainer pauses at a point (QLORA_TEST_PAUSE, training/checkpoints.py), the test fills the tmpfs with a ballast
+The trainer pauses at a point (tests/run_paused.py, training/checkpoint_callback.py), the test fills the tmpfs with a ballast
 file leaving less than a checkpoint free, and the run hits ENOSPC in its next save: in checkpoint 2 (step 4) or in
 the final adapter. Then: exit 2 without a traceback, the message names the folder and the free space, no partial
 folder left, the earlier checkpoint intact, a `failed` event with reason `disk_full`; after the ballast is removed

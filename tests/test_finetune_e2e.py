@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from training.jsonl import read_jsonl
+from training.runfiles import read_records
 
 pytestmark = pytest.mark.slow
 METRIC_KEYS = {"ts", "run", "step", "max_steps", "epoch", "loss", "learning_rate", "grad_norm", "tokens_per_s",
@@ -47,7 +47,7 @@ def test_loss_falls_and_summary_is_complete(tiny_run):
 
 def test_metrics_jsonl_follows_the_contract(tiny_run):
     _, _, logs = tiny_run
-    records = read_jsonl(logs / "metrics.jsonl")
+    records = read_records(logs / "metrics.jsonl")
     raw_lines = (logs / "metrics.jsonl").read_text().splitlines()
     assert len(records) == len(raw_lines)  # every line parses
     train = [r for r in records if "loss" in r]
@@ -93,7 +93,7 @@ def test_big_preset_on_cpu_fails_fast_with_a_fix(recipe, tmp_path):
     assert proc.returncode == 2
     assert "needs a CUDA GPU" in proc.stderr and "--model-config tiny" in proc.stderr
     assert "Traceback" not in proc.stderr
-    failed = [r for r in read_jsonl(tmp_path / "l" / "o" / "metrics.jsonl") if r.get("event") == "failed"]
+    failed = [r for r in read_records(tmp_path / "l" / "o" / "metrics.jsonl") if r.get("event") == "failed"]
     assert failed and "ResourceError" in failed[0]["error"]
 
 

@@ -19,8 +19,8 @@ import pynvml
 import pytest
 
 from tests.fake_nvml import FakeGpu, FakeNvml
-from training.gpu_monitor import GpuMonitor, RotatingJsonlWriter, decode_throttle_reasons, main, rotated_files
-from training.jsonl import read_jsonl
+from training.gpu_monitor import GpuMonitor, RotatingJsonlWriter, decode_throttle_reasons, main
+from training.runfiles import read_records, rotated_files
 
 REPO = Path(__file__).resolve().parents[1]
 GPU_FIELDS = {"ts", "host", "index", "name", "uuid", "util_pct", "mem_used_mib", "mem_total_mib", "temp_c",
@@ -68,7 +68,7 @@ def test_sample_has_contract_fields_and_units(tmp_path):
 def test_process_name_resolved_for_a_visible_pid(tmp_path):
     nvml = FakeNvml([FakeGpu(processes=[(os.getpid(), None)])])
     make_monitor(tmp_path, nvml).step()
-    (rec,) = read_jsonl(tmp_path / "gpu_metrics.jsonl")
+    (rec,) = read_records(tmp_path / "gpu_metrics.jsonl")
     assert rec["processes"] == [{"pid": os.getpid(), "name": rec["processes"][0]["name"], "used_mib": None}]
     assert rec["processes"][0]["name"], "our own process has a name"
 
@@ -100,7 +100,7 @@ def test_old_nvml_without_clock_event_name_uses_throttle_name(tmp_path):
             return 0x4
 
     make_monitor(tmp_path, OldNvml()).step()
-    assert read_jsonl(tmp_path / "gpu_metrics.jsonl")[0]["throttle_reasons"] == ["sw_power_cap"]
+    assert read_records(tmp_path / "gpu_metrics.jsonl")[0]["throttle_reasons"] == ["sw_power_cap"]
 
 
 def test_nvml_error_mid_run_gives_one_event_then_recovers(tmp_path):

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO
-from training.jsonl import read_jsonl
+from training.runfiles import read_records
 
 # Gemma-2-2B's config.json (the fields that decide its size), as published for google/gemma-2-2b.
 GEMMA_2B_CONFIG = {"architectures": ["Gemma2ForCausalLM"], "model_type": "gemma2", "vocab_size": 256000,
@@ -62,7 +62,7 @@ def test_cpu_admission_by_size_refuses_a_2b_config_with_a_time_estimate(tmp_path
     assert_user_error(rc, out, "2,614M parameters", "more than the 400M", "--set allow_cpu=true", "needs a CUDA GPU",
                       "one optimizer step of 32,768 tokens would take at least ~")
     assert " hours" in out or " minutes" in out  # the step estimate: 6 x 2.6e9 x 32768 tokens on this CPU
-    failed = [r for r in read_jsonl(tmp_path / "l" / "o" / "metrics.jsonl") if r.get("event") == "failed"]
+    failed = [r for r in read_records(tmp_path / "l" / "o" / "metrics.jsonl") if r.get("event") == "failed"]
     assert failed and "ResourceError" in failed[0]["error"]
 
 

@@ -29,7 +29,7 @@ from pathlib import Path
 import pytest
 
 from training.checkpoints import read_manifest, verify_checkpoint
-from training.jsonl import read_jsonl
+from training.runfiles import read_records
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parent.parent
@@ -76,7 +76,7 @@ def finish(proc: subprocess.Popen, timeout: float = 400) -> tuple[int, str]:
 
 def losses(metrics: Path) -> dict[int, list[float]]:
     out: dict[int, list[float]] = {}
-    for r in read_jsonl(metrics):
+    for r in read_records(metrics):
         if "loss" in r:
             out.setdefault(r["step"], []).append(r["loss"])
     return out
@@ -90,8 +90,11 @@ def runs(tmp_path_factory, tiny_model_dir):
                                           "--set gradient_accumulation_steps=2")
     two_cmd = make_command(2, "two", root, "--set per_device_train_batch_size=8")  # 8 x 1, split over 2 ranks
     one = start(one_cmd, root, env)
-    # Two processes, paused before step 6 (test hook) so that the signal lands mid-run at a known point.
-    two = start(two_cmd, root, {**env, "QLORA_TEST_PAUSE": "step@6:120"})
+    # Two processes, paused before step 6 (test pause, tests/run_paused.py) so that the signal lands mid-run at a
+    # known point: the same launch, with the recipe's CLI run through the runner script.
+    paused_cmd = two_cmd.replace("-m training.qlora_finetune", "tests/run_paused.py step@6:120")
+    assert paused_cmd != two_cmd, two_cmd
+    two = start(paused_cmd, root, env)
     flag = root / "outputs" / "two" / ".test-paused-step-6"
     deadline = time.time() + 400
     while not flag.exists() and two.poll() is None and time.time() < deadline:
@@ -123,7 +126,7 @@ def test_sigterm_to_the_launcher_leaves_one_complete_checkpoint(runs):
     assert {"rng_state_0.pth", "rng_state_1.pth", "optimizer.pt", "adapter_model.safetensors"} <= set(
         manifest["files"]), sorted(manifest["files"])
     assert verify_checkpoint(ckpt) == []
-    events = [r for r in read_jsonl(runs["root"] / "logs" / "two" / "metrics.jsonl") if "event" in r]
+    events = [r for r in read_records(runs["root"] / "logs" / "two" / "metrics.jsonl") if "event" in r]
     stopped = [e for e in events if e["event"] == "stopped"]
     assert len(stopped) == 1 and stopped[0]["step"] == 6 and stopped[0]["signal"] == "SIGTERM"
     assert stopped[0]["checkpoint"].endswith("checkpoint-6")
@@ -132,7 +135,7 @@ def test_sigterm_to_the_launcher_leaves_one_complete_checkpoint(runs):
 def test_resume_with_two_processes_finishes(runs):
     rc, log = runs["resume"]
     assert rc == 0, log[-4000:]
-    events = [r for r in read_jsonl(runs["root"] / "logs" / "two" / "metrics.jsonl") if "event" in r]
+    events = [r for r in read_records(runs["root"] / "logs" / "two" / "metrics.jsonl") if "event" in r]
     resumed = [e for e in events if e["event"] == "resumed"]
     assert len(resumed) == 1 and resumed[0]["path"].endswith("checkpoint-6")
     assert [e["event"] for e in events if e["event"] in ("start", "finished")] == ["start", "start", "finished"]
@@ -182,5 +185,5 @@ def test_only_rank_0_writes_and_the_adapter_format_is_the_same(runs):
     train_log = (root / "logs" / "two" / "train.log").read_text()
     assert "[rank 1]" not in train_log
     assert "micro-batch 4 x accumulation 1 x 2 processes" in train_log
-    records = read_jsonl(root / "logs" / "two" / "metrics.jsonl")
+    records = read_records(root / "logs" / "two" / "metrics.jsonl")
     assert [r["step"] for r in records if r.get("event") == "checkpoint"] == [4, 6, 8, 12]

@@ -13,7 +13,7 @@ import pytest
 
 from tests.conftest import REPO
 from training.checkpoints import list_checkpoints, verify_checkpoint
-from training.jsonl import read_jsonl
+from training.runfiles import read_records
 
 
 
@@ -28,7 +28,7 @@ def start(tmp_path, name: str, limit: int, step: int, *sets: str):
 
 
 def events(tmp_path, name: str, event: str) -> list[dict]:
-    return [r for r in read_jsonl(tmp_path / "logs" / name / "metrics.jsonl") if r.get("event") == event]
+    return [r for r in read_records(tmp_path / "logs" / name / "metrics.jsonl") if r.get("event") == event]
 
 
 @pytest.mark.slow

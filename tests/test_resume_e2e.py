@@ -1,6 +1,6 @@
 """Never lose work, end to end: the real recipe (tiny Gemma-2, 4-bit, LoRA, TRL) in subprocesses, real signals.
 
-Faults are placed with the test-only hook QLORA_TEST_PAUSE=POINT@STEP:SECONDS (training/checkpoints.py): the
+Faults are placed with a test pause POINT@STEP:SECONDS (tests/run_paused.py, training/checkpoint_callback.py): the
 trainer pauses at that point and drops `.test-paused-POINT-STEP` in the run folder, the test sends the signal there.
 Runs use one thread each (OMP_NUM_THREADS=1) so that two can share the 2 CI cores and so that CPU float math is
 reproducible from run to run. QLORA_E2E_KILL_TRIALS=N (default 1) sets how many random SIGKILLs the SIGKILL test
@@ -23,13 +23,12 @@ import pytest
 
 from training.checkpoints import (
     MARKER_NAME,
-    TEST_PAUSE_ENV,
     find_latest_complete_checkpoint,
     is_complete_checkpoint,
     list_checkpoints,
     verify_checkpoint,
 )
-from training.jsonl import read_jsonl
+from training.runfiles import read_records
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("tiny_model_dir")  # built once (conftest) before parallel runs would race
@@ -54,16 +53,14 @@ class Run:
 
     def start(self, max_steps: int, resume: str = "auto", sets: dict | None = None, pause: str | None = None):
         sets = {"logging_steps": 1, "save_steps": 2, **(sets or {})}
-        cmd = [sys.executable, "-m", "training.qlora_finetune", "--model-config", "tiny", "--run-name", self.name,
+        cli = [str(REPO / "tests" / "run_paused.py"), pause] if pause else ["-m", "training.qlora_finetune"]
+        cmd = [sys.executable, *cli, "--model-config", "tiny", "--run-name", self.name,
                "--output-dir", str(self.out), "--logs-dir", str(self.root / "logs"), "--max-steps", str(max_steps),
                "--resume", resume]
         for key, value in sets.items():
             cmd += ["--set", f"{key}={value}"]
         env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
                    PYTHONUNBUFFERED="1")
-        env.pop(TEST_PAUSE_ENV, None)
-        if pause:
-            env[TEST_PAUSE_ENV] = pause
         self.n += 1
         self.log_path = self.root / f"{self.name}.{self.n}.log"
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=open(self.log_path, "w"), stderr=subprocess.STDOUT)
@@ -76,11 +73,11 @@ class Run:
         return rc, proc.log_path.read_text()
 
     def events(self, name: str) -> list[dict]:
-        return [e for e in read_jsonl(self.metrics) if e.get("event") == name]
+        return [e for e in read_records(self.metrics) if e.get("event") == name]
 
     def losses(self) -> dict[int, float]:
         """step -> training loss; a resumed run's records overwrite the same steps of an earlier attempt."""
-        return {e["step"]: e["loss"] for e in read_jsonl(self.metrics) if "loss" in e and "event" not in e}
+        return {e["step"]: e["loss"] for e in read_records(self.metrics) if "loss" in e and "event" not in e}
 
 
 def wait_paused(proc, run: Run, point: str, step: int, timeout: float = 300) -> None:

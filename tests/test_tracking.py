@@ -8,7 +8,7 @@ import threading
 
 import pytest
 
-from training.jsonl import read_jsonl
+from training.runfiles import read_records
 from training.tracking import resolve_report_to, server_answers
 
 
@@ -75,6 +75,6 @@ def test_training_with_a_down_wandb_server_finishes_and_logs_offline(recipe, tmp
     runs = list((logs / "wb" / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(runs) == 1
     history = runs[0].read_bytes()
-    logged = [r for r in read_jsonl(logs / "wb" / "metrics.jsonl") if "loss" in r]
+    logged = [r for r in read_records(logs / "wb" / "metrics.jsonl") if "loss" in r]
     assert history.count(b"train/loss") >= len(logged) == 3
     assert (out / "report" / "loss.png").is_file() and (out / "report" / "report.md").is_file()

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import errno
 import fcntl
-import hashlib
 import os
 import shutil
 import signal
@@ -36,25 +35,24 @@ from training.checkpoints import (
     MARKER_NAME,
     fsync_dir,
     is_complete_checkpoint,
+    iter_complete_checkpoints,
     list_checkpoints,
     read_manifest,
     remove_leftovers,
     remove_tree_atomically,
+    sha256_file,
     verify_checkpoint,
 )
+from training.disk import free_bytes
 from training.jsonl import append_jsonl, write_json_atomic
+from training.runfiles import BACKUP_EVENTS, BACKUP_LOCK, BACKUP_TMP_PREFIX, CHECKPOINT_PREFIX, LAST_BACKUP
 from training.stop_signal import StopSignal
 from training.errors import UserError
 
-LOCK_NAME = ".backup.lock"
-EVENTS_NAME = "backup_events.jsonl"
-LAST_BACKUP_NAME = "LAST_BACKUP.json"
-TMP_PREFIX = ".tmp-"
 DEFAULT_INTERVAL_S = 3600  # one checkpoint interval of work at most is lost if the training disk dies
 DEFAULT_KEEP = 5  # per run; the backup volume needs room for keep+1 checkpoints of each run
 # Test-only hook: seconds to sleep after each copied file, so tests can catch a copy in progress.
 TEST_FILE_DELAY_ENV = "QLORA_TEST_BACKUP_FILE_DELAY"
-_CHUNK = 1 << 20
 
 
 def log(msg: str) -> None:
@@ -82,7 +80,7 @@ class BackupLock:
     """flock on `<dest>/.backup.lock`; released by the kernel if the holder dies, so it is never stale."""
 
     def __init__(self, dest: Path):
-        self.path = dest / LOCK_NAME
+        self.path = dest / BACKUP_LOCK
         self.fd: int | None = None
 
     def acquire(self, wait: bool) -> bool:
@@ -125,7 +123,7 @@ class BackupLock:
 def _disk_full_message(dest: Path, src: Path, manifest: dict[str, Any]) -> str:
     need = sum(f["size"] for f in manifest["files"].values())
     try:
-        free = shutil.disk_usage(dest).free
+        free = free_bytes(dest)[0]
     except OSError:
         free = -1
     return (f"backup volume {dest} is full: copying {src} needs {need / 2**20:.1f} MiB, "
@@ -144,8 +142,12 @@ def copy_checkpoint_verified(src: Path, dst: Path, stop: Callable[[], bool] = la
         raise BackupError(f"{src}: no readable {MARKER_NAME} marker")
     marker_bytes = (src / MARKER_NAME).read_bytes()
     dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(f"{TMP_PREFIX}{dst.name}-{os.getpid()}")
+    tmp = dst.with_name(f"{BACKUP_TMP_PREFIX}{dst.name}-{os.getpid()}")
     delay = float(os.environ.get(TEST_FILE_DELAY_ENV) or 0)
+
+    def check_stop() -> None:
+        if stop():
+            raise Stopped()
     total = 0
     try:
         if tmp.exists():
@@ -154,18 +156,11 @@ def copy_checkpoint_verified(src: Path, dst: Path, stop: Callable[[], bool] = la
         for rel, want in sorted(manifest["files"].items()):
             out = tmp / rel
             out.parent.mkdir(parents=True, exist_ok=True)
-            h = hashlib.sha256()
-            size = 0
-            with open(src / rel, "rb") as fin, open(out, "wb") as fout:
-                while chunk := fin.read(_CHUNK):
-                    if stop():
-                        raise Stopped()
-                    h.update(chunk)
-                    size += len(chunk)
-                    fout.write(chunk)
+            with open(out, "wb") as fout:
+                size, digest = sha256_file(src / rel, copy_to=fout, each_chunk=check_stop)
                 fout.flush()
                 os.fsync(fout.fileno())
-            if size != want["size"] or h.hexdigest() != want["sha256"]:
+            if size != want["size"] or digest != want["sha256"]:
                 raise BackupError(f"{src / rel} does not match its manifest (size {size}, manifest {want['size']}): "
                                   f"the source checkpoint is damaged or changed; not backed up. Check the training "
                                   f"disk; `python -m training.backup verify` checks the backups.")
@@ -225,20 +220,19 @@ def _dirs(folder: Path) -> list[Path]:
 def complete_checkpoints(run_dir: Path, level: str = "sizes", quiet: bool = False) -> list[Path]:
     """Complete checkpoint folders of one run, oldest first by the time they were marked; logs the others."""
     out = []
-    for _, path in list_checkpoints(run_dir):
-        ok, reason = is_complete_checkpoint(path, level=level)
-        if ok:
-            out.append(path)
+    for ckpt in iter_complete_checkpoints(run_dir, level=level, newest_first=False):
+        if ckpt.complete:
+            out.append(ckpt.path)
         elif not quiet:
-            log(f"skipping {path.name}: {reason}")
+            log(f"skipping {ckpt.path.name}: {ckpt.problem}")
     return sorted(out, key=_created)
 
 
 def _event(dest: Path, event: str, **fields: Any) -> None:
     try:
-        append_jsonl(dest / EVENTS_NAME, {"ts": time.time(), "event": event, **fields})
+        append_jsonl(dest / BACKUP_EVENTS, {"ts": time.time(), "event": event, **fields})
     except OSError as exc:  # a full backup volume must not turn a logged failure into a crash
-        log(f"could not record the {event!r} event in {dest / EVENTS_NAME}: {exc}")
+        log(f"could not record the {event!r} event in {dest / BACKUP_EVENTS}: {exc}")
 
 
 def prune_backups(run_backup: Path, keep: int) -> list[Path]:
@@ -263,7 +257,7 @@ def backup_round(source: Path, dest: Path, keep: int, stop: Callable[[], bool] =
             continue
         run_backup = dest / run_dir.name
         run_backup.mkdir(parents=True, exist_ok=True)
-        for leftover in run_backup.glob(f"{TMP_PREFIX}*"):
+        for leftover in run_backup.glob(f"{BACKUP_TMP_PREFIX}*"):
             shutil.rmtree(leftover, ignore_errors=True)
             log(f"removed {leftover}, a partial copy left by an interrupted backup")
         remove_leftovers(run_backup)
@@ -299,9 +293,9 @@ def backup_round(source: Path, dest: Path, keep: int, stop: Callable[[], bool] =
                       "source": str(src), "bytes": size, "seconds": seconds}
             _event(dest, "copied", **record)
             try:
-                write_json_atomic(run_backup / LAST_BACKUP_NAME, {"ts": time.time(), **record})
+                write_json_atomic(run_backup / LAST_BACKUP, {"ts": time.time(), **record})
             except OSError as exc:
-                log(f"could not write {run_backup / LAST_BACKUP_NAME}: {exc}")
+                log(f"could not write {run_backup / LAST_BACKUP}: {exc}")
             result.copied.append(str(src))
         for path in prune_backups(run_backup, keep):
             _event(dest, "pruned", run=run_dir.name, checkpoint=path.name)
@@ -392,7 +386,8 @@ def cmd_restore(args: argparse.Namespace) -> int:
     lock.acquire(wait=True)
     try:
         if args.checkpoint:
-            name = args.checkpoint if args.checkpoint.startswith("checkpoint-") else f"checkpoint-{args.checkpoint}"
+            name = (args.checkpoint if args.checkpoint.startswith(CHECKPOINT_PREFIX)
+                    else f"{CHECKPOINT_PREFIX}{args.checkpoint}")
             src = run_backup / name
             if not src.is_dir():
                 have = ", ".join(p.name for _, p in list_checkpoints(run_backup)) or "none"

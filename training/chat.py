@@ -55,12 +55,13 @@ def load_run_model(output_dir: Path, run: str | None, merged: bool = False, base
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
     from training.export import ExportError, find_run, read_json, resolve_base
+    from training.runfiles import ADAPTER_DIR, RUN_SUMMARY
     from training.templates import stop_token_ids
 
     run_dir = find_run(output_dir, run, verb="chat")
     base_name, base_path = resolve_base(run_dir, base, allow_other_base=False)
-    cfg = read_json(run_dir / "run_summary.json").get("config", {})
-    adapter_dir = run_dir / "adapter"
+    cfg = read_json(run_dir / RUN_SUMMARY).get("config", {})
+    adapter_dir = run_dir / ADAPTER_DIR
     tokenizer = AutoTokenizer.from_pretrained(str(adapter_dir))
     if not tokenizer.chat_template:
         from training.templates import missing_template_message

@@ -1,4 +1,4 @@
-"""Never lose work: complete-checkpoint markers, the newest complete checkpoint, the resume choice, stop = save.
+"""Never lose work, the file layer: complete-checkpoint markers, the newest complete checkpoint, the resume choice.
 
 A checkpoint folder `outputs/<run>/checkpoint-N/` counts only once its `COMPLETE` marker exists. The marker is
 written last, atomically (temp file + fsync + rename), after every other file of the folder has been fsynced, and
@@ -10,13 +10,8 @@ few seconds once per start, and it is the only check that catches a flipped or z
 candidates are hashed: the search stops at the first one that passes. `level="sizes"` (stat only) is for listings
 that run often, such as the status screen.
 
-Several ranks (`accelerate launch`, GPUS=N): the ranks agree on the stop at the end of an optimizer step (one
-all-reduce per step), save that step together, and rank 0 writes the marker after a barrier, so the manifest covers
-every rank's files (rng_state_R.pth, FSDP shards). A signal that lands during evaluation or a save is acted on at the
-next step end (one step later than alone). After forwarding SIGTERM, torchrun SIGKILLs the ranks after
-TORCH_ELASTIC_SHUTDOWN_TIMEOUT seconds (30 by default; the Makefile's launch sets 110).
-DataLoader workers must be forked (Linux default up to Python 3.13) to inherit the handler that keeps them alive on
-Ctrl+C.
+The trainer side (marker after each save, retention, events, stop signal = save) is
+training/checkpoint_callback.py.
 """
 
 from __future__ import annotations
@@ -27,27 +22,23 @@ import logging
 import os
 import re
 import shutil
-import signal
-import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import IO, Any, Callable, Iterator
 
-from training import distributed
-from training.jsonl import append_jsonl, write_json_atomic
 from training.errors import UserError
+from training.runfiles import (ADAPTER_CONFIG, CHECKPOINT_MARKER, CHECKPOINT_PREFIX, CHECKPOINT_RUN_CONFIG,
+                               SUPERSEDED_PREFIX, TRAINER_STATE, TRASH_PREFIX)
 
 logger = logging.getLogger(__name__)
 
-MARKER_NAME = "COMPLETE"
-RUN_CONFIG_NAME = "run_config.json"
-CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+MARKER_NAME = CHECKPOINT_MARKER
+RUN_CONFIG_NAME = CHECKPOINT_RUN_CONFIG
+CHECKPOINT_RE = re.compile(rf"^{re.escape(CHECKPOINT_PREFIX)}(\d+)$")
 # What must not change between a checkpoint and the run resuming from it: the adapter would not load (rank,
 # target modules) or would silently apply to other weights (base model).
 INCOMPATIBLE_KEYS = ("model_name_or_path", "lora_r", "target_modules")  # names of training/qlora_config.py
-# Test-only hook: "POINT@STEP:SECONDS" (POINT: step | eval | save | final) makes the callback pause once at that point so
-# that tests can deliver a signal there. Never set it in real runs.
-TEST_PAUSE_ENV = "QLORA_TEST_PAUSE"
 _CHUNK = 1 << 20
 
 Log = Callable[[str], None]
@@ -62,16 +53,23 @@ class CheckpointError(UserError):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def sha256_file(path: str | os.PathLike, *, fsync: bool = False) -> tuple[int, str]:
-    """(size, sha256 hex) of a file; with fsync=True the file is also flushed to disk first."""
+def sha256_file(path: str | os.PathLike, *, fsync: bool = False, copy_to: IO[bytes] | None = None,
+                each_chunk: Callable[[], None] | None = None) -> tuple[int, str]:
+    """(size, sha256 hex) of a file; with fsync=True the file is also flushed to disk first. `copy_to`: also write
+    every chunk there (a verified copy reads the source once); `each_chunk` is called before each chunk is used
+    (e.g. to raise on a stop request)."""
     h = hashlib.sha256()
     size = 0
     with open(path, "rb") as fh:
         if fsync:
             os.fsync(fh.fileno())
         while chunk := fh.read(_CHUNK):
+            if each_chunk is not None:
+                each_chunk()
             h.update(chunk)
             size += len(chunk)
+            if copy_to is not None:
+                copy_to.write(chunk)
     return size, h.hexdigest()
 
 
@@ -223,16 +221,49 @@ def list_checkpoints(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+@dataclass(frozen=True)
+class Checkpoint:
+    """One `checkpoint-N` folder and why it is not complete (`problem`; None when it is)."""
+
+    step: int
+    path: Path
+    problem: str | None = None
+
+    @property
+    def complete(self) -> bool:
+        return self.problem is None
+
+
+def iter_complete_checkpoints(run_dir: str | os.PathLike, level: str = "full",
+                              newest_first: bool = True) -> Iterator[Checkpoint]:
+    """Every `checkpoint-N` folder of a run, newest first (or oldest first), each checked when it is reached (so a
+    search that stops at the first complete one hashes nothing older).
+
+    level: "full" (re-hash), "sizes" (stat only) as verify_checkpoint, or "marker" (only that COMPLETE exists: what
+    the disk and OOM clean-ups go by). A folder that vanishes while it is checked comes back incomplete.
+    """
+    found = list_checkpoints(run_dir)
+    for step, path in reversed(found) if newest_first else found:
+        if level == "marker":
+            problem = None if (path / MARKER_NAME).exists() else f"{path}: no {MARKER_NAME} marker"
+        else:
+            try:
+                ok, reason = is_complete_checkpoint(path, level=level)
+            except OSError as exc:  # deleted or rotated between listing and reading
+                ok, reason = False, str(exc)
+            problem = None if ok else reason
+        yield Checkpoint(step, path, problem)
+
+
 def find_latest_complete_checkpoint(
     run_dir: str | os.PathLike, log: Log | None = None, level: str = "full"
 ) -> Path | None:
     """The newest checkpoint of a run that passes verification; logs each newer folder skipped and why."""
     log = logger.warning if log is None else log
-    for step, path in reversed(list_checkpoints(run_dir)):
-        ok, reason = is_complete_checkpoint(path, level=level)
-        if ok:
-            return path
-        log(f"skipping {path.name}: {reason}")
+    for ckpt in iter_complete_checkpoints(run_dir, level=level):
+        if ckpt.complete:
+            return ckpt.path
+        log(f"skipping {ckpt.path.name}: {ckpt.problem}")
     return None
 
 
@@ -266,8 +297,8 @@ def resolve_resume(resume: str, run_dir: str | os.PathLike, log: Log | None = No
                               f"checkpoint-N folders, or use --resume auto with this run.")
     ok, reason = is_complete_checkpoint(path)
     if not ok:
-        others = [str(p) for _, p in reversed(list_checkpoints(path.parent))
-                  if p != path and is_complete_checkpoint(p, level="sizes")[0]]
+        others = [str(c.path) for c in iter_complete_checkpoints(path.parent, level="sizes")
+                  if c.complete and c.path != path]
         hint = f" Complete checkpoints next to it: {', '.join(others[:3])}." if others else ""
         raise CheckpointError(f"--resume {resume}: {path} is not a complete checkpoint: {reason}.{hint} {fix}")
     log(f"--resume: resuming from {path}")
@@ -287,7 +318,7 @@ def read_run_config(ckpt: str | os.PathLike) -> dict[str, Any] | None:
         return json.loads((root / RUN_CONFIG_NAME).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         pass
-    for cfg_path in [root / "adapter_config.json", *sorted(root.glob("*/adapter_config.json"))]:
+    for cfg_path in [root / ADAPTER_CONFIG, *sorted(root.glob(f"*/{ADAPTER_CONFIG}"))]:
         try:
             cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
         except (OSError, ValueError):
@@ -304,7 +335,7 @@ def check_resume_compatible(ckpt: str | os.PathLike, run_config: dict[str, Any],
     log = logger.warning if log is None else log
     saved = read_run_config(ckpt)
     if saved is None:
-        log(f"{ckpt}: no {RUN_CONFIG_NAME} or adapter_config.json; cannot check that it matches this run")
+        log(f"{ckpt}: no {RUN_CONFIG_NAME} or {ADAPTER_CONFIG}; cannot check that it matches this run")
         return []
     bad, changes = [], []
     for key in sorted(set(saved) | set(run_config)):
@@ -333,7 +364,7 @@ def remove_tree_atomically(path: str | os.PathLike) -> None:
     """Rename the folder out of the way first (one atomic step), then delete it: a crash in between leaves a
     `.trash-*` folder that nothing reads, never a checkpoint with missing files."""
     path = Path(path)
-    trash = path.with_name(f".trash-{path.name}-{os.getpid()}-{time.time_ns()}")
+    trash = path.with_name(f"{TRASH_PREFIX}{path.name}-{os.getpid()}-{time.time_ns()}")
     os.rename(path, trash)
     fsync_dir(path.parent)
     shutil.rmtree(trash, ignore_errors=True)
@@ -343,7 +374,7 @@ def remove_leftovers(folder: str | os.PathLike) -> None:
     """Delete `.trash-*` folders left by a crash during a deletion."""
     root = Path(folder)
     if root.is_dir():
-        for child in root.glob(".trash-*"):
+        for child in root.glob(f"{TRASH_PREFIX}*"):
             shutil.rmtree(child, ignore_errors=True)
 
 
@@ -353,19 +384,18 @@ def prune_checkpoints(run_dir: str | os.PathLike, keep: int, log: Log | None = N
     log = logger.info if log is None else log
     if keep is None or keep <= 0:
         return []
-    ckpts = list_checkpoints(run_dir)
-    complete = [(s, p) for s, p in ckpts if is_complete_checkpoint(p, level="sizes")[0]]
+    ckpts = list(iter_complete_checkpoints(run_dir, level="sizes", newest_first=False))
+    complete = [c for c in ckpts if c.complete]
     if not complete:
         return []
-    kept = {p for _, p in complete[-keep:]}
-    newest_complete = complete[-1][0]
+    kept = {c.path for c in complete[-keep:]}
     removed = []
-    for step, path in ckpts:
-        if path in kept or step >= newest_complete:
+    for c in ckpts:
+        if c.path in kept or c.step >= complete[-1].step:
             continue
-        remove_tree_atomically(path)
-        removed.append(path)
-        log(f"removed old checkpoint {path} (keeping the newest {keep} complete)")
+        remove_tree_atomically(c.path)
+        removed.append(c.path)
+        log(f"removed old checkpoint {c.path} (keeping the newest {keep} complete)")
     return removed
 
 
@@ -376,7 +406,7 @@ def set_aside_later_checkpoints(run_dir: str | os.PathLike, step: int, log: Log 
     run_dir = Path(run_dir)
     remove_leftovers(run_dir)
     moved = []
-    aside = run_dir / f"superseded-{time.strftime('%Y%m%d-%H%M%S')}"
+    aside = run_dir / f"{SUPERSEDED_PREFIX}{time.strftime('%Y%m%d-%H%M%S')}"
     for s, path in list_checkpoints(run_dir):
         if s <= step:
             continue
@@ -394,32 +424,10 @@ def set_aside_later_checkpoints(run_dir: str | os.PathLike, step: int, log: Log 
     return moved
 
 
+
 # ---------------------------------------------------------------------------------------------------------------
-# The trainer side: marker after each save, retention, events, stop signal = save
+# Loading a checkpoint into a trainer without training (the callback is training/checkpoint_callback.py)
 # ---------------------------------------------------------------------------------------------------------------
-
-
-def keep_adapter_dtype_on_resume(model: Any) -> bool:
-    """Make HF's resume load the adapter weights into the dtype the fresh trainer gave them.
-
-    The Trainer resumes a PEFT model with `load_adapter()`, which by default upcasts bf16/fp16 adapter weights to
-    fp32 (`autocast_adapter_dtype=True`), while TRL keeps QLoRA adapters in bf16: the resumed run would then train
-    in another precision than an uninterrupted one (measured on the tiny preset: losses 2e-5 relative apart two
-    steps after the resume point, adapter weights 5e-4 apart). Returns whether the model was adjusted.
-    """
-    import functools
-    import inspect
-
-    load = getattr(model, "load_adapter", None)
-    if load is None:
-        return False
-    try:
-        if "autocast_adapter_dtype" not in inspect.signature(load).parameters:
-            return False
-    except (TypeError, ValueError):
-        return False
-    model.load_adapter = functools.partial(load, autocast_adapter_dtype=False)
-    return True
 
 
 def load_finished_checkpoint(trainer: Any, ckpt: str | os.PathLike) -> None:
@@ -431,236 +439,4 @@ def load_finished_checkpoint(trainer: Any, ckpt: str | os.PathLike) -> None:
     ckpt = Path(ckpt)
     model = trainer.model
     model.load_adapter(str(ckpt), model.active_adapter, is_trainable=True, autocast_adapter_dtype=False)
-    trainer.state = TrainerState.load_from_json(str(ckpt / "trainer_state.json"))
-
-
-def _signal_name(signum: int) -> str:
-    try:
-        return signal.Signals(signum).name
-    except ValueError:
-        return str(signum)
-
-
-def _parse_test_pause(value: str | None) -> tuple[str, int, float] | None:
-    """"save@2:30" -> ("save", 2, 30.0); malformed -> None."""
-    if not value:
-        return None
-    m = re.fullmatch(r"(step|eval|save|final)@(\d+):([0-9.]+)", value.strip())
-    if not m:
-        print(f"[checkpoints] ignoring {TEST_PAUSE_ENV}={value!r} (want POINT@STEP:SECONDS)", file=sys.stderr)
-        return None
-    return m.group(1), int(m.group(2)), float(m.group(3))
-
-
-class _CheckpointCallbackLogic:
-    """The body of CheckpointCallback (which adds transformers' TrainerCallback as a base on first use, so that the
-    backup sidecar and other file-level users of this module do not pay the 10+ s transformers import).
-
-    Makes every HF checkpoint complete (marker + manifest + run_config.json + extra_json files), keeps the newest `keep`, records
-    `checkpoint` / `resumed` / `stopped` events, and turns the first SIGTERM/SIGINT into "finish this optimizer
-    step, save a full checkpoint, stop"; a second signal exits at once (the last complete checkpoint is untouched).
-
-    Set `save_total_limit=None` in TrainingArguments: HF rotates before this callback marks the new checkpoint, so
-    its rotation could delete the last complete one while the new one is not yet marked.
-    After `trainer.train()` returns, `exit_status` is 128+signum when a signal stopped the run before max_steps
-    (143 for SIGTERM, 130 for SIGINT), else None.
-    """
-
-    def __init__(
-        self,
-        *,
-        run_name: str,
-        metrics_path: str | os.PathLike | None = None,
-        run_config: dict[str, Any] | None = None,
-        keep: int | None = 3,
-        resumed_from: str | os.PathLike | None = None,
-        resume_changes: Iterable[str] = (),
-        extra_json: dict[str, Any] | None = None,
-        install_signal_handlers: bool = True,
-        log: Log | None = None,
-    ):
-        self.run_name = run_name
-        self.metrics_path = Path(metrics_path) if metrics_path else None
-        self.run_config = dict(run_config) if run_config else None
-        self.keep = keep
-        self.resumed_from = Path(resumed_from) if resumed_from else None
-        self.resume_changes = list(resume_changes)
-        self.extra_json = dict(extra_json or {})  # more JSON files each checkpoint records (name -> content)
-        self.log = logger.warning if log is None else log
-        self.stop_signal: int | None = None  # the signal this process received
-        # Several ranks (accelerate launch): the signal every rank agreed to act on at the end of an optimizer step
-        # (another rank's, when this one has not received it yet).
-        self._agreed_signal: int | None = None
-        self.stopped_early = False
-        self.last_complete: Path | None = None
-        self._stop_announced = False
-        self._test_pause = _parse_test_pause(os.environ.get(TEST_PAUSE_ENV))
-        self._previous_handlers: dict[int, Any] = {}
-        self._owner_pid = os.getpid()
-        if install_signal_handlers:
-            self.install_signal_handlers()
-
-    # -- signals -----------------------------------------------------------------------------------------------
-    def install_signal_handlers(self) -> None:
-        self._owner_pid = os.getpid()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            self._previous_handlers[sig] = signal.signal(sig, self._on_signal)
-
-    def restore_signal_handlers(self) -> None:
-        for sig, handler in self._previous_handlers.items():
-            signal.signal(sig, handler)
-        self._previous_handlers.clear()
-
-    def _on_signal(self, signum: int, frame: Any) -> None:
-        # Runs in the main thread between bytecodes; os.write, not print/logging (not reentrant-safe).
-        if os.getpid() != self._owner_pid:
-            # A forked DataLoader worker (it inherits this handler): Ctrl+C reaches the whole process group, and
-            # the worker must keep serving batches while the main process finishes the step and saves.
-            return
-        if self.stop_signal is not None:
-            os.write(2, f"\n[checkpoints] second {_signal_name(signum)}: exiting now without saving; the last "
-                        f"complete checkpoint is untouched\n".encode())
-            os._exit(128 + signum)
-        self.stop_signal = signum
-        os.write(2, f"\n[checkpoints] {_signal_name(signum)} received: finishing this step, then saving a complete "
-                    f"checkpoint and stopping (send it again to exit at once)\n".encode())
-
-    @property
-    def stop_requested(self) -> bool:
-        return self.stop_signal is not None
-
-    @property
-    def _signum(self) -> int | None:
-        return self.stop_signal or self._agreed_signal
-
-    @property
-    def exit_status(self) -> int | None:
-        """128+signum when a signal stopped training before max_steps, else None (a signal during the last step
-        lets the run finish normally)."""
-        return 128 + self._signum if self.stopped_early else None
-
-    def _should_stop(self) -> bool:
-        """Alone: act on a signal at the next hook. Several ranks: only once all of them agreed on it at the end of
-        an optimizer step (`_agree_on_stop`), so that every rank saves the same step together; a rank that saved or
-        stopped alone would wait forever for the others in the next collective."""
-        if distributed.initialised():
-            return self._agreed_signal is not None
-        return self.stop_requested
-
-    def _agree_on_stop(self) -> None:
-        """Every rank calls this at every optimizer step end: one tiny all-reduce (max of the signal numbers)."""
-        if distributed.initialised() and self._agreed_signal is None:
-            agreed = distributed.agree_max(self.stop_signal or 0)
-            self._agreed_signal = agreed or None
-
-    def _request_save_and_stop(self, state: Any, control: Any, where: str) -> None:
-        control.should_save = True
-        control.should_training_stop = True
-        if not self._stop_announced:
-            self._stop_announced = True
-            self.log(f"{_signal_name(self._signum)}: saving a complete checkpoint at step {state.global_step} "
-                     f"({where}) and stopping")
-
-    # -- events ------------------------------------------------------------------------------------------------
-    def _event(self, state: Any, event: str, **fields: Any) -> None:
-        if self.metrics_path is None or not state.is_world_process_zero:
-            return
-        append_jsonl(self.metrics_path, {"ts": time.time(), "run": self.run_name, "step": state.global_step,
-                                         "event": event, **fields})
-
-    def _maybe_pause(self, point: str, step: int, run_dir: str) -> None:
-        if self._test_pause is None:
-            return
-        want_point, want_step, seconds = self._test_pause
-        if point != want_point or step != want_step:
-            return
-        self._test_pause = None
-        flag = Path(run_dir) / f".test-paused-{point}-{step}"
-        flag.parent.mkdir(parents=True, exist_ok=True)
-        flag.write_text(str(os.getpid()))
-        print(f"[checkpoints] TEST PAUSE at {point} (step {step}) for {seconds}s ({TEST_PAUSE_ENV})",
-              file=sys.stderr, flush=True)
-        deadline = time.time() + seconds
-        while time.time() < deadline and not self.stop_requested:  # a stop signal ends the pause
-            time.sleep(0.05)
-
-    # -- trainer hooks -----------------------------------------------------------------------------------------
-    def on_init_end(self, args, state, control, model=None, **kwargs):
-        if self.resumed_from is not None and model is not None:
-            keep_adapter_dtype_on_resume(model)
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        if not state.is_world_process_zero:
-            return
-        if args.save_total_limit is not None:
-            self.log(f"save_total_limit={args.save_total_limit}: HF may delete the last complete checkpoint before "
-                     f"the new one is marked; set it to None (this callback keeps the newest {self.keep})")
-        set_aside_later_checkpoints(args.output_dir, state.global_step, log=self.log)
-        if self.resumed_from is not None:
-            self._event(state, "resumed", path=str(self.resumed_from), changes=self.resume_changes)
-
-    def on_step_begin(self, args, state, control, **kwargs):
-        self._maybe_pause("step", state.global_step + 1, args.output_dir)
-
-    def on_step_end(self, args, state, control, **kwargs):
-        self._agree_on_stop()
-        if self._should_stop():
-            self._request_save_and_stop(state, control, "end of the current optimizer step")
-
-    def on_log(self, args, state, control, **kwargs):
-        if self._should_stop():
-            self._request_save_and_stop(state, control, "after logging")
-
-    def on_prediction_step(self, args, state, control, **kwargs):
-        self._maybe_pause("eval", state.global_step, args.output_dir)
-
-    def on_evaluate(self, args, state, control, **kwargs):
-        # Evaluation runs after on_step_end; the save decision comes right after this hook.
-        if self._should_stop():
-            self._request_save_and_stop(state, control, "after evaluation")
-
-    def on_save(self, args, state, control, **kwargs):
-        # Several ranks: each writes its own files (rng_state_R.pth; FSDP: its shards) and HF does not wait for
-        # them, so the manifest is built only once every rank has finished its part of this save.
-        distributed.barrier()
-        if state.is_world_process_zero:
-            started = time.time()
-            ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            if not ckpt.is_dir():
-                self.log(f"HF reported a save but {ckpt} does not exist; no marker written")
-            else:
-                if self.run_config is not None:
-                    write_json_atomic(ckpt / RUN_CONFIG_NAME, self.run_config)
-                for name, content in self.extra_json.items():
-                    write_json_atomic(ckpt / name, content)
-                self._maybe_pause("save", state.global_step, args.output_dir)
-                manifest = write_complete_marker(ckpt, state.global_step)
-                self.last_complete = ckpt
-                size = sum(f["size"] for f in manifest["files"].values())
-                self._event(state, "checkpoint", path=str(ckpt), bytes=size,
-                            marker_s=round(time.time() - started, 3))
-                prune_checkpoints(args.output_dir, self.keep, log=logger.info)
-        if self._should_stop():
-            # A signal that arrived during HF's save: this checkpoint is at the current step; stop here.
-            control.should_training_stop = True
-
-    def on_train_end(self, args, state, control, **kwargs):
-        self._maybe_pause("final", state.global_step, args.output_dir)  # before the recipe saves the adapter
-        self.stopped_early = self._should_stop() and state.global_step < state.max_steps
-        if self.stopped_early and state.is_world_process_zero:  # rank 0 wrote the marker: it knows the path
-            path = self.last_complete if self.last_complete and checkpoint_step(self.last_complete) == \
-                state.global_step else None
-            self._event(state, "stopped", signal=_signal_name(self._signum), checkpoint=str(path) if path else None)
-            self.log(f"stopped by {_signal_name(self._signum)} at step {state.global_step}; complete checkpoint: "
-                     f"{path or 'none at this step'}; run again with --resume auto to continue")
-
-
-def __getattr__(name: str) -> Any:
-    if name == "CheckpointCallback":
-        from transformers import TrainerCallback
-
-        cls = type("CheckpointCallback", (_CheckpointCallbackLogic, TrainerCallback),
-                   {"__doc__": _CheckpointCallbackLogic.__doc__, "__module__": __name__})
-        globals()[name] = cls
-        return cls
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    trainer.state = TrainerState.load_from_json(str(ckpt / TRAINER_STATE))

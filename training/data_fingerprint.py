@@ -17,8 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from training.checkpoints import CheckpointError, sha256_file
-
-FINGERPRINT_NAME = "data_fingerprint.json"
+from training.runfiles import DATA_FINGERPRINT
 
 
 def _data_files(data_path: Path) -> list[Path]:
@@ -57,7 +56,7 @@ def data_fingerprint(data_path: str, train_ds, eval_ds, eval_fraction: float, se
 
 def read_fingerprint(ckpt: str | Path) -> dict[str, Any] | None:
     try:
-        return json.loads((Path(ckpt) / FINGERPRINT_NAME).read_text(encoding="utf-8"))
+        return json.loads((Path(ckpt) / DATA_FINGERPRINT).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
 
@@ -91,7 +90,7 @@ def check_resume_data(ckpt: Path, current: dict[str, Any], allow_new_data: bool,
     """[] when the checkpoint's data is the current data; the changes when allow_new_data; else CheckpointError."""
     saved = read_fingerprint(ckpt)
     if saved is None:
-        log(f"{ckpt} has no {FINGERPRINT_NAME} (saved by an older version): cannot check that the data is the same")
+        log(f"{ckpt} has no {DATA_FINGERPRINT} (saved by an older version): cannot check that the data is the same")
         return []
     changes = fingerprint_changes(saved, current)
     if not changes:

@@ -19,11 +19,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 
-from training.checkpoints import MARKER_NAME, list_checkpoints, read_manifest, remove_tree_atomically
+from training.checkpoints import iter_complete_checkpoints, read_manifest, remove_tree_atomically
 from training.errors import UserError
+from training.runfiles import ADAPTER_TMP_DIR
 
 MIB = 2**20
-ADAPTER_TMP_NAME = ".tmp-adapter"  # the final adapter is written here, then renamed to adapter/
 TIGHT_FRACTION = 0.9  # warn when the estimate takes more than this share of the free space
 HUB_TOKENIZER_BYTES = 40 * MIB  # tokenizer files of a hub model not on disk yet (Gemma's: ~22 MB)
 CHECKPOINT_FIXED_BYTES = 64 * 1024  # rng state, scheduler, training args, README per checkpoint
@@ -81,7 +81,7 @@ def estimate_run_bytes(cfg, model_path: str, run_dir: Path, start_step: int = 0)
     checkpoint = (adapter + _optimizer_bytes(sizes, cfg.optim) + tokenizer + CHECKPOINT_FIXED_BYTES
                   + records * STATE_RECORD_BYTES)
     saves = max(1, math.ceil((cfg.max_steps - start_step) / cfg.save_steps))
-    existing = sum(1 for _, p in list_checkpoints(run_dir) if (p / MARKER_NAME).exists())
+    existing = sum(1 for c in iter_complete_checkpoints(run_dir, level="marker") if c.complete)
     at_once = max(1, min(cfg.keep_checkpoints + 1 - existing, saves))
     return {"checkpoint": checkpoint, "checkpoints_at_once": at_once, "checkpoints": at_once * checkpoint,
             "adapter": adapter + tokenizer, "logs": logs + REPORT_BYTES,
@@ -138,11 +138,11 @@ def remove_partial_saves(run_dir: Path, checkpoints: bool = True) -> list[Path]:
     """Delete checkpoint folders without their COMPLETE marker (unless checkpoints=False) and a leftover
     `.tmp-adapter/`; complete checkpoints are never touched. Returns what was removed."""
     removed = []
-    for _, path in list_checkpoints(run_dir) if checkpoints else []:
-        if not (path / MARKER_NAME).exists():
-            remove_tree_atomically(path)
-            removed.append(path)
-    tmp = run_dir / ADAPTER_TMP_NAME
+    for ckpt in iter_complete_checkpoints(run_dir, level="marker", newest_first=False) if checkpoints else []:
+        if not ckpt.complete:
+            remove_tree_atomically(ckpt.path)
+            removed.append(ckpt.path)
+    tmp = run_dir / ADAPTER_TMP_DIR
     if tmp.exists():
         remove_tree_atomically(tmp)
         removed.append(tmp)
@@ -163,14 +163,14 @@ def disk_full_guard(run_dir: Path) -> Iterator[None]:
 
 def disk_full_message(run_dir: Path, removed: list[Path], exc: BaseException) -> str:
     free, where = free_bytes(run_dir)
-    complete = [(s, p) for s, p in list_checkpoints(run_dir) if (p / MARKER_NAME).exists()]
+    complete = [c.path for c in iter_complete_checkpoints(run_dir, level="marker", newest_first=False) if c.complete]
     written = next((str(e.filename) for e in exception_chain(exc) if isinstance(e, OSError) and e.filename), None)
     folder = ", ".join(str(p) for p in removed) or written or str(run_dir)  # e.g. the logs, when they filled it
     need = ""
     if complete:
-        manifest = read_manifest(complete[-1][1]) or {"files": {}}
+        manifest = read_manifest(complete[-1]) or {"files": {}}
         need = f"; a checkpoint takes {sum(f['size'] for f in manifest['files'].values()) / MIB:.2f} MiB"
-    last = (f"the newest complete checkpoint {complete[-1][1]} is intact, and the same command run again resumes "
+    last = (f"the newest complete checkpoint {complete[-1]} is intact, and the same command run again resumes "
             f"from it" if complete else "no complete checkpoint yet: the same command run again starts over")
     first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     return (f"disk full while writing {folder} (no space left on the device; the writer said: {first}): "

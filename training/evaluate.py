@@ -30,7 +30,6 @@ if __package__ in (None, ""):  # run as `python training/evaluate.py`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 log = logging.getLogger("training.evaluate")
-EVAL_FILE = "eval.json"
 DEFAULT_PROMPTS = 4  # greedy answers shown per model: a handful is enough to see the style, and cheap
 DEFAULT_MAX_NEW_TOKENS = 64
 DEFAULT_MAX_EXAMPLES = 200  # loss over at most this many held-out examples (a large eval split would take long)
@@ -40,10 +39,11 @@ def held_out_examples(run_dir: Path, data: str | None):
     """(examples, where they came from): every record of `data`, or the run's own eval split."""
     from training.data import load_examples, split_examples
     from training.export import ExportError, read_json
+    from training.runfiles import RUN_SUMMARY
 
     if data:
         return load_examples(data), {"source": "file", "path": data}
-    cfg = read_json(run_dir / "run_summary.json").get("config", {})
+    cfg = read_json(run_dir / RUN_SUMMARY).get("config", {})
     path, fraction = cfg.get("data"), float(cfg.get("eval_fraction") or 0)
     if not path or fraction <= 0:
         raise ExportError(f"run '{run_dir.name}' has no eval split (eval_fraction={fraction}).\n-> pass DATA=path "
@@ -141,6 +141,7 @@ def run_eval(output_dir: Path, run: str | None, data: str | None = None, prompts
     """Load the run, evaluate it, write outputs/<run>/eval.json; returns its path."""
     from training.chat import load_run_model
     from training.jsonl import write_json_atomic
+    from training.runfiles import EVAL
 
     rm = load_run_model(output_dir, run)
     examples, source = held_out_examples(rm.run_dir, data)
@@ -149,7 +150,7 @@ def run_eval(output_dir: Path, run: str | None, data: str | None = None, prompts
     else:
         prompts = conversation_prompts(examples, n_prompts)
     result = evaluate_run(rm, examples, source, prompts, max_new_tokens, max_examples)
-    path = rm.run_dir / EVAL_FILE
+    path = rm.run_dir / EVAL
     write_json_atomic(path, result)
     return path
 

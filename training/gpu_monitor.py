@@ -15,7 +15,7 @@ Limits, stated plainly:
 - Per-process memory shows the PIDs NVML reports; inside a container those are the host's PIDs, so `name` is
   null for processes outside our PID namespace.
 - Rotation is by size: when the file would exceed --max-bytes it becomes `<output>.1` (older ones shift up to
-  --keep); readers that want history read the rotated files first (see `rotated_files`).
+  --keep); readers that want history read the rotated files first (see `training.runfiles.rotated_files`).
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ import argparse
 import json
 import logging
 import os
-import shutil
 import socket
 import sys
 import time
@@ -32,12 +31,14 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, Callable
 
+from training.disk import free_bytes
 from training.jsonl import append_jsonl
+from training.runfiles import GPU_METRICS
 from training.stop_signal import StopSignal
 
 log = logging.getLogger("training.gpu_monitor")
 
-DEFAULT_OUTPUT = "logs/gpu_metrics.jsonl"
+DEFAULT_OUTPUT = f"logs/{GPU_METRICS}"
 DEFAULT_INTERVAL_S = 5.0
 RETRY_INTERVAL_S = 60.0  # NVML missing is rarely fixed within a minute; slower retries keep the log quiet
 DEFAULT_MAX_BYTES = 50 * 1024 * 1024  # ~600 B per GPU sample every 5 s: one GPU fills this in about 5 days
@@ -68,20 +69,6 @@ def decode_throttle_reasons(mask: int) -> list[str]:
     if unknown:
         names.append(f"unknown_{unknown:#x}")
     return names
-
-
-def rotated_files(path: str | os.PathLike) -> list[Path]:
-    """The live file and its rotated copies, oldest first (`<path>.N` ... `<path>.1`, `<path>`), existing only."""
-    path = Path(path)
-    olds = []
-    for p in path.parent.glob(path.name + ".*"):
-        suffix = p.name[len(path.name) + 1:]
-        if suffix.isdigit():
-            olds.append((int(suffix), p))
-    files = [p for _, p in sorted(olds, reverse=True)]
-    if path.exists():
-        files.append(path)
-    return files
 
 
 class RotatingJsonlWriter:
@@ -135,11 +122,8 @@ def host_memory() -> tuple[float | None, float | None]:
 
 def disk_free_gib(path: str | os.PathLike) -> float | None:
     """Free space of the filesystem holding `path` (or its nearest existing parent: outputs/ may not exist yet)."""
-    p = Path(path).absolute()
-    while not p.exists() and p != p.parent:
-        p = p.parent
     try:
-        return round(shutil.disk_usage(p).free / GIB, 2)
+        return round(free_bytes(path)[0] / GIB, 2)
     except OSError:
         return None
 

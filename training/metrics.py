@@ -21,16 +21,6 @@ from training.jsonl import append_jsonl
 log = logging.getLogger("training")
 
 
-def log_event(metrics_path: Path, run: str, step: int, event: str, **fields: Any) -> None:
-    """Append an event record (start, checkpoint, resumed, stopped, finished, failed); only rank 0 of a
-    several-process run writes (the others would repeat every event)."""
-    from training.distributed import is_main
-
-    if not is_main():
-        return
-    append_jsonl(metrics_path, {"ts": time.time(), "run": run, "step": step, "event": event, **fields})
-
-
 class MetricsCallback(TrainerCallback):
     """Writes metrics records, shows progress, and measures throughput for the summary."""
 

@@ -143,7 +143,7 @@ def free_cuda_memory() -> None:
 def train_with_oom_retry(train: Callable[..., int], cfg, **kwargs: Any) -> int:
     """train(cfg, **kwargs, retried=False); on OutOfMemory with cfg.oom_retry, once more with half the micro-batch
     (kwargs must hold metrics_path and run_name, for the event)."""
-    from training.metrics import log_event
+    from training.runfiles import log_event
 
     try:
         return train(cfg, retried=False, **kwargs)

@@ -52,8 +52,8 @@ def make_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None, callbacks: Sequence = ()) -> int:
-    """The CLI. `callbacks`: extra TrainerCallbacks (tests inject faults through them)."""
+def main(argv: list[str] | None = None, callbacks: Sequence = (), pause=None) -> int:
+    """The CLI. `callbacks`: extra TrainerCallbacks, `pause`: a checkpoint_callback.PauseAt (tests inject faults)."""
     args = make_parser().parse_args(argv)
     # ---------------------------------------------------------------------------------------------- config
     try:
@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None, callbacks: Sequence = ()) -> int:
     logs_dir = Path(args.logs_dir) / run_name
     from training.distributed import is_main, rank, shutdown
     from training.console import setup_logging
-    from training.metrics import log_event
+    from training.runfiles import log_event
 
     # Several processes (GPUS=N): rank 0 writes train.log; the others print only their warnings and errors.
     setup_logging(logs_dir / "train.log" if is_main() else None, rank=rank())
@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None, callbacks: Sequence = ()) -> int:
 
         status = train_with_oom_retry(train, cfg, preset=args.model_config,
                                       run_name=run_name, run_dir=run_dir, metrics_path=metrics_path,
-                                      resume=args.resume, callbacks=callbacks)
+                                      resume=args.resume, callbacks=callbacks, pause=pause)
         shutdown()  # not on errors: a failing rank would wait in NCCL teardown for ranks blocked in a collective
         return status
     except Exception as exc:
@@ -97,9 +97,10 @@ def main(argv: list[str] | None = None, callbacks: Sequence = ()) -> int:
 
 
 def train(cfg: QLoRAConfig, preset: str, run_name: str, run_dir: Path, metrics_path: Path, resume: str,
-          retried: bool = False, callbacks: Sequence = ()) -> int:
+          retried: bool = False, callbacks: Sequence = (), pause=None) -> int:
     from training.data import build_datasets
-    from training.metrics import MetricsCallback, log_event
+    from training.metrics import MetricsCallback
+    from training.runfiles import log_event
     from training.backends import apply_backend, choose_backend, resolve_attention
     from training.model import load_qlora_model, load_tokenizer, model_type_of, pick_device, plan_for_device
     from training.model_check import check_base_model
@@ -150,8 +151,8 @@ def train(cfg: QLoRAConfig, preset: str, run_name: str, run_dir: Path, metrics_p
                                   gradient_accumulation_steps=batch.accumulation)
 
     # ---------------------------------------------------------------------------------------------- resume
-    from training.checkpoints import (CheckpointCallback, check_resume_compatible, load_finished_checkpoint,
-                                      read_manifest, resolve_resume)
+    from training.checkpoint_callback import CheckpointCallback
+    from training.checkpoints import check_resume_compatible, load_finished_checkpoint, read_manifest, resolve_resume
     from training.disk import disk_full_guard, preflight_disk, remove_partial_saves
 
     resume_from = resolve_resume(resume, run_dir, log=log.warning)  # a bad PATH is an error, never a fresh start
@@ -174,7 +175,8 @@ def train(cfg: QLoRAConfig, preset: str, run_name: str, run_dir: Path, metrics_p
     train_ds, eval_ds, stats = build_datasets(cfg.data, tokenizer, cfg.max_seq_length, cfg.eval_fraction,
                                               cfg.seed, cfg.completion_only_loss)
     summary = stats.summary()
-    from training.data_fingerprint import FINGERPRINT_NAME, check_resume_data, data_fingerprint
+    from training.data_fingerprint import check_resume_data, data_fingerprint
+    from training.runfiles import DATA_FINGERPRINT as FINGERPRINT_NAME
 
     fingerprint = data_fingerprint(cfg.data, train_ds, eval_ds, cfg.eval_fraction, cfg.seed)
     data_changes = (check_resume_data(resume_from, fingerprint, cfg.resume_with_new_data, log=log.warning)
@@ -247,7 +249,7 @@ def train(cfg: QLoRAConfig, preset: str, run_name: str, run_dir: Path, metrics_p
     checkpoint_cb = CheckpointCallback(run_name=run_name, metrics_path=metrics_path, run_config=to_dict(cfg),
                                        keep=cfg.keep_checkpoints, resumed_from=resume_from,
                                        resume_changes=resume_changes, extra_json={FINGERPRINT_NAME: fingerprint},
-                                       log=log.warning)
+                                       log=log.warning, pause=pause)
     trainer = SFTTrainer(model=model, args=sft_args, train_dataset=train_ds, eval_dataset=eval_ds,
                          processing_class=tokenizer, callbacks=[metrics_cb, checkpoint_cb, *callbacks])
     trainer.remove_callback(PrinterCallback)
@@ -329,7 +331,7 @@ def save_adapter(trainer, tokenizer, model_path: str, adapter_dir: Path) -> bool
     never leaves half an adapter. Under FSDP every rank takes part; only rank 0 writes. Returns whether it wrote."""
     from training import distributed
     from training.checkpoints import fsync_dir, remove_tree_atomically
-    from training.disk import ADAPTER_TMP_NAME
+    from training.runfiles import ADAPTER_TMP_DIR as ADAPTER_TMP_NAME
 
     tmp = adapter_dir.with_name(ADAPTER_TMP_NAME)
     if distributed.fsdp_enabled():

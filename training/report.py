@@ -27,10 +27,10 @@ from typing import Any
 
 from matplotlib.figure import Figure  # the object API: no pyplot global state, no display; PNGs go through Agg
 
-from training.gpu_monitor import rotated_files
-from training.jsonl import iter_jsonl
-from training.status import METRICS_FILE, GPU_FILE, _num, find_checkpoints, list_runs
+from training.checkpoints import iter_complete_checkpoints
 from training.errors import UserError
+from training.runfiles import (EVAL, GPU_METRICS, GPU_PLOT, METRICS, REPORT_DIR, REPORT_MD, iter_records, list_runs, num,
+                               read_history, rotated_files, run_status)
 
 FIGSIZE = (8.0, 4.5)  # inches; at DPI below: 800 x 450 px, readable in a markdown preview
 DPI = 100
@@ -46,39 +46,24 @@ class ReportError(UserError):
 # ---------------------------------------------------------------------------------------------------------------
 def read_metrics(metrics_path: Path) -> dict[str, Any]:
     """Training series (by step; newest value wins per step), eval series and events of one run."""
-    train: dict[int, dict[str, Any]] = {}
-    evals: dict[int, float] = {}
-    events: list[dict[str, Any]] = []
-    times: list[float] = []
-    for rec in iter_jsonl(metrics_path):
-        ts = _num(rec.get("ts"))
-        if ts is not None:
-            times.append(ts)
-        step = _num(rec.get("step"))
-        if "event" in rec:
-            events.append(rec)
-        elif step is None:
-            continue
-        elif _num(rec.get("eval_loss")) is not None:
-            evals[int(step)] = _num(rec["eval_loss"])
-        else:
-            train[int(step)] = rec
-    steps = sorted(train)
-    series = {key: [(s, _num(train[s].get(key))) for s in steps] for key in
+    h = read_history(metrics_path)
+    train = h.by_step()
+    steps = list(train)
+    series = {key: [(s, num(train[s].get(key))) for s in steps] for key in
               ("loss", "learning_rate", "tokens_per_s", "grad_norm")}
     series = {k: [(s, v) for s, v in pts if v is not None] for k, pts in series.items()}
-    return {"steps": steps, "series": series, "eval_loss": sorted(evals.items()), "events": events,
-            "start_ts": min(times) if times else None, "end_ts": max(times) if times else None,
-            "max_steps": next((int(_num(train[s].get("max_steps"))) for s in reversed(steps)
-                               if _num(train[s].get("max_steps")) is not None), None)}
+    return {"steps": steps, "series": series, "eval_loss": h.evals_by_step(), "events": h.events,
+            "start_ts": h.start_ts, "end_ts": h.end_ts,
+            "max_steps": next((int(num(train[s].get("max_steps"))) for s in reversed(steps)
+                               if num(train[s].get("max_steps")) is not None), None)}
 
 
 def read_gpu_window(gpu_path: Path, start: float, end: float) -> dict[int, list[dict[str, Any]]]:
     """GPU samples (per GPU index, in time order) between start and end, across rotated files."""
     per_gpu: dict[int, list[dict[str, Any]]] = {}
     for path in rotated_files(gpu_path):
-        for rec in iter_jsonl(path):
-            ts, idx = _num(rec.get("ts")), _num(rec.get("index"))
+        for rec in iter_records(path):
+            ts, idx = num(rec.get("ts")), num(rec.get("index"))
             if "event" in rec or ts is None or idx is None or not (start <= ts <= end):
                 continue
             per_gpu.setdefault(int(idx), []).append(rec)
@@ -124,15 +109,15 @@ def plot_gpu(run: str, per_gpu: dict[int, list[dict[str, Any]]], start: float) -
     ax_mem.set_xlabel(f"{unit} since the run started")
     for idx, samples in per_gpu.items():
         label = f"GPU {idx}" + (f" ({samples[-1].get('name')})" if samples[-1].get("name") else "")
-        util = [((r["ts"] - start) / scale, _num(r.get("util_pct"))) for r in samples]
+        util = [((r["ts"] - start) / scale, num(r.get("util_pct"))) for r in samples]
         util = [(t, u) for t, u in util if u is not None]
         if util:
             ax_util.plot(*zip(*util), label=label)
-        mem = [((r["ts"] - start) / scale, _num(r.get("mem_used_mib"))) for r in samples]
+        mem = [((r["ts"] - start) / scale, num(r.get("mem_used_mib"))) for r in samples]
         mem = [(t, m / 1024) for t, m in mem if m is not None]
         if mem:
             line = ax_mem.plot(*zip(*mem), label=label)[0]
-            total = _num(samples[-1].get("mem_total_mib"))
+            total = num(samples[-1].get("mem_total_mib"))
             if total:
                 ax_mem.axhline(total / 1024, color=line.get_color(), linestyle=":", linewidth=1)
     for ax in (ax_util, ax_mem):
@@ -152,18 +137,6 @@ def save_png(fig: Figure, path: Path) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 # the report
 # ---------------------------------------------------------------------------------------------------------------
-def _run_status(events: list[dict[str, Any]]) -> tuple[str, str | None]:
-    status, detail = "unknown", None
-    for ev in events:
-        name = ev.get("event")
-        if name in ("start", "resumed"):
-            status, detail = "running", None
-        elif name in ("finished", "failed", "stopped"):
-            status = name
-            detail = ev.get("error") if name == "failed" else ev.get("signal") if name == "stopped" else None
-    return status, detail
-
-
 def _f(value: float | None, spec: str) -> str:
     return "-" if value is None or not math.isfinite(value) else format(value, spec)
 
@@ -183,13 +156,13 @@ def write_report(logs_dir: str | os.PathLike, run: str, output_dir: str | os.Pat
     Raises ReportError (a message for people) when the run has no metrics file.
     """
     logs_dir, output_dir = Path(logs_dir), Path(output_dir)
-    metrics_path = logs_dir / run / METRICS_FILE
+    metrics_path = logs_dir / run / METRICS
     if not metrics_path.is_file():
         runs = list_runs(logs_dir)
         raise ReportError(f"no metrics for run {run!r}: {metrics_path} does not exist; "
                           + (f"runs under {logs_dir}/: {', '.join(runs)}" if runs else f"no runs under {logs_dir}/"))
     m = read_metrics(metrics_path)
-    report_dir = Path(report_dir) if report_dir else output_dir / run / "report"
+    report_dir = Path(report_dir) if report_dir else output_dir / run / REPORT_DIR
     report_dir.mkdir(parents=True, exist_ok=True)
     series = m["series"]
     plots: list[tuple[str, str]] = []  # (file, caption)
@@ -206,29 +179,29 @@ def write_report(logs_dir: str | os.PathLike, run: str, output_dir: str | os.Pat
             (report_dir / f"{key}.png").unlink(missing_ok=True)  # an old plot would not match this report
             notes.append(f"no {what} values in {metrics_path}: {key}.png not drawn")
 
-    gpu_path = logs_dir / GPU_FILE
+    gpu_path = logs_dir / GPU_METRICS
     per_gpu: dict[int, list[dict[str, Any]]] = {}
     if m["start_ts"] is not None:
         per_gpu = read_gpu_window(gpu_path, m["start_ts"] - GPU_WINDOW_MARGIN_S, m["end_ts"] + GPU_WINDOW_MARGIN_S)
     if per_gpu:
-        save_png(plot_gpu(run, per_gpu, m["start_ts"]), report_dir / "gpu.png")
-        plots.append(("gpu.png", "GPU utilisation and memory"))
+        save_png(plot_gpu(run, per_gpu, m["start_ts"]), report_dir / GPU_PLOT)
+        plots.append((GPU_PLOT, "GPU utilisation and memory"))
     else:
-        (report_dir / "gpu.png").unlink(missing_ok=True)  # an old plot would not match this report
+        (report_dir / GPU_PLOT).unlink(missing_ok=True)  # an old plot would not match this report
         notes.append(f"no GPU samples in {gpu_path} during the run (no GPU, or the gpu-monitor was not running): "
                      "gpu.png not drawn")
 
-    status, detail = _run_status(m["events"])
+    state = run_status(m["events"])
     losses = [v for _, v in series["loss"]]
     tps = [v for _, v in series["tokens_per_s"]]
     last_step = m["steps"][-1] if m["steps"] else None
-    checkpoint, _ = find_checkpoints(output_dir / run)
+    checkpoint = next((c for c in iter_complete_checkpoints(output_dir / run, level="sizes") if c.complete), None)
     start_ev = next((e for e in m["events"] if e.get("event") == "start"), {})
     lines = [
         f"# Run report: {run}", "",
         f"Generated {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime())} from `{metrics_path}`.", "",
         "| | |", "|---|---|",
-        f"| status | {status}{f' ({detail})' if detail else ''} |",
+        f"| status | {state.status}{f' ({state.detail})' if state.detail else ''} |",
         f"| preset / device | {start_ev.get('preset', '-')} / {start_ev.get('device', '-')} |",
         f"| steps | {last_step if last_step is not None else '-'} / {m['max_steps'] if m['max_steps'] else '-'} "
         f"({len(m['steps'])} logged) |",
@@ -240,20 +213,20 @@ def write_report(logs_dir: str | os.PathLike, run: str, output_dir: str | os.Pat
         f"{_f(tps[-1] if tps else None, ',.0f')} |",
     ]
     for idx, samples in per_gpu.items():
-        util = [u for u in (_num(r.get("util_pct")) for r in samples) if u is not None]
-        mem = [x for x in (_num(r.get("mem_used_mib")) for r in samples) if x is not None]
+        util = [u for u in (num(r.get("util_pct")) for r in samples) if u is not None]
+        mem = [x for x in (num(r.get("mem_used_mib")) for r in samples) if x is not None]
         lines.append(f"| GPU {idx} util mean / peak memory | {_f(sum(util) / len(util) if util else None, '.0f')}% / "
                      f"{_f(max(mem) / 1024 if mem else None, '.1f')} GiB ({len(samples)} samples) |")
-    lines.append(f"| last complete checkpoint | {checkpoint['path'] if checkpoint else 'none'} |")
+    lines.append(f"| last complete checkpoint | {checkpoint.path if checkpoint else 'none'} |")
     lines.append("")
-    lines += eval_section(report_dir.parent / "eval.json")
+    lines += eval_section(report_dir.parent / EVAL)
     for file, caption in plots:
         lines += [f"![{caption}]({file})", ""]
     if notes:
         lines += ["Notes:", ""] + [f"- {n}" for n in notes] + [""]
-    tmp = report_dir / f".report.md.tmp{os.getpid()}"
+    tmp = report_dir / f".{REPORT_MD}.tmp{os.getpid()}"
     tmp.write_text("\n".join(lines), encoding="utf-8")
-    os.replace(tmp, report_dir / "report.md")
+    os.replace(tmp, report_dir / REPORT_MD)
     return report_dir
 
 
@@ -310,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         print(f"error: cannot write the report under {args.output_dir}/{run}/report/: {exc}", file=sys.stderr)
         return 1
-    print(f"report: {report_dir / 'report.md'}")
+    print(f"report: {report_dir / REPORT_MD}")
     for png in sorted(report_dir.glob("*.png")):
         print(f"  {png}")
     return 0

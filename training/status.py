@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import re
 import shutil
@@ -30,85 +29,23 @@ import time
 from pathlib import Path
 from typing import Any
 
-from training.checkpoints import (MARKER_NAME, checkpoint_step, is_complete_checkpoint, list_checkpoints,
-                                  read_manifest)
-from training.jsonl import iter_jsonl, parse_jsonl_lines
+from training.checkpoints import MARKER_NAME, checkpoint_step, iter_complete_checkpoints, read_manifest
+from training.disk import free_bytes
+from training.runfiles import (BACKUP_EVENTS, GPU_METRICS, LAST_BACKUP, METRICS, as_int, list_runs, num,
+                               read_history, run_status, tail_records)
 
 NO_RUNS_MESSAGE = "no runs yet: start one with make demo / make train-gemma-2b"
-GPU_FILE = "gpu_metrics.jsonl"
-METRICS_FILE = "metrics.jsonl"
 TREND_WINDOW = 10  # logged steps the loss trend is computed over
 STALE_MINUTES = 10.0  # a running run with no metrics line for this long gets a warning (a hang, a kill -9)
 GPU_MEM_WARN_PCT = 95.0  # above this an allocation spike is likely to OOM
 DISK_HEADROOM = 2.0  # the next checkpoint needs ~its size, plus the trainer's temp copy; ask for 2x
-GPU_TAIL_BYTES = 256 * 1024  # the GPU log can be tens of MB; the latest sample is in its last lines
-TERMINAL_EVENTS = {"finished": "finished", "failed": "failed", "stopped": "stopped"}
 STACK_SERVICES = {"qlora-training", "training-dev", "training-monitor", "gpu-monitor", "training-backup"}
 TRAINING_SERVICE = "qlora-training"
-LAST_BACKUP_FILE = "LAST_BACKUP.json"  # written by training/backup.py per run after each verified copy
-BACKUP_EVENTS_FILE = "backup_events.jsonl"  # backup.py's copied / pruned / failed records
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# small tolerant readers
-# ---------------------------------------------------------------------------------------------------------------
-def _num(value: Any) -> float | None:
-    """A finite number or None: garbled fields (strings, NaN, missing) never reach arithmetic."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    return float(value) if math.isfinite(value) else None
-
-
-def _int(value: Any) -> int | None:
-    v = _num(value)
-    return None if v is None else int(v)
-
-
-def tail_jsonl(path: Path, max_bytes: int = GPU_TAIL_BYTES) -> list[dict[str, Any]]:
-    """Records in the last max_bytes of a JSONL file (the first, partial line of the window is dropped)."""
-    try:
-        with open(path, "rb") as fh:
-            fh.seek(0, os.SEEK_END)
-            size = fh.tell()
-            start = max(0, size - max_bytes)
-            fh.seek(start)
-            data = fh.read()
-    except OSError:
-        return []
-    lines = data.split(b"\n")
-    return list(parse_jsonl_lines(lines[1:] if start > 0 else lines))
-
-
-def disk_free_bytes(path: Path) -> int | None:
-    p = path.absolute()
-    while not p.exists() and p != p.parent:
-        p = p.parent
-    try:
-        return shutil.disk_usage(p).free
-    except OSError:
-        return None
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # runs
 # ---------------------------------------------------------------------------------------------------------------
-def list_runs(logs_dir: Path) -> list[str]:
-    """Run names (folders of logs_dir holding a metrics.jsonl), oldest first by the metrics file's mtime."""
-    runs = []
-    try:
-        entries = list(logs_dir.iterdir())
-    except OSError:
-        return []
-    for d in entries:
-        m = d / METRICS_FILE
-        try:
-            if d.is_dir() and m.is_file():
-                runs.append((m.stat().st_mtime, d.name))
-        except OSError:
-            continue
-    return [name for _, name in sorted(runs)]
-
-
 def loss_trend(losses: list[float]) -> dict[str, Any] | None:
     """Least-squares slope over the window, as the change it implies across the window and a direction."""
     n = len(losses)
@@ -130,18 +67,15 @@ def find_checkpoints(run_out: Path) -> tuple[dict[str, Any] | None, list[str]]:
     screen stays instant on multi-GB checkpoints): marker present, manifest readable, every file at its size.
     """
     skipped: list[str] = []
-    for _, path in reversed(list_checkpoints(run_out)):
-        try:
-            ok, reason = is_complete_checkpoint(path, level="sizes")
-        except OSError as exc:  # a folder deleted or rotated between listing and reading
-            ok, reason = False, str(exc)
-        if not ok:
-            skipped.append(f"{path.name}: {reason.replace(str(path) + '/', '').replace(str(path) + ': ', '')}")
+    for ckpt in iter_complete_checkpoints(run_out, level="sizes"):
+        path = ckpt.path
+        if not ckpt.complete:
+            skipped.append(f"{path.name}: {ckpt.problem.replace(str(path) + '/', '').replace(str(path) + ': ', '')}")
             continue
         manifest = read_manifest(path) or {}
         files = manifest.get("files") or {}
-        size = sum(int(_num(f.get("size")) or 0) for f in files.values() if isinstance(f, dict))
-        created = _num(manifest.get("created"))
+        size = sum(int(num(f.get("size")) or 0) for f in files.values() if isinstance(f, dict))
+        created = num(manifest.get("created"))
         if created is None:
             try:
                 created = (path / MARKER_NAME).stat().st_mtime
@@ -174,9 +108,9 @@ def find_last_backup(backup_dir: Path, run: str, now: float) -> dict[str, Any] |
         step, d = best
         ts = None
         try:
-            last = json.loads((root / LAST_BACKUP_FILE).read_text(encoding="utf-8"))
+            last = json.loads((root / LAST_BACKUP).read_text(encoding="utf-8"))
             if isinstance(last, dict) and last.get("checkpoint") == d.name:
-                ts = _num(last.get("ts"))
+                ts = num(last.get("ts"))
         except (OSError, ValueError):
             pass
         if ts is None:
@@ -187,8 +121,8 @@ def find_last_backup(backup_dir: Path, run: str, now: float) -> dict[str, Any] |
         info = {"path": str(d), "step": step, "ts": ts, "age_s": None if ts is None else max(0.0, now - ts),
                 "last_error": None}
     failed = None
-    for rec in tail_jsonl(backup_dir / BACKUP_EVENTS_FILE):
-        if rec.get("run") == run and rec.get("event") == "failed" and _num(rec.get("ts")) is not None:
+    for rec in tail_records(backup_dir / BACKUP_EVENTS):
+        if rec.get("run") == run and rec.get("event") == "failed" and num(rec.get("ts")) is not None:
             failed = rec
     if failed is not None and (info is None or info["ts"] is None or failed["ts"] > info["ts"]):
         info = info or {"path": None, "step": None, "ts": None, "age_s": None}
@@ -197,48 +131,23 @@ def find_last_backup(backup_dir: Path, run: str, now: float) -> dict[str, Any] |
 
 
 def read_run(logs_dir: Path, output_dir: Path, backup_dir: Path, run: str, now: float) -> dict[str, Any]:
-    metrics_path = logs_dir / run / METRICS_FILE
-    train: list[dict[str, Any]] = []
-    events: list[dict[str, Any]] = []
-    eval_loss = None
-    last_ts = None
-    for rec in iter_jsonl(metrics_path):
-        ts = _num(rec.get("ts"))
-        if ts is not None:
-            last_ts = ts if last_ts is None else max(last_ts, ts)
-        if "event" in rec:
-            events.append(rec)
-        elif _num(rec.get("eval_loss")) is not None:
-            eval_loss = _num(rec.get("eval_loss"))
-        elif _num(rec.get("step")) is not None:
-            train.append(rec)
-
-    status = "unknown"
-    started_ts = None
-    error = signal = None
-    for ev in events:
-        name = ev.get("event")
-        if name in ("start", "resumed"):
-            status = "running"
-            if name == "start" or started_ts is None:
-                started_ts = _num(ev.get("ts"))
-        elif name in TERMINAL_EVENTS:
-            status = TERMINAL_EVENTS[name]
-            error = ev.get("error") if name == "failed" else error
-            signal = ev.get("signal") if name == "stopped" else signal
-    if status == "unknown" and train:
-        status = "running"  # training lines but no start event (an older writer): it trained, so it ran
+    metrics_path = logs_dir / run / METRICS
+    history = read_history(metrics_path)
+    train, events, last_ts = history.train, history.events, history.end_ts
+    eval_loss = history.evals[-1][1] if history.evals else None
+    state = run_status(events, trained=bool(train))
+    status = state.status
 
     last = train[-1] if train else {}
-    max_steps = _int(last.get("max_steps"))
-    step = _int(last.get("step"))
+    max_steps = as_int(last.get("max_steps"))
+    step = as_int(last.get("step"))
     for ev in events:
-        if max_steps is None and _int(ev.get("max_steps")) is not None:
-            max_steps = _int(ev.get("max_steps"))
-        if _int(ev.get("step")) is not None and (step is None or _int(ev.get("step")) > step):
-            step = _int(ev.get("step"))
-    losses = [v for v in (_num(r.get("loss")) for r in train) if v is not None]
-    eta_s = _num(last.get("eta_s")) if status == "running" else (0.0 if status == "finished" else None)
+        if max_steps is None and as_int(ev.get("max_steps")) is not None:
+            max_steps = as_int(ev.get("max_steps"))
+        if as_int(ev.get("step")) is not None and (step is None or as_int(ev.get("step")) > step):
+            step = as_int(ev.get("step"))
+    losses = [v for v in (num(r.get("loss")) for r in train) if v is not None]
+    eta_s = num(last.get("eta_s")) if status == "running" else (0.0 if status == "finished" else None)
     last_event = events[-1] if events else None
 
     checkpoint, incomplete = find_checkpoints(output_dir / run)
@@ -249,19 +158,19 @@ def read_run(logs_dir: Path, output_dir: Path, backup_dir: Path, run: str, now: 
         "step": step,
         "max_steps": max_steps,
         "progress_pct": round(100.0 * step / max_steps, 1) if step is not None and max_steps else None,
-        "epoch": _num(last.get("epoch")),
+        "epoch": num(last.get("epoch")),
         "loss": losses[-1] if losses else None,
         "loss_trend": loss_trend(losses[-TREND_WINDOW:]),
         "eval_loss": eval_loss,
-        "learning_rate": _num(last.get("learning_rate")),
-        "tokens_per_s": _num(last.get("tokens_per_s")),
+        "learning_rate": num(last.get("learning_rate")),
+        "tokens_per_s": num(last.get("tokens_per_s")),
         "eta_s": eta_s,
-        "started_ts": started_ts,
+        "started_ts": state.started_ts,
         "last_record_ts": last_ts,
         "last_record_age_s": None if last_ts is None else max(0.0, now - last_ts),
         "last_event": None if last_event is None else {k: last_event.get(k) for k in ("event", "ts", "step")},
-        "error": error,
-        "signal": signal,
+        "error": state.error,
+        "signal": state.signal,
         "logged_steps": len(train),
         "last_checkpoint": checkpoint,
         "incomplete_checkpoints": incomplete,
@@ -273,30 +182,30 @@ def read_run(logs_dir: Path, output_dir: Path, backup_dir: Path, run: str, now: 
 # GPUs and containers
 # ---------------------------------------------------------------------------------------------------------------
 def read_gpus(logs_dir: Path, now: float) -> dict[str, Any]:
-    path = logs_dir / GPU_FILE
+    path = logs_dir / GPU_METRICS
     latest: dict[int, dict[str, Any]] = {}
     last_event = None
-    for rec in tail_jsonl(path):
-        ts = _num(rec.get("ts"))
+    for rec in tail_records(path):
+        ts = num(rec.get("ts"))
         if ts is None:
             continue
         if "event" in rec:
             last_event = rec
             continue
-        idx = _int(rec.get("index"))
+        idx = as_int(rec.get("index"))
         if idx is not None and (idx not in latest or ts >= latest[idx]["ts"]):
             latest[idx] = rec
     gpus = []
     for idx in sorted(latest):
         r = latest[idx]
-        used, total = _num(r.get("mem_used_mib")), _num(r.get("mem_total_mib"))
+        used, total = num(r.get("mem_used_mib")), num(r.get("mem_total_mib"))
         gpus.append({
             "index": idx, "name": r.get("name"), "ts": r["ts"], "age_s": max(0.0, now - r["ts"]),
-            "util_pct": _num(r.get("util_pct")), "mem_used_mib": used, "mem_total_mib": total,
+            "util_pct": num(r.get("util_pct")), "mem_used_mib": used, "mem_total_mib": total,
             "mem_pct": round(100.0 * used / total, 1) if used is not None and total else None,
-            "temp_c": _num(r.get("temp_c")), "power_w": _num(r.get("power_w")),
+            "temp_c": num(r.get("temp_c")), "power_w": num(r.get("power_w")),
             "throttle_reasons": r.get("throttle_reasons") if isinstance(r.get("throttle_reasons"), list) else None,
-            "disk_free_gib": _num(r.get("disk_free_gib")),
+            "disk_free_gib": num(r.get("disk_free_gib")),
         })
     newest_sample = max((g["ts"] for g in gpus), default=None)
     event = None
@@ -346,7 +255,7 @@ def containers_from_inspect(items: Any, now: float) -> list[dict[str, Any]]:
         st = str(state.get("Status", "unknown"))
         health = state.get("Health") if isinstance(state.get("Health"), dict) else {}
         started, finished = _docker_time(state.get("StartedAt")), _docker_time(state.get("FinishedAt"))
-        exit_code = _int(state.get("ExitCode")) if st in ("exited", "dead") else None
+        exit_code = as_int(state.get("ExitCode")) if st in ("exited", "dead") else None
         if st == "running" and started is not None:
             since = f"up {_duration(now - started)}"
         elif st in ("exited", "dead") and finished is not None:
@@ -404,7 +313,7 @@ def collect_status(logs_dir: str | os.PathLike = "logs", output_dir: str | os.Pa
         "gpu": read_gpus(logs_dir, now), "runs": runs, "run": None, "message": None, "warnings": [],
     }
     if run is not None and run not in runs:
-        status["message"] = (f"no run {run!r} under {logs_dir}/ (no {logs_dir / run / METRICS_FILE}); "
+        status["message"] = (f"no run {run!r} under {logs_dir}/ (no {logs_dir / run / METRICS}); "
                              + (f"runs there: {', '.join(runs)}" if runs else NO_RUNS_MESSAGE))
     elif not runs:
         status["message"] = NO_RUNS_MESSAGE
@@ -425,7 +334,10 @@ def find_warnings(status: dict[str, Any], output_dir: Path, stale_minutes: float
     if run is not None:
         ckpt = run["last_checkpoint"]
         if ckpt and ckpt["size_bytes"]:
-            free = disk_free_bytes(output_dir / run["name"])
+            try:
+                free = free_bytes(output_dir / run["name"])[0]
+            except OSError:
+                free = None
             if free is not None and free < DISK_HEADROOM * ckpt["size_bytes"]:
                 warnings.append({"code": "disk_low", "message": (
                     f"{_bytes(free)} free under {output_dir}, the last checkpoint is {_bytes(ckpt['size_bytes'])}: "

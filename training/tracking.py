@@ -18,6 +18,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from training.runfiles import WANDB_DIR
+
 log = logging.getLogger("training")
 SERVER_CHECK_TIMEOUT_S = 3.0
 
@@ -53,15 +55,16 @@ def resolve_report_to(report_to: str, run_logs_dir: Path) -> list[str]:
             os.environ[var] = default
     base_url = os.environ.get("WANDB_BASE_URL")
     if os.environ.get("WANDB_MODE") == "offline":
-        log.info("W&B offline (WANDB_MODE=offline): runs under %s/wandb, sync later with `wandb sync`", run_logs_dir)
+        log.info("W&B offline (WANDB_MODE=offline): runs under %s, sync later with `wandb sync`", run_logs_dir / WANDB_DIR)
     elif base_url:
         if server_answers(base_url):
             log.info("W&B server %s answers: logging to it", base_url)
         else:
             os.environ["WANDB_MODE"] = "offline"
-            log.warning("W&B server %s does not answer: logging offline to %s/wandb instead "
-                        "(sync later with `wandb sync`)", base_url, run_logs_dir)
+            log.warning("W&B server %s does not answer: logging offline to %s instead "
+                        "(sync later with `wandb sync`)", base_url, run_logs_dir / WANDB_DIR)
     elif not os.environ.get("WANDB_API_KEY"):
         os.environ["WANDB_MODE"] = "offline"
-        log.info("W&B: no WANDB_API_KEY, logging offline to %s/wandb (sync later with `wandb sync`)", run_logs_dir)
+        log.info("W&B: no WANDB_API_KEY, logging offline to %s (sync later with `wandb sync`)",
+                 run_logs_dir / WANDB_DIR)
     return targets
