@@ -18,7 +18,6 @@ import pytest
 
 from training.backup import TEST_FILE_DELAY_ENV
 from training.checkpoints import (
-    MARKER_NAME,
     is_complete_checkpoint,
     list_checkpoints,
     read_manifest,

@@ -180,7 +180,7 @@ def disk_full_message(run_dir: Path, removed: list[Path], exc: BaseException) ->
 
 
 def export_disk_full_message(exc: BaseException, output_dir: Path, gguf_dir: Path) -> str:
-    """The export ran out of space: its temporary folders are already gone (training/export.py removes them)."""
+    """The export ran out of space: its temporary folders are already gone (training/export/ removes them)."""
     first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     frees = {}
     for path in (output_dir, gguf_dir):

@@ -4,7 +4,7 @@ template that says the same thing.
 A tokenizer that has its own chat template keeps it (Gemma's `<start_of_turn>`, SmolLM2's ChatML `<|im_start|>`, ...).
 One without is refused with the fix (`--set chat_template=path/to/template.jinja`): a template from another family
 would teach the model turn markers it never saw. The training loss mask (training/data.py), the tokens that end a
-generated answer (training/chat.py, training/evaluate.py) and the Ollama Modelfile (training/export.py) all follow
+generated answer (training/chat.py, training/evaluate.py) and the Ollama Modelfile (training/export/modelfile.py) all follow
 the template the run was trained with, which the adapter folder carries.
 """
 
