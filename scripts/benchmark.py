@@ -70,9 +70,9 @@ def parse_variant(name: str) -> dict:
     parts = name.split("-")
     path, shape = parts[0], parts[1]
     v = {"name": name, "path": path.removesuffix("24"), "gpu_mem": 24.0 if path.endswith("24") else None,
-         "shape": shape, "mb": None, "ckpt": None, "chat": False, "steps": None}
+         "shape": shape, "mb": None, "ckpt": None, "chat": False, "steps": None, "compile": False}
     if v["path"] not in ("baseline", "unsloth", "project", "recipe") or shape not in SHAPES:
-        raise SystemExit(f"error: unknown variant '{name}' (PATH[24]-SHAPE[-mbN][-ckpt0|1][-chat][-sN]; "
+        raise SystemExit(f"error: unknown variant '{name}' (PATH[24]-SHAPE[-mbN][-ckpt0|1][-chat][-sN][-compile]; "
                          f"paths baseline, unsloth, project, recipe; shapes {', '.join(SHAPES)})")
     for p in parts[2:]:
         if p.startswith("mb"):
@@ -81,6 +81,8 @@ def parse_variant(name: str) -> dict:
             v["ckpt"] = p == "ckpt1"
         elif p == "chat":
             v["chat"] = True
+        elif p == "compile" and v["path"] == "project":
+            v["compile"] = True  # exploratory lever: torch.compile of each decoder layer
         elif p.startswith("s") and p[1:].isdigit():
             v["steps"] = int(p[1:])
         else:
@@ -317,6 +319,10 @@ def run_variant(name: str, root: Path, steps: int, warmup: int, device: str) -> 
     t_load = time.perf_counter()
     m, bs, packed, desc, predicted = load_variant(v, path, device)
     load_s = time.perf_counter() - t_load
+    if v["compile"]:  # one compiled graph shared by every layer (parameters are graph inputs, not guards)
+        for layer in m.get_base_model().model.layers:
+            layer.compile(dynamic=False)
+        desc += "; decoder layers under torch.compile"
     print(f"loaded in {load_s:.0f}s: {desc}", file=sys.stderr, flush=True)
     m.train()
     cuda = device == "cuda"

@@ -20,7 +20,8 @@ def test_variant_names_are_parsed_and_typos_refused():
     v = bench.parse_variant("unsloth-2b-mb16-ckpt0-chat")
     assert (v["path"], v["shape"], v["mb"], v["ckpt"], v["chat"]) == ("unsloth", "2b", 16, False, True)
     assert bench.parse_variant("project24-9b")["gpu_mem"] == 24.0
-    for bad in ("unsloth-2b", "projekt-2b", "project-3b", "project-2b-fast"):
+    assert bench.parse_variant("project-2b-compile")["compile"] and not bench.parse_variant("project-2b")["compile"]
+    for bad in ("unsloth-2b", "projekt-2b", "project-3b", "project-2b-fast", "unsloth-2b-mb16-ckpt0-compile"):
         with pytest.raises(SystemExit, match="variant"):
             bench.parse_variant(bad)
     for name in bench.DEFAULT_VARIANTS.split(","):
