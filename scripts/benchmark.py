@@ -70,9 +70,10 @@ def parse_variant(name: str) -> dict:
     parts = name.split("-")
     path, shape = parts[0], parts[1]
     v = {"name": name, "path": path.removesuffix("24"), "gpu_mem": 24.0 if path.endswith("24") else None,
-         "shape": shape, "mb": None, "ckpt": None, "chat": False, "steps": None, "compile": False}
+         "shape": shape, "mb": None, "ckpt": None, "chat": False, "steps": None, "compile": False,
+         "keep": None}
     if v["path"] not in ("baseline", "unsloth", "project", "recipe") or shape not in SHAPES:
-        raise SystemExit(f"error: unknown variant '{name}' (PATH[24]-SHAPE[-mbN][-ckpt0|1][-chat][-sN][-compile]; "
+        raise SystemExit(f"error: unknown variant '{name}' (PATH[24]-SHAPE[-mbN][-ckpt0|1][-chat][-sN][-kN][-compile]; "
                          f"paths baseline, unsloth, project, recipe; shapes {', '.join(SHAPES)})")
     for p in parts[2:]:
         if p.startswith("mb"):
@@ -81,6 +82,8 @@ def parse_variant(name: str) -> dict:
             v["ckpt"] = p == "ckpt1"
         elif p == "chat":
             v["chat"] = True
+        elif p.startswith("k") and p[1:].isdigit() and v["path"] == "project":
+            v["keep"] = int(p[1:])  # exploratory: this many layers keep their activations (the rest recompute)
         elif p == "compile" and v["path"] == "project":
             v["compile"] = True  # exploratory lever: torch.compile of each decoder layer
         elif p.startswith("s") and p[1:].isdigit():
@@ -175,6 +178,10 @@ def load_project(v: dict, path: Path, device: str, arch) -> tuple:
     cfg, line = plan_for_device(cfg, dev, backend.label)
     if v["mb"]:
         cfg = replace(cfg, per_device_train_batch_size=v["mb"])
+    if v["keep"] is not None:
+        cfg = replace(cfg, gradient_checkpointing=v["keep"] < arch.num_layers,
+                      recompute_layers=max(arch.num_layers - v["keep"], 0))
+        line += f"; overridden: {v['keep']} of {arch.num_layers} layers keep their activations"
     torch.manual_seed(0)
     m = load_qlora_model(cfg, str(path), dev, backend.label)
     est = estimate_peak(arch, cfg.per_device_train_batch_size, SEQ, LORA_R, "hf", cfg.gradient_checkpointing,
