@@ -158,24 +158,22 @@ def load_variant(v: dict, path: Path, device: str) -> tuple:
 
 
 def load_project(v: dict, path: Path, device: str, arch) -> tuple:
-    """The recipe's own sequence: device, backend (applied), attention, planner, loader."""
+    """The recipe's own start (training.qlora_finetune.prepare: device, backend as applied, attention, planner),
+    then the backend's loader."""
     from dataclasses import replace
 
     import torch
 
-    from training.backends import apply_backend, choose_backend, resolve_attention
-    from training.model import load_qlora_model, pick_device, plan_for_device
     from training.plan import estimate_peak
     from training.qlora_config import PRESETS
+    from training.qlora_finetune import prepare
+    from training.runfiles import RunPaths
 
-    preset = PRESETS["gemma-9b" if v["shape"] == "9b" else "gemma-2b"]
-    cfg = replace(preset, model_name_or_path=str(path), gpu_mem_gib=v["gpu_mem"] or 0.0, max_seq_length=SEQ,
-                  device=device, allow_cpu=True, min_gpu_mem_gib=0.0, lora_r=LORA_R)
-    dev = pick_device(cfg, "bench")
-    backend = apply_backend(choose_backend(cfg.backend, dev.kind, "gemma2"), "gemma2")
-    attention, why = resolve_attention(cfg.attn_implementation, dev.kind)
-    cfg = replace(cfg, attn_implementation=attention)
-    cfg, line = plan_for_device(cfg, dev, backend.label)
+    preset = "gemma-9b" if v["shape"] == "9b" else "gemma-2b"
+    cfg = replace(PRESETS[preset], model_name_or_path=str(path), gpu_mem_gib=v["gpu_mem"] or 0.0, max_seq_length=SEQ,
+                  device=device, allow_cpu=True, min_gpu_mem_gib=0.0, lora_r=LORA_R, disk_check=False)
+    setup = prepare(cfg, preset, RunPaths.of(v["name"], path.parent / "runs" / v["name"]), resume="never")
+    cfg, line = setup.cfg, setup.plan_line
     if v["mb"]:
         cfg = replace(cfg, per_device_train_batch_size=v["mb"])
     if v["keep"] is not None:
@@ -183,12 +181,13 @@ def load_project(v: dict, path: Path, device: str, arch) -> tuple:
                       recompute_layers=max(arch.num_layers - v["keep"], 0))
         line += f"; overridden: {v['keep']} of {arch.num_layers} layers keep their activations"
     torch.manual_seed(0)
-    m = load_qlora_model(cfg, str(path), dev, backend.label)
-    est = estimate_peak(arch, cfg.per_device_train_batch_size, SEQ, LORA_R, "hf", cfg.gradient_checkpointing,
-                        fused_loss=backend.label == "hf+liger", eager_attention=attention == "eager",
-                        fp32_embeddings=cfg.fp32_norms_and_embeddings, recompute_layers=cfg.recompute_layers
-                        if cfg.gradient_checkpointing else 0)
-    return m, cfg.per_device_train_batch_size, v["chat"] and cfg.packing, f"{backend.label}, {attention}: {line}", est.peak_gib
+    m = setup.backend.load(cfg, setup.model_path, setup.device)
+    est = estimate_peak(arch, cfg.per_device_train_batch_size, SEQ, LORA_R, setup.backend.name,
+                        cfg.gradient_checkpointing, fused_loss=setup.backend.fused_loss,
+                        eager_attention=cfg.attn_implementation == "eager", fp32_embeddings=cfg.fp32_norms_and_embeddings,
+                        recompute_layers=cfg.recompute_layers if cfg.gradient_checkpointing else 0)
+    return (m, cfg.per_device_train_batch_size, v["chat"] and cfg.packing,
+            f"{setup.backend.label}, {cfg.attn_implementation}: {line}", est.peak_gib)
 
 
 # ------------------------------------------------------------------------------------------------ data

@@ -77,3 +77,15 @@ def reference_greedy(base_dir: Path, adapter_dir: Path, prompt: str, max_new_tok
                              max_new_tokens=max_new_tokens, eos_token_id=stop, pad_token_id=tok.pad_token_id)
     new = out[0, ids.shape[1]:].tolist()
     return tok.decode([t for t in new if t not in stop], skip_special_tokens=True), new
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, tiny_model_dir) -> Path:
+    """A real 20-step QLoRA run of the tiny model, shared by the chat/eval and export tests (they only read it or
+    add their own files): <root>/outputs/tiny-run/ (adapter, run_summary.json, eval.json: the tiny preset has an
+    eval split, report/) and <root>/logs/tiny-run/."""
+    root = tmp_path_factory.mktemp("tiny-run")
+    proc = run_recipe(["--model-config", "tiny", "--output-dir", str(root / "outputs" / "tiny-run"),
+                       "--logs-dir", str(root / "logs"), "--max-steps", "20", "--resume", "never"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return root

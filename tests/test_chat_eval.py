@@ -7,7 +7,6 @@ import json
 import os
 import shutil
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -17,18 +16,8 @@ pytestmark = pytest.mark.slow
 PROMPT = "What is 40 plus 7?"
 
 
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory, tiny_model_dir) -> Path:
-    """A real 20-step tiny run; the tiny preset has an eval split, so its end writes eval.json."""
-    root = tmp_path_factory.mktemp("chat")
-    proc = run_recipe(["--model-config", "tiny", "--output-dir", str(root / "outputs" / "tiny-chat"),
-                       "--logs-dir", str(root / "logs"), "--max-steps", "20", "--resume", "never"])
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return root
-
-
 def test_end_of_run_eval_is_in_eval_json_and_the_report(tiny_run):
-    run_dir = tiny_run / "outputs" / "tiny-chat"
+    run_dir = tiny_run / "outputs" / "tiny-run"
     ev = json.loads((run_dir / "eval.json").read_text())
     assert ev["data"]["source"] == "eval_split" and ev["examples"] > 0 and ev["end_of_turn"] == "<end_of_turn>"
     assert ev["adapter_loss"]["loss"] < ev["base_loss"]["loss"]  # 20 steps on the sample data help the random base
@@ -41,8 +30,8 @@ def test_end_of_run_eval_is_in_eval_json_and_the_report(tiny_run):
 
 
 def test_make_chat_prompt_greedy_prints_what_generate_gives(tiny_run, tiny_model_dir):
-    run_dir = tiny_run / "outputs" / "tiny-chat"
-    proc = run_make(["chat", "RUN=tiny-chat", f"PROMPT={PROMPT}",
+    run_dir = tiny_run / "outputs" / "tiny-run"
+    proc = run_make(["chat", "RUN=tiny-run", f"PROMPT={PROMPT}",
                      f"ARGS=--greedy --max-new-tokens 24 --output-dir {tiny_run / 'outputs'}"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     want, _ = reference_greedy(tiny_model_dir, run_dir / "adapter", PROMPT, 24)
@@ -50,7 +39,7 @@ def test_make_chat_prompt_greedy_prints_what_generate_gives(tiny_run, tiny_model
     assert proc.stdout.endswith(want + "\n"), (proc.stdout, want)
     assert proc.stdout.splitlines()[-1] == want.splitlines()[-1] and "<end_of_turn>" not in proc.stdout
 
-    proc = run_make(["chat", "RUN=tiny-chat", f"PROMPT={PROMPT}",
+    proc = run_make(["chat", "RUN=tiny-run", f"PROMPT={PROMPT}",
                      f"ARGS=--greedy --merged --max-new-tokens 24 --output-dir {tiny_run / 'outputs'}"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     merged, _ = reference_greedy(tiny_model_dir, run_dir / "adapter", PROMPT, 24, merged=True)
@@ -59,7 +48,7 @@ def test_make_chat_prompt_greedy_prints_what_generate_gives(tiny_run, tiny_model
 
 def test_repl_through_a_pseudo_terminal(tiny_run):
     pexpect = pytest.importorskip("pexpect")
-    cmd = [sys.executable, "-m", "training.chat", "--run", "tiny-chat", "--output-dir", str(tiny_run / "outputs"),
+    cmd = [sys.executable, "-m", "training.chat", "--run", "tiny-run", "--output-dir", str(tiny_run / "outputs"),
            "--greedy", "--max-new-tokens", "8"]
     child = pexpect.spawn(cmd[0], cmd[1:], cwd=str(REPO), encoding="utf-8", timeout=180,
                           env={**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"})
@@ -115,14 +104,14 @@ def test_make_eval_with_a_data_file_and_a_prompts_file(tiny_run, tmp_path):
                             + "\n" for a in range(5)))
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("# my prompts\nName a colour.\n\nWhat is 2 plus 2?\n")
-    proc = run_make(["eval", "RUN=tiny-chat", f"DATA={data}", f"PROMPTS={prompts}",
+    proc = run_make(["eval", "RUN=tiny-run", f"DATA={data}", f"PROMPTS={prompts}",
                      f"ARGS=--output-dir {tiny_run / 'outputs'} --logs-dir {tiny_run / 'logs'} --max-new-tokens 8"])
     assert proc.returncode == 0, proc.stderr[-3000:]
-    ev = json.loads((tiny_run / "outputs" / "tiny-chat" / "eval.json").read_text())
+    ev = json.loads((tiny_run / "outputs" / "tiny-run" / "eval.json").read_text())
     assert ev["data"] == {"source": "file", "path": str(data)} and ev["examples"] == 5
     assert [p["prompt"] for p in ev["prompts"]] == ["Name a colour.", "What is 2 plus 2?"]
     assert ev["base_loss"]["tokens"] == ev["adapter_loss"]["tokens"] > 0
-    assert "Name a colour." in (tiny_run / "outputs" / "tiny-chat" / "report" / "report.md").read_text()
+    assert "Name a colour." in (tiny_run / "outputs" / "tiny-run" / "report" / "report.md").read_text()
 
 
 def assert_user_error(proc, *needles):
@@ -144,13 +133,13 @@ def chat(args, **kw):
 def test_chat_errors_missing_run_missing_base_other_base(tiny_run, tiny_model_dir, tmp_path):
     outputs = tiny_run / "outputs"
     assert_user_error(chat(["--run", "nope", "--output-dir", str(outputs), "--prompt", "hi"]),
-                      "run 'nope'", "does not exist", "tiny-chat", "make chat")
+                      "run 'nope'", "does not exist", "tiny-run", "make chat")
     other = tmp_path / "other-base"
     shutil.copytree(tiny_model_dir, other)
-    assert_user_error(chat(["--run", "tiny-chat", "--output-dir", str(outputs), "--base", str(other),
+    assert_user_error(chat(["--run", "tiny-run", "--output-dir", str(outputs), "--base", str(other),
                             "--prompt", "hi"]), "was trained on", "--base")
     moved = tmp_path / "outputs" / "moved"
-    shutil.copytree(outputs / "tiny-chat", moved)
+    shutil.copytree(outputs / "tiny-run", moved)
     for rel, key in (("run_summary.json", None), ("adapter/adapter_config.json", "base_model_name_or_path")):
         data = json.loads((moved / rel).read_text())
         if key:
@@ -205,7 +194,7 @@ def test_quickstart_notebook_runs_headless_on_the_tiny_run(tiny_run, monkeypatch
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")
     for key, value in (("OUTPUT_DIR", str(tiny_run / "outputs")), ("LOGS_DIR", str(tiny_run / "logs")),
-                       ("RUN", "tiny-chat"), ("PYTHONPATH", str(REPO)), ("MPLBACKEND", "agg")):
+                       ("RUN", "tiny-run"), ("PYTHONPATH", str(REPO)), ("MPLBACKEND", "agg")):
         monkeypatch.setenv(key, value)
     nb = nbformat.read(str(REPO / "notebooks" / "quickstart.ipynb"), as_version=4)
     nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
@@ -215,6 +204,6 @@ def test_quickstart_notebook_runs_headless_on_the_tiny_run(tiny_run, monkeypatch
     assert any("image/png" in o.get("data", {}) for o in outputs)  # the loss plot
     assert any("Base vs fine-tuned" in o.get("data", {}).get("text/markdown", "") for o in outputs)
     streamed = "".join(o.get("text", "") for o in outputs if o.get("output_type") == "stream")
-    assert f"run: {tiny_run / 'outputs' / 'tiny-chat'}" in streamed
-    ev = json.loads((tiny_run / "outputs" / "tiny-chat" / "eval.json").read_text())
+    assert f"run: {tiny_run / 'outputs' / 'tiny-run'}" in streamed
+    ev = json.loads((tiny_run / "outputs" / "tiny-run" / "eval.json").read_text())
     assert len(ev["prompts"]) == 3 and ev["max_new_tokens"] == 32  # the notebook's own evaluation

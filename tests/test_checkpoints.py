@@ -192,6 +192,32 @@ def test_resolve_resume_auto_never_path(tmp_path):
     assert "run folder" in str(err.value)
 
 
+def test_where_a_run_starts_is_decided_once(tmp_path):
+    """training/resume.py: Fresh, Train, SaveOnly (finished checkpoint, no final save) and AlreadyDone (the summary
+    says finished at that step and the adapter is there); FSDP trains on from a finished checkpoint."""
+    from training.resume import AlreadyDone, Fresh, SaveOnly, Train, decide_start
+
+    run = tmp_path / "run"
+    cfg = {"model_name_or_path": "m", "lora_r": 8, "target_modules": "all-linear", "max_steps": 10}
+    logs = Logs()
+    assert decide_start("auto", run, cfg, 10, False, logs) == Fresh()
+    make_checkpoint(run, 4, run_config=cfg)
+    start = decide_start("auto", run, {**cfg, "max_steps": 12}, 12, False, logs)
+    assert isinstance(start, Train) and (start.step, start.checkpoint) == (4, run / "checkpoint-4")
+    assert any("max_steps" in c for c in start.changes)  # a logged difference, not a refusal
+    assert isinstance(decide_start("never", run, cfg, 10, False, logs), Fresh)
+    assert isinstance(decide_start("auto", run, {**cfg, "max_steps": 4}, 4, False, logs), SaveOnly)
+    assert isinstance(decide_start("auto", run, {**cfg, "max_steps": 4}, 4, True, logs), Train)  # FSDP: shards
+    (run / "run_summary.json").write_text(json.dumps({"status": "finished", "steps": 4}))
+    assert isinstance(decide_start("auto", run, cfg, 4, False, logs), SaveOnly)  # no adapter yet: not done
+    (run / "adapter").mkdir()
+    (run / "adapter" / "adapter_config.json").write_text("{}")
+    done = decide_start("auto", run, cfg, 4, False, logs)
+    assert isinstance(done, AlreadyDone) and done.step == 4
+    with pytest.raises(CheckpointError, match="does not exist"):
+        decide_start(str(run / "checkpoint-9"), run, cfg, 10, False, logs)
+
+
 def test_resume_compatibility(tmp_path):
     cfg = {"model_name_or_path": "models/tiny-gemma2", "lora_r": 8, "target_modules": ["q_proj", "v_proj"],
            "max_steps": 20, "learning_rate": 2e-4}

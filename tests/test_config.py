@@ -13,7 +13,7 @@ def test_presets_carry_the_seed_values():
     assert (g2.model_name_or_path, g2.per_device_train_batch_size, g2.gradient_accumulation_steps) == \
         ("google/gemma-2-2b", 4, 4)
     assert (g2.optim, g2.lora_r, g2.target_modules, g2.max_steps) == ("adamw_8bit", 32, "all-linear", 1000)
-    assert g2.load_in_4bit and g2.bnb_4bit_use_double_quant and g2.bnb_4bit_quant_type == "nf4"
+    assert g2.bnb_4bit_use_double_quant and g2.bnb_4bit_quant_type == "nf4"
     assert g2.gradient_checkpointing and g2.bf16 == "auto"
     g9 = PRESETS["gemma-9b"]
     assert (g9.model_name_or_path, g9.per_device_train_batch_size, g9.max_steps) == ("google/gemma-2-9b", 2, 800)
@@ -93,3 +93,30 @@ def test_cli_subprocess_error_has_no_traceback(recipe, tmp_path):
     proc = recipe(["--model-config", "tiny", "--set", "max_steps=abc", "--logs-dir", str(tmp_path)])
     assert proc.returncode == 2
     assert "'max_steps' must be int" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_trainer_settings_pass_through_to_sftconfig(tmp_path):
+    """The config's trainer knobs reach SFTConfig by name; any other SFTConfig argument can be given by name; the
+    recipe's own settings cannot be overridden, and a wrong kind of value fails at once, naming the key."""
+    import torch
+
+    from training.device import Device
+    from training.runfiles import RunPaths
+    from training.trainer_args import sft_config
+
+    cfg = resolve_config("tiny", set_items=["adam_beta2=0.95", "learning_rate=1e-3", "lr_scheduler_kwargs={}",
+                                            "save_steps=7"])
+    assert cfg.trainer_args == {"adam_beta2": 0.95, "lr_scheduler_kwargs": {}}
+    args = sft_config(cfg, Device("cpu", "CPU", None, torch.float32, False, False),
+                      RunPaths.of("t", tmp_path / "out", logs_root=tmp_path / "logs"), has_eval=True, processes=1,
+                      data_changed=False)
+    assert (args.adam_beta2, args.learning_rate, args.save_steps, args.max_steps) == (0.95, 1e-3, 7, cfg.max_steps)
+    assert args.optim == cfg.optim and args.packing == cfg.packing and args.seed == args.data_seed == cfg.seed
+    assert args.output_dir == str(tmp_path / "out") and args.save_total_limit is None and args.use_cpu
+    assert not getattr(args, "activation_checkpointing", getattr(args, "gradient_checkpointing", None))
+    with pytest.raises(ConfigError, match="'output_dir' is set by the recipe; use --output-dir"):
+        resolve_config("tiny", set_items=["output_dir=/tmp/x"])
+    with pytest.raises(ConfigError, match="'adam_beta2' must be float"):
+        resolve_config("tiny", set_items=["adam_beta2=high"])
+    with pytest.raises(ConfigError, match=r"(?s)unknown config key 'adam_beta9'.*SFTConfig"):
+        resolve_config("tiny", set_items=["adam_beta9=0.9"])

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import REPO, run_recipe
+from tests.conftest import REPO
 
 HAVE_LLAMA = importlib.util.find_spec("llama_cpp") is not None
 needs_llama = pytest.mark.skipif(not HAVE_LLAMA and not os.environ.get("CI"),
@@ -47,14 +47,10 @@ def assert_user_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
         assert needle in out, f"{needle!r} not in:\n{out}"
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory, tiny_model_dir) -> Path:
-    """A real 20-step QLoRA run of the tiny model: outputs/<run>/adapter + run_summary.json."""
-    root = tmp_path_factory.mktemp("export")
-    proc = run_recipe(["--model-config", "tiny", "--output-dir", str(root / "outputs" / "tiny-run"),
-                       "--logs-dir", str(root / "logs"), "--max-steps", "20", "--resume", "never"])
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return root
+@pytest.fixture
+def trained(tiny_run) -> Path:
+    """The shared 20-step tiny run (tests/conftest.py): outputs/tiny-run/adapter + run_summary.json."""
+    return tiny_run
 
 
 def tiny_prompt_ids(tokenizer) -> list[int]:

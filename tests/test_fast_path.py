@@ -9,7 +9,8 @@ from dataclasses import replace
 import pytest
 import torch
 
-from training.model import Device, load_qlora_model
+from training.backends import load_hf
+from training.device import Device
 from training.qlora_config import PRESETS
 
 CPU = Device("cpu", "CPU", None, torch.float32, False, False)
@@ -17,7 +18,7 @@ CPU = Device("cpu", "CPU", None, torch.float32, False, False)
 
 def load(tiny_model_dir, **overrides):
     torch.manual_seed(0)  # LoRA A starts random: the same for every load
-    model = load_qlora_model(replace(PRESETS["tiny"], **overrides), str(tiny_model_dir), CPU, "hf")
+    model = load_hf(replace(PRESETS["tiny"], **overrides), str(tiny_model_dir), CPU)
     torch.manual_seed(1)
     for name, p in model.named_parameters():
         if "lora_B" in name:  # B starts at zero: make the adapter's contribution and A's gradient non-zero
@@ -81,8 +82,8 @@ def test_per_layer_checkpointing_keeps_what_it_says(tiny_model_dir, ids):
 
 def test_frozen_norms_keep_the_compute_dtype_unless_upcast(tiny_model_dir):
     bf16 = Device("cpu", "CPU", None, torch.bfloat16, True, False)
-    lean = load_qlora_model(replace(PRESETS["tiny"]), str(tiny_model_dir), bf16, "hf")
-    upcast = load_qlora_model(replace(PRESETS["tiny"], fp32_norms_and_embeddings=True), str(tiny_model_dir), bf16, "hf")
+    lean = load_hf(replace(PRESETS["tiny"]), str(tiny_model_dir), bf16)
+    upcast = load_hf(replace(PRESETS["tiny"], fp32_norms_and_embeddings=True), str(tiny_model_dir), bf16)
 
     def dtypes(model, part):
         return {p.dtype for n, p in model.named_parameters() if part in n and not p.requires_grad}

@@ -82,7 +82,7 @@ def test_planned_oom_names_the_planner_knobs_and_the_processes_on_the_card(tmp_p
     import torch
 
     from tests.fake_nvml import MIB, FakeGpu, FakeNvml
-    from training.model import Device
+    from training.device import Device
     from training.oom import PlanUsed, card_report, oom_message
 
     nvml = FakeNvml([FakeGpu(name="NVIDIA GeForce RTX 4090", mem_used_mib=23_000, mem_total_mib=24_564,

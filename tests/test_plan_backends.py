@@ -8,10 +8,10 @@ from dataclasses import replace
 import pytest
 import torch
 
-from training.backends import BackendError, _run_self_check_subprocess, choose_backend
-from training.model import Device, plan_for_device
+from training.backends import BackendError, HFBackend, _run_self_check_subprocess, choose_backend
+from training.device import Device
 from training.plan import (GIB, KNOWN_ARCHS, LOGIT_BYTES, NF4_BYTES_PER_PARAM, Arch, PlanError, budget_gib,
-                           estimate_peak, main, plan)
+                           estimate_peak, main, plan, plan_for_run)
 from training.qlora_config import PRESETS
 
 TINY = Arch(num_layers=2, hidden=64, intermediate=128, vocab=512, heads=4, kv_heads=2, head_dim=16)
@@ -94,10 +94,13 @@ def test_plan_cli(capsys):
     assert "Shorten sequences" in capsys.readouterr().err
 
 
+LIGER, NO_LIGER = HFBackend(True, "Liger applied"), HFBackend(False, "Liger not applied")
+
+
 def test_trainer_uses_the_planner_choice():
     cfg = PRESETS["gemma-2b"]
     card = Device("cuda", "RTX 4090", 24.0, torch.bfloat16, True, False)
-    planned, line = plan_for_device(cfg, card, "hf+liger")
+    planned, line = plan_for_run(cfg, card, LIGER)
     expected = plan(KNOWN_ARCHS["google/gemma-2-2b"], 16, cfg.max_seq_length, cfg.lora_r, 24.0, "hf",
                     fused_loss=True, max_micro_batch=cfg.max_micro_batch, fp32_embeddings=False)
     assert planned.per_device_train_batch_size == expected.micro_batch
@@ -105,14 +108,14 @@ def test_trainer_uses_the_planner_choice():
     assert planned.recompute_layers == expected.recompute_layers
     assert f"micro-batch {expected.micro_batch}" in line
     # flex attention keeps no S x S scores: more fits than with eager attention
-    flex, _ = plan_for_device(replace(cfg, attn_implementation="flex_attention"), card, "hf+liger")
+    flex, _ = plan_for_run(replace(cfg, attn_implementation="flex_attention"), card, LIGER)
     assert (flex.per_device_train_batch_size, -flex.recompute_layers) >= (planned.per_device_train_batch_size,
                                                                           -planned.recompute_layers)
     # Liger's patch did not take: logits are materialised, the plan shrinks
-    unfused, _ = plan_for_device(cfg, card, "hf")
+    unfused, _ = plan_for_run(cfg, card, NO_LIGER)
     assert unfused.per_device_train_batch_size < planned.per_device_train_batch_size
     cpu = Device("cpu", "CPU", None, torch.float32, False, False)
-    assert plan_for_device(cfg, cpu, "hf")[0] == cfg  # the CPU keeps the configured values
+    assert plan_for_run(cfg, cpu, NO_LIGER)[0] == cfg  # the CPU keeps the configured values
 
 
 def test_backend_cpu_and_explicit_choices():
@@ -149,14 +152,37 @@ def test_a_failed_liger_patch_is_what_the_planner_sees(monkeypatch):
     import training.backends as b
 
     monkeypatch.setattr(b, "apply_liger", lambda model_type: False)
-    choice = b.BackendChoice("hf", True, "the project's path: transformers + peft + Liger")
+    choice = b.HFBackend(True, "the project's path: transformers + peft + Liger")
     applied = b.apply_backend(choice, "gemma2")
-    assert applied.label == "hf" and "not applied" in applied.reason
+    assert applied.label == "hf" and "not applied" in applied.reason and not applied.fused_loss
+    card = Device("cuda", "RTX 4090", 24.0, torch.bfloat16, True, False)
+    unfused, _ = plan_for_run(PRESETS["gemma-2b"], card, applied)  # re-planned for the logits it now materialises
+    assert unfused.per_device_train_batch_size < plan_for_run(PRESETS["gemma-2b"], card, choice)[0].per_device_train_batch_size
     monkeypatch.setattr(b, "apply_liger", lambda model_type: True)
     assert b.apply_backend(choice, "gemma2").label == "hf+liger"
     # the real function on this machine (no Liger installed): False, never an exception
     monkeypatch.undo()
     assert b.apply_liger("gemma2") is False
+
+
+def test_unsloth_names_the_keys_it_ignores_and_unpacks(caplog):
+    from training.backends import UnslothBackend
+
+    cfg = replace(PRESETS["gemma-2b"], target_modules="q_proj,v_proj", bf16="false", packing=True)
+    with caplog.at_level("WARNING", logger="training"):
+        out = UnslothBackend("asked for").configure(cfg, "cuda")
+    warned = " ".join(r.getMessage() for r in caplog.records)
+    assert "ignores target_modules=q_proj,v_proj" in warned and "ignores bf16=false" in warned
+    assert "lora_r" not in warned  # honoured keys are not named
+    assert not out.packing and out.target_modules == cfg.target_modules
+
+
+def test_several_processes_refuse_a_single_gpu_backend_before_any_self_check():
+    from training.backends import select_backend
+
+    with pytest.raises(BackendError, match="one GPU only.*backend=auto"):
+        select_backend("unsloth", "cuda", "gemma2", processes=2)
+    assert select_backend("auto", "cpu", "gemma2", processes=2).multi_gpu
 
 
 def test_attention_choice():

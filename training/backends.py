@@ -1,18 +1,17 @@
-"""Training backends: the fastest correct one for the card, with a safe fallback.
+"""Training backends, side by side: each owns its loader and its facts (fused loss, multi-GPU, what was applied).
 
-- `unsloth` (optional extra `fast`): unsloth's fused QLoRA kernels. Chosen by `backend: auto` on CUDA only after
-  a one-step self-check passes in a subprocess (so a broken install cannot take the trainer down, and a failed
-  check leaves this process unpatched). UNSLOTH_COMPILE_DISABLE=1 is set: its torch.compile path broke on torch 2.11.
 - `hf` (what `auto` picks): transformers + peft + bitsandbytes, with Liger kernels on CUDA when installed (fused
   linear cross-entropy with the final soft-cap, never materialising the 256k-vocab logits; RMSNorm, GeGLU, RoPE),
   flex attention (`attn_implementation: auto`, after its own self-check), the fused LoRA function
   (training/fast_lora.py) and bf16 norms/embeddings. Measured as fast as unsloth on the H200
-  (docs/benchmarks.md), Apache-2.0 only, and exact for packed rows.
+  (docs/benchmarks.md), Apache-2.0 only, exact for packed rows, and the one that runs on several GPUs.
 - `unsloth` (optional extra `fast`, only when asked for: `--set backend=unsloth`): unsloth's fused QLoRA kernels,
-  after a one-step self-check in a subprocess (so a broken install cannot take the trainer down).
-  UNSLOTH_COMPILE_DISABLE=1 is set: its torch.compile path broke on torch 2.11. It cannot pack Gemma-2 rows exactly.
+  after a one-step self-check in a subprocess (so a broken install cannot take the trainer down). One GPU only.
+  UNSLOTH_COMPILE_DISABLE=1 is set: its torch.compile path broke on torch 2.11. It cannot pack Gemma-2 rows
+  exactly, and it ignores some config keys (warned about by name, UNSLOTH_FIXED).
 All keep Gemma-2's attention logit soft-capping: eager and flex attention apply it (sdpa would drop it), unsloth
-has its own soft-capped attention.
+has its own soft-capped attention. The planner (training/plan.py) sizes the batch from what a backend *applied*:
+a failed Liger patch means materialised logits, and a smaller micro-batch.
 
     python -m training.backends self-check [--backend unsloth|flex]   # what the choices run before using them
 """
@@ -30,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass
+from typing import ClassVar, Union
 from pathlib import Path
 from training.errors import UserError
 
@@ -42,16 +42,82 @@ class BackendError(UserError, RuntimeError):
     """An explicitly requested backend cannot run here; the message says why and what to use instead."""
 
 
+# ------------------------------------------------------------------------------------------------ backends
+
 @dataclass(frozen=True)
-class BackendChoice:
-    name: str  # "unsloth" or "hf"
-    liger: bool  # hf only: Liger kernels applied
+class HFBackend:
+    """transformers + peft + bitsandbytes, with Liger's kernels when they were applied."""
+
+    liger: bool  # Liger kernels: "installed" from choose_backend, "applied" after apply_backend
     reason: str
+    name: ClassVar[str] = "hf"
+    multi_gpu: ClassVar[bool] = True  # DDP and FSDP
 
     @property
     def label(self) -> str:
-        """What training.model.load_qlora_model takes: unsloth, hf+liger or hf."""
-        return "hf+liger" if self.name == "hf" and self.liger else self.name
+        return "hf+liger" if self.liger else "hf"
+
+    @property
+    def fused_loss(self) -> bool:
+        """The logits are never materialised (what the planner counts on): only with Liger's fused loss."""
+        return self.liger
+
+    def configure(self, cfg, device_kind: str):
+        """The config this backend trains with: the attention that will run (flex after its self-check on CUDA)."""
+        attention, why = resolve_attention(cfg.attn_implementation, device_kind)
+        log.info("attention %s: %s", attention, why)
+        return dataclasses.replace(cfg, attn_implementation=attention)
+
+    def load(self, cfg, model_path: str, device):
+        return load_hf(cfg, model_path, device)
+
+
+# What unsloth does whatever the config says; a config asking otherwise is warned about, key by key.
+UNSLOTH_FIXED = {"target_modules": "all-linear", "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True,
+                 "fused_lora": True, "fp32_norms_and_embeddings": False, "attn_implementation": "auto", "bf16": "auto"}
+
+
+@dataclass(frozen=True)
+class UnslothBackend:
+    """unsloth's fused QLoRA kernels: its own attention, chunked loss and checkpointing; one GPU."""
+
+    reason: str
+    name: ClassVar[str] = "unsloth"
+    label: ClassVar[str] = "unsloth"
+    liger: ClassVar[bool] = False
+    multi_gpu: ClassVar[bool] = False  # open-source unsloth is single-GPU
+    fused_loss: ClassVar[bool] = True
+
+    def configure(self, cfg, device_kind: str):
+        for key, fixed in UNSLOTH_FIXED.items():
+            if getattr(cfg, key) != fixed:
+                log.warning("backend unsloth ignores %s=%s (it uses %s); --set backend=auto honours it",
+                            key, getattr(cfg, key), fixed)
+        if not cfg.packing:
+            return cfg
+        log.info("packing off: backend unsloth cannot keep packed samples apart (one sample per row instead)")
+        return dataclasses.replace(cfg, packing=False)
+
+    def load(self, cfg, model_path: str, device):
+        model = load_unsloth(model_path, cfg.max_seq_length, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout,
+                             cfg.gradient_checkpointing, cfg.seed)
+        log.info("model %s: unsloth 4-bit NF4, LoRA r=%d on %s", model_path, cfg.lora_r, ", ".join(LORA_TARGETS))
+        return model
+
+
+Backend = Union[HFBackend, UnslothBackend]
+MULTI_GPU = {"auto": HFBackend.multi_gpu, "hf": HFBackend.multi_gpu, "unsloth": UnslothBackend.multi_gpu}
+
+
+def select_backend(requested: str, device_kind: str, model_type: str, processes: int = 1) -> Backend:
+    """The backend this run trains with, chosen and applied (before any model code is imported: unsloth patches it
+    on import, Liger patches its classes)."""
+    if processes > 1 and not MULTI_GPU[requested]:
+        raise BackendError(f"backend={requested} runs on one GPU only; with {processes} processes use "
+                           "--set backend=auto, or train on one GPU (GPUS=1)")
+    backend = apply_backend(choose_backend(requested, device_kind, model_type), model_type)
+    log.info("backend %s: %s", backend.label, backend.reason)
+    return backend
 
 
 def _installed(module: str) -> bool:
@@ -59,15 +125,15 @@ def _installed(module: str) -> bool:
 
 
 def choose_backend(requested: str, device_kind: str, model_type: str | None = None,
-                   self_check=None) -> BackendChoice:
+                   self_check=None) -> Backend:
     """Decide the backend before anything imports transformers' model code (unsloth patches it on import).
     `liger` here means "installed": `apply_backend` says whether the patch really took."""
     liger = device_kind == "cuda" and _installed("liger_kernel")
     if requested == "hf":
-        return BackendChoice("hf", liger, "backend=hf asked for")
+        return HFBackend(liger, "backend=hf asked for")
     if requested == "auto":
-        return BackendChoice("hf", liger, "the project's path: transformers + peft" + (" + Liger" if liger else "")
-                             + (", flex attention, fused LoRA" if device_kind == "cuda" else ""))
+        return HFBackend(liger, "the project's path: transformers + peft" + (" + Liger" if liger else "")
+                         + (", flex attention, fused LoRA" if device_kind == "cuda" else ""))
     if device_kind != "cuda":
         raise BackendError("backend=unsloth needs a CUDA GPU; use --set backend=auto (or hf) on the CPU")
     if model_type not in (None, "gemma2", "gemma", "llama", "mistral", "qwen2", "qwen3"):
@@ -77,8 +143,41 @@ def choose_backend(requested: str, device_kind: str, model_type: str | None = No
                            "UNSLOTH=1): use --set backend=auto")
     ok, detail = (self_check or run_self_check)("unsloth")
     if ok:
-        return BackendChoice("unsloth", False, f"unsloth passed its self-check ({detail})")
+        return UnslothBackend(f"unsloth passed its self-check ({detail})")
     raise BackendError(f"unsloth failed its self-check: {detail}. Use --set backend=auto")
+
+
+def apply_backend(choice: Backend, model_type: str) -> Backend:
+    """Apply what the choice needs before the model is built (Liger patches transformers' classes) and return what
+    was really applied: the planner sizes the batch from this, not from what was hoped for."""
+    if choice.name != "hf" or not choice.liger:
+        return choice
+    if apply_liger(model_type):
+        return choice
+    return dataclasses.replace(choice, liger=False, reason=choice.reason.replace(" + Liger", "") +
+                               f" (Liger kernels not applied to '{model_type}': logits are materialised)")
+
+
+def apply_liger(model_type: str) -> bool:
+    """Patch transformers' model code with Liger kernels; True only when the fused linear cross-entropy (what the
+    planner counts on: no materialised logits) was applied. Liger itself only logs for a model it has no kernels for."""
+    try:
+        import inspect
+
+        from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
+    except ImportError:
+        return False
+    apply_fn = MODEL_TYPE_TO_APPLY_LIGER_FN.get(model_type)
+    if apply_fn is None or "fused_linear_cross_entropy" not in inspect.signature(apply_fn).parameters:
+        log.warning("Liger has no fused loss for model type '%s': not applied", model_type)
+        return False
+    wanted = dict(rope=True, rms_norm=True, fused_linear_cross_entropy=True, cross_entropy=False, geglu=True, swiglu=True)
+    try:
+        apply_fn(**{k: v for k, v in wanted.items() if k in inspect.signature(apply_fn).parameters})
+    except Exception as exc:  # a Liger/transformers version mismatch: run without it, and say so
+        log.warning("Liger kernels not applied to %s: %s", model_type, exc)
+        return False
+    return True
 
 
 # ------------------------------------------------------------------------------------------------ self-check
@@ -231,40 +330,7 @@ def resolve_attention(requested: str, device_kind: str, self_check=None) -> tupl
     return "eager", f"flex attention failed its self-check ({detail}); eager attention instead (exact, slower)"
 
 
-def apply_backend(choice: BackendChoice, model_type: str) -> BackendChoice:
-    """Apply what the choice needs before the model is built (Liger patches transformers' classes) and return what
-    was really applied: the planner sizes the batch from this, not from what was hoped for."""
-    if choice.name != "hf" or not choice.liger:
-        return choice
-    if apply_liger(model_type):
-        return choice
-    return dataclasses.replace(choice, liger=False, reason=choice.reason.replace(" + Liger", "") +
-                               f" (Liger kernels not applied to '{model_type}': logits are materialised)")
-
-
 # ------------------------------------------------------------------------------------------------ loading
-
-def apply_liger(model_type: str) -> bool:
-    """Patch transformers' model code with Liger kernels; True only when the fused linear cross-entropy (what the
-    planner counts on: no materialised logits) was applied. Liger itself only logs for a model it has no kernels for."""
-    try:
-        import inspect
-
-        from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
-    except ImportError:
-        return False
-    apply_fn = MODEL_TYPE_TO_APPLY_LIGER_FN.get(model_type)
-    if apply_fn is None or "fused_linear_cross_entropy" not in inspect.signature(apply_fn).parameters:
-        log.warning("Liger has no fused loss for model type '%s': not applied", model_type)
-        return False
-    wanted = dict(rope=True, rms_norm=True, fused_linear_cross_entropy=True, cross_entropy=False, geglu=True, swiglu=True)
-    try:
-        apply_fn(**{k: v for k, v in wanted.items() if k in inspect.signature(apply_fn).parameters})
-    except Exception as exc:  # a Liger/transformers version mismatch: run without it, and say so
-        log.warning("Liger kernels not applied to %s: %s", model_type, exc)
-        return False
-    return True
-
 
 def load_unsloth(model_path: str, seq_len: int, lora_r: int, lora_alpha: int, lora_dropout: float,
                  gradient_checkpointing: bool, seed: int):
@@ -278,6 +344,89 @@ def load_unsloth(model_path: str, seq_len: int, lora_r: int, lora_alpha: int, lo
     return FastLanguageModel.get_peft_model(model, r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
                                             target_modules=LORA_TARGETS, random_state=seed,
                                             use_gradient_checkpointing="unsloth" if gradient_checkpointing else False)
+
+
+def load_hf(cfg, model_path: str, device):
+    """Base weights in 4-bit NF4 (+ double quant) with LoRA on all linear layers, through transformers + peft (Liger's
+    kernels, when apply_backend applied them, are already patched into transformers' classes). The Trainer is told
+    not to checkpoint: this sets checkpointing up, per layer."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from training.distributed import fsdp_enabled, local_rank
+    from training.fast_lora import apply_fused_lora
+    from training.model import ModelLoadError, explain_load_error
+
+    fsdp = fsdp_enabled()
+    quant = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=cfg.bnb_4bit_quant_type,
+        bnb_4bit_use_double_quant=cfg.bnb_4bit_use_double_quant,
+        bnb_4bit_compute_dtype=device.compute_dtype,
+        # FSDP shards parameters of one float dtype: store the packed 4-bit weights as the compute dtype (bf16) so
+        # they can be flattened and sharded with the LoRA weights (the bitsandbytes FSDP-QLoRA recipe).
+        **({"bnb_4bit_quant_storage": device.compute_dtype} if fsdp else {}),
+    )
+    # Each rank (GPUS=N) loads the 4-bit base onto its own card; under FSDP transformers places it itself
+    # (rank 0 reads the weights, the others wait for FSDP to hand them their shard: fsdp_cpu_ram_efficient_loading).
+    device_map = None if fsdp and device.kind == "cuda" else {"": local_rank() if device.kind == "cuda" else "cpu"}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            model_path,
+            quantization_config=quant,
+            dtype=device.compute_dtype,
+            attn_implementation="eager" if cfg.attn_implementation == "auto" else cfg.attn_implementation,
+            device_map=device_map,
+        )
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(explain_load_error(model_path, exc)) from None
+    model.config.use_cache = False  # the KV cache is useless in training and conflicts with checkpointing
+    prepare_for_kbit_training(model, cfg.fp32_norms_and_embeddings)
+    lora = LoraConfig(
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=cfg.target_modules,
+        task_type="CAUSAL_LM",
+    )
+    model = get_peft_model(model, lora)
+    fused = apply_fused_lora(model) if cfg.fused_lora else 0
+    recomputed = enable_checkpointing(model, cfg.recompute_layers) if cfg.gradient_checkpointing else 0
+    trainable, total = model.get_nb_trainable_parameters()
+    log.info("model %s: 4-bit %s%s, LoRA r=%d on %s: %s trainable of %s parameters (%.2f%%); %s attention, "
+             "fused LoRA on %d layers, %s norms/embeddings, %d layers recomputed", model_path,
+             cfg.bnb_4bit_quant_type, " + double quant" if cfg.bnb_4bit_use_double_quant else "", cfg.lora_r,
+             cfg.target_modules, f"{trainable:,}", f"{total:,}", 100 * trainable / max(total, 1),
+             model.config._attn_implementation, fused, "fp32" if cfg.fp32_norms_and_embeddings else "compute-dtype",
+             recomputed)
+    return model
+
+
+def prepare_for_kbit_training(model, fp32_frozen: bool) -> None:
+    """peft's prepare_model_for_kbit_training without its upcast unless asked: every base weight frozen; frozen norms
+    and embeddings stay in the compute dtype (as the model was trained) instead of fp32, which would make the whole
+    residual stream fp32 (~1.4x slower steps on an H200, +2.2 GiB on Gemma-2-2B). Inputs require grad so that
+    checkpointed layers get gradients."""
+    if fp32_frozen:
+        from peft import prepare_model_for_kbit_training
+
+        prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    for param in model.parameters():
+        param.requires_grad_(False)
+    model.enable_input_require_grads()
+
+
+def enable_checkpointing(model, recompute_layers: int) -> int:
+    """Non-reentrant gradient checkpointing on the first `recompute_layers` decoder layers (-1: all); the others keep
+    their activations. Returns how many layers recompute."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    keep_from = len(layers) if recompute_layers < 0 else min(recompute_layers, len(layers))
+    for layer in layers[keep_from:]:
+        layer.gradient_checkpointing = False
+    return keep_from
 
 
 def main(argv: list[str] | None = None) -> int:

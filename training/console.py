@@ -18,6 +18,17 @@ def format_duration(seconds: float | None) -> str:
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
 
+def rough_duration(seconds: float) -> str:
+    """An estimate in words: 'under 1 s', '40 s', '12 minutes', '3.5 hours'."""
+    if seconds < 1:
+        return "under 1 s"
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} minutes"
+    return f"{seconds / 3600:.1f} hours"
+
+
 def setup_logging(log_file: Path | None, rank: int = 0) -> None:
     """Plain lines to stderr (and so to the container log) and to logs/<run>/train.log.
 

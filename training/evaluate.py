@@ -169,22 +169,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-examples", type=int, default=DEFAULT_MAX_EXAMPLES, help="default: %(default)s")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
-    from training.data import DataError
-    from training.export import ExportError
-    from training.model import ModelLoadError
     from training.console import quiet_libraries
-    from training.qlora_finetune import write_run_report
+    from training.errors import UserError
+    from training.report import write_run_report
+    from training.runfiles import RunPaths
 
     quiet_libraries()
     try:
         path = run_eval(Path(args.output_dir), args.run, args.data, args.prompts, args.n_prompts,
                         args.max_new_tokens, args.max_examples)
-    except (DataError, ExportError, ModelLoadError) as exc:
+    except UserError as exc:  # bad data, no adapter, a model that does not load: the message says what to do
         log.error("%s", exc)
         return 2
     print(f"eval: {path}")
-    if (Path(args.logs_dir) / path.parent.name).is_dir():
-        write_run_report(Path(args.logs_dir), path.parent.name, path.parent)
+    paths = RunPaths.of(path.parent.name, path.parent, logs_root=args.logs_dir)
+    if paths.logs_dir.is_dir():
+        write_run_report(paths)
     return 0
 
 

@@ -1,117 +1,169 @@
-"""The base model in 4-bit NF4 (QLoRA) with LoRA adapters on all linear layers, and the device it runs on.
+"""The base model's files, before anything large loads: is it there, whole and reachable, how big is it, what type,
+and its tokenizer.
 
-CUDA when present (bf16 compute if the card has it, else fp16); otherwise the CPU with fp32 compute through
-the same bitsandbytes 4-bit path. Resource checks run before anything large is loaded.
+A local folder must hold `config.json`, complete safetensors weights (every shard the index names, none cut short)
+and tokenizer files; a hub id must be reachable (or cached, with HF_HUB_OFFLINE=1) and, when gated, readable with
+HF_TOKEN. Each problem raises ModelLoadError naming the file or the id and the fix (models/README.md). The parameter
+count comes from the config alone (a meta-device model: no weights are read), for the CPU admission in device.py.
+The 4-bit model with its adapters is built by the backend that trains it (training/backends.py).
 """
 
 from __future__ import annotations
 
-import logging
-from dataclasses import dataclass
+import json
+import os
+from pathlib import Path
 
-import torch
-
-from training.qlora_config import QLoRAConfig
 from training.errors import UserError
-
-log = logging.getLogger("training")
-
-
-class ResourceError(UserError, RuntimeError):
-    """The machine cannot run this preset; the message says what is missing and what to do instead."""
 
 
 class ModelLoadError(UserError, RuntimeError):
     """The base model or tokenizer cannot be loaded (missing path, gated repo, no network...)."""
 
 
-# Up to ~400M parameters (SmolLM2-360M, Qwen2.5-0.5B without embeddings) a CPU step on short sequences takes
-# seconds to minutes; the Gemma-2 2B/9B presets would take hours per step.
-CPU_MAX_PARAMS = 400_000_000
+README = "models/README.md"
+# Any one of these makes a folder loadable by AutoTokenizer (fast tokenizer, SentencePiece, BPE vocab + merges).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model")
 
 
-@dataclass(frozen=True)
-class Device:
-    kind: str  # "cuda" or "cpu"
-    name: str
-    memory_gib: float | None
-    compute_dtype: torch.dtype
-    bf16: bool
-    fp16: bool
-
-    def describe(self) -> str:
-        mem = f", {self.memory_gib:.1f} GiB" if self.memory_gib else ""
-        return f"{self.kind} ({self.name}{mem}), compute {str(self.compute_dtype).replace('torch.', '')}"
+def looks_like_path(name: str) -> bool:
+    """A local path (which must exist) rather than a hub id `org/name`."""
+    return name.startswith(("/", "./", "../", "~")) or os.path.exists(name)
 
 
-def pick_device(cfg: QLoRAConfig, preset: str) -> Device:
-    """Choose the device and precision, and refuse presets the machine cannot run."""
-    has_cuda = torch.cuda.is_available()
-    if cfg.device == "cuda" and not has_cuda:
-        raise ResourceError("device=cuda was asked for but no CUDA GPU is visible. Check `nvidia-smi`, the NVIDIA "
-                            "container runtime (make doctor), or use --set device=auto")
-    if has_cuda and cfg.device != "cpu":
-        props = torch.cuda.get_device_properties(0)
-        mem = props.total_memory / 2**30
-        if cfg.min_gpu_mem_gib and mem < cfg.min_gpu_mem_gib:
-            raise ResourceError(f"preset '{preset}' needs a GPU with at least {cfg.min_gpu_mem_gib:g} GiB; "
-                                f"{props.name} has {mem:.1f} GiB. Use a smaller preset (gemma-2b), a shorter "
-                                "--set max_seq_length, or --set min_gpu_mem_gib=0 to try anyway")
-        bf16 = cfg.bf16 == "true" or (cfg.bf16 == "auto" and torch.cuda.is_bf16_supported())
-        return Device("cuda", props.name, mem, torch.bfloat16 if bf16 else torch.float16, bf16, not bf16)
-    admit_cpu(cfg, preset)
-    return Device("cpu", "CPU", None, torch.float32, False, False)
+def load_base_config(model_path: str):
+    """The model's config (local config.json, or the hub's few KB), or ModelLoadError with the fix."""
+    from transformers import AutoConfig
+
+    if looks_like_path(model_path):
+        folder = Path(model_path).expanduser()
+        if not folder.is_dir():
+            raise ModelLoadError(f"cannot load '{model_path}': the folder {folder} does not exist.\n-> give an existing folder (in Docker: "
+                                 f"MODEL=/host/path is mounted read-only), or a hub id such as google/gemma-2-2b "
+                                 f"({README})")
+        if not (folder / "config.json").is_file():
+            raise ModelLoadError(f"{folder / 'config.json'} is missing: {folder} is not a Hugging Face model folder.\n"
+                                 f"-> copy the whole folder as downloaded (config.json, *.safetensors, tokenizer "
+                                 f"files), e.g. `hf download ORG/NAME --local-dir {folder}` ({README})")
+    try:
+        return AutoConfig.from_pretrained(str(Path(model_path).expanduser()) if looks_like_path(model_path)
+                                          else model_path)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(explain_load_error(model_path, exc)) from None
 
 
-def admit_cpu(cfg: QLoRAConfig, preset: str) -> None:
-    """Train on the CPU only a base model small enough for it (or with allow_cpu); refuse with the time per step."""
-    from training.model_check import count_parameters
+def check_base_model(model_path: str) -> None:
+    """Config readable (local or hub), and a local folder's weights and tokenizer all there and whole."""
+    load_base_config(model_path)
+    check_model_folder(model_path)
 
-    if cfg.allow_cpu:
-        log.info("no CUDA GPU: training on the CPU (allow_cpu=true)")
+
+def check_model_folder(model_path: str) -> None:
+    """A local folder's weights are all there and whole, and it has a tokenizer; hub ids pass (loading checks)."""
+    if not looks_like_path(model_path):
         return
-    params = count_parameters(cfg.model_name_or_path)
-    tokens = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * cfg.max_seq_length
-    step_s = cpu_step_seconds(params, tokens)
-    size = f"{cfg.model_name_or_path} has {params / 1e6:,.{0 if params >= 1e7 else 1}f}M parameters"
-    if params <= CPU_MAX_PARAMS:
-        log.info("no CUDA GPU: training on the CPU (%s, at most %.0fM); at least ~%s per optimizer step of %d "
-                 "tokens", size, CPU_MAX_PARAMS / 1e6, _duration(step_s), tokens)
-        return
-    raise ResourceError(f"preset '{preset}': {size}, more than the {CPU_MAX_PARAMS / 1e6:.0f}M a CPU trains in "
-                        f"reasonable time: it needs a CUDA GPU, and none is visible (one optimizer step of "
-                        f"{tokens:,} tokens would take at least ~{_duration(step_s)} here). Run it on a GPU host (make doctor checks one), try the "
-                        "pipeline with --model-config tiny or a smaller --model, or force it with --set allow_cpu=true")
+    from safetensors import SafetensorError, safe_open
+
+    folder = Path(model_path).expanduser()
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+        except (OSError, ValueError, KeyError, AttributeError) as exc:
+            raise ModelLoadError(f"{index}: unreadable shard index ({exc}).\n-> download the model again "
+                                 f"({README})") from None
+        missing = [s for s in shards if not (folder / s).is_file()]
+        if missing:
+            raise ModelLoadError(f"{folder / missing[0]} is missing ({len(missing)} of the {len(shards)} shards "
+                                 f"{index.name} lists).\n-> copy the missing shards, or download the model again "
+                                 f"({README})")
+        weights = [folder / s for s in shards]
+    else:
+        weights = sorted(folder.glob("*.safetensors"))
+    if not weights and not list(folder.glob("pytorch_model*.bin")):
+        raise ModelLoadError(f"{folder} has no weights (*.safetensors or pytorch_model*.bin).\n-> copy the weight "
+                             f"files too, or download the model again ({README})")
+    for shard in weights:
+        try:
+            with safe_open(str(shard), framework="pt"):  # reads the header: catches a file cut short
+                pass
+        except (SafetensorError, OSError) as exc:
+            raise ModelLoadError(f"{shard} is damaged ({exc}; {shard.stat().st_size:,} bytes): a download or copy "
+                                 f"that did not finish.\n-> copy or download this file again ({README})") from None
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise ModelLoadError(f"{folder} has no tokenizer files (one of {', '.join(TOKENIZER_FILES)}).\n-> copy them "
+                             f"from the original model folder, e.g. `hf download ORG/NAME --include 'tokenizer*' "
+                             f"--local-dir {folder}` ({README})")
 
 
-def cpu_step_seconds(params: int, tokens: int) -> float:
-    """A lower bound for one QLoRA optimizer step on this CPU: ~6 FLOPs per parameter per token (forward, input
-    gradients, recomputation under gradient checkpointing) at the fp32 matmul speed measured here."""
-    import time
+def count_parameters(model_name_or_path: str) -> int:
+    """Parameters of the base model from its config alone: the presets' known architectures without a download,
+    anything else as a model on the meta device (shapes, no memory)."""
+    from training.plan import KNOWN_ARCHS
 
-    a = torch.randn(512, 512)
-    torch.mm(a, a)  # warm-up
-    t0 = time.perf_counter()
-    for _ in range(4):
-        torch.mm(a, a)
-    flops_per_s = 4 * 2 * 512**3 / max(time.perf_counter() - t0, 1e-9)
-    return 6 * params * tokens / flops_per_s
+    if model_name_or_path in KNOWN_ARCHS:
+        arch = KNOWN_ARCHS[model_name_or_path]
+        return arch.linear_params() + arch.vocab * arch.hidden  # Gemma ties input and output embeddings
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from training.tiny import resolve_builtin
+
+    config = load_base_config(resolve_builtin(model_name_or_path))
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return sum(p.numel() for p in model.parameters())
 
 
-def _duration(seconds: float) -> str:
-    if seconds < 1:
-        return "under 1 s"
-    if seconds < 120:
-        return f"{seconds:.0f} s"
-    if seconds < 7200:
-        return f"{seconds / 60:.0f} minutes"
-    return f"{seconds / 3600:.1f} hours"
+def explain_load_error(model_path: str, exc: BaseException) -> str:
+    """What went wrong loading `model_path` (a real exception from transformers / huggingface_hub) and the fix."""
+    from huggingface_hub.errors import GatedRepoError, OfflineModeIsEnabled, RepositoryNotFoundError
+
+    from huggingface_hub import constants
+
+    hub = constants.ENDPOINT  # https://huggingface.co unless HF_ENDPOINT names a mirror
+    from training.disk import exception_chain
+
+    chain = exception_chain(exc)
+    text = " ".join(str(e) for e in chain)
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if any(isinstance(e, GatedRepoError) for e in chain) or "gated repo" in text.lower():
+        if _have_token():
+            hint = (f"'{model_path}' is gated and your HF_TOKEN has no access to it yet: accept the licence at "
+                    f"{hub}/{model_path} with the account that owns the token, then run again")
+        else:
+            hint = (f"'{model_path}' is gated: accept its licence at {hub}/{model_path}, create a read token "
+                    f"({hub}/settings/tokens) and export HF_TOKEN=hf_... before running ({README})")
+    elif any(isinstance(e, OfflineModeIsEnabled) for e in chain) or (
+            _offline() and "couldn't connect" in text.lower()):
+        hint = (f"HF_HUB_OFFLINE is set and '{model_path}' is not in the Hugging Face cache "
+                f"({os.environ.get('HF_HOME', '~/.cache/huggingface')}): download it once where the hub is "
+                f"reachable, or pass --model /path/to/local/folder ({README})")
+    elif "couldn't connect" in text.lower() or "connect" in text.lower() or "resolve" in text.lower():
+        hint = (f"the Hugging Face hub ({hub}) is unreachable from here and '{model_path}' is not cached: download "
+                f"it where the hub is reachable and pass --model /path/to/folder, or if it is in the cache set "
+                f"HF_HUB_OFFLINE=1 to skip the hub ({README})")
+    elif any(isinstance(e, RepositoryNotFoundError) for e in chain) or "not a valid model identifier" in text:
+        hint = (f"no model '{model_path}' on the hub (or it is private): check the spelling, or give a local "
+                f"folder ({README})")
+    else:
+        hint = f"check the id or path (a local folder needs config.json, the weights and tokenizer files; {README})"
+    return f"cannot load '{model_path}': {first}\n-> {hint}"
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+
+
+def _have_token() -> bool:
+    """HF_TOKEN, the file HF_TOKEN_PATH names (the Compose secret), or a stored `hf auth login`."""
+    from huggingface_hub import get_token
+
+    return get_token() is not None
 
 
 def load_tokenizer(model_path: str):
     from transformers import AutoTokenizer
-
-    from training.model_check import explain_load_error
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_path)
@@ -130,128 +182,3 @@ def model_type_of(model_path: str) -> str | None:
         return AutoConfig.from_pretrained(model_path).model_type
     except (OSError, ValueError):
         return None
-
-
-def plan_for_device(cfg: QLoRAConfig, device: Device, backend: str) -> tuple[QLoRAConfig, str]:
-    """On CUDA, let the VRAM planner choose micro-batch and per-layer checkpointing for the card, keeping the
-    tokens per optimizer step of the preset. `backend` is what was applied (training.backends.apply_backend), and
-    cfg.attn_implementation the attention that will run. Returns the updated config and a log line."""
-    from dataclasses import replace
-
-    from training.plan import PlanError, arch_for, plan
-
-    if device.kind != "cuda" or not cfg.plan_memory:
-        return cfg, "planner off (CPU or plan_memory=false): micro-batch and checkpointing as configured"
-    gpu_mem = cfg.gpu_mem_gib or device.memory_gib or 0.0
-    sequences = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps
-    try:
-        arch = arch_for(cfg.model_name_or_path)  # known table, else the (builtin-resolved) config.json
-        p = plan(arch, sequences, cfg.max_seq_length, cfg.lora_r, gpu_mem, "unsloth" if backend == "unsloth" else "hf",
-                 fused_loss=backend in ("unsloth", "hf+liger"),  # both never materialise the logits
-                 eager_attention=cfg.attn_implementation in ("eager", "auto"), max_micro_batch=cfg.max_micro_batch,
-                 fp32_embeddings=cfg.fp32_norms_and_embeddings)
-    except PlanError as exc:
-        raise ResourceError(str(exc)) from None
-    new = replace(cfg, per_device_train_batch_size=p.micro_batch, gradient_accumulation_steps=p.gradient_accumulation_steps,
-                  gradient_checkpointing=p.gradient_checkpointing, recompute_layers=p.recompute_layers)
-    ckpt = f"on for {p.recompute_layers} of {arch.num_layers} layers" if p.gradient_checkpointing else "off"
-    return new, (f"planner ({gpu_mem:.0f} GiB card, {backend}, {cfg.attn_implementation} attention): micro-batch "
-                 f"{p.micro_batch} x accumulation {p.gradient_accumulation_steps}, gradient checkpointing {ckpt}, "
-                 f"predicted peak {p.predicted_peak_gib:.1f} GiB ({p.reason})")
-
-
-UNSLOTH_IGNORES = {"target_modules": "all-linear", "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True,
-                   "fused_lora": True, "fp32_norms_and_embeddings": False}
-
-
-def load_qlora_model(cfg: QLoRAConfig, model_path: str, device: Device, backend: str = "hf"):
-    """Base weights in 4-bit NF4 (+ double quant) with LoRA on all linear layers, through the applied backend:
-    'unsloth', 'hf+liger' (transformers + peft with Liger kernels, patched by training.backends.apply_backend)
-    or 'hf'. The Trainer is told not to checkpoint: this sets checkpointing up, per layer."""
-    if backend == "unsloth":
-        from training.backends import LORA_TARGETS, load_unsloth
-
-        for key, honoured in UNSLOTH_IGNORES.items():
-            if getattr(cfg, key) != honoured:
-                log.warning("backend unsloth ignores %s=%s (it uses %s)", key, getattr(cfg, key), honoured)
-        model = load_unsloth(model_path, cfg.max_seq_length, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout,
-                             cfg.gradient_checkpointing, cfg.seed)
-        log.info("model %s: unsloth 4-bit NF4, LoRA r=%d on %s", model_path, cfg.lora_r, ", ".join(LORA_TARGETS))
-        return model
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-
-    from training.distributed import fsdp_enabled, local_rank
-    from training.fast_lora import apply_fused_lora
-    from training.model_check import explain_load_error
-
-    fsdp = fsdp_enabled()
-    quant = BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type=cfg.bnb_4bit_quant_type,
-        bnb_4bit_use_double_quant=cfg.bnb_4bit_use_double_quant,
-        bnb_4bit_compute_dtype=device.compute_dtype,
-        # FSDP shards parameters of one float dtype: store the packed 4-bit weights as the compute dtype (bf16) so
-        # they can be flattened and sharded with the LoRA weights (the bitsandbytes FSDP-QLoRA recipe).
-        **({"bnb_4bit_quant_storage": device.compute_dtype} if fsdp else {}),
-    )
-    # Each rank (GPUS=N) loads the 4-bit base onto its own card; under FSDP transformers places it itself
-    # (rank 0 reads the weights, the others wait for FSDP to hand them their shard: fsdp_cpu_ram_efficient_loading).
-    device_map = None if fsdp and device.kind == "cuda" else {"": local_rank() if device.kind == "cuda" else "cpu"}
-    try:
-        model = AutoModelForCausalLM.from_pretrained(
-            model_path,
-            quantization_config=quant,
-            dtype=device.compute_dtype,
-            attn_implementation="eager" if cfg.attn_implementation == "auto" else cfg.attn_implementation,
-            device_map=device_map,
-        )
-    except (OSError, ValueError) as exc:
-        raise ModelLoadError(explain_load_error(model_path, exc)) from None
-    model.config.use_cache = False  # the KV cache is useless in training and conflicts with checkpointing
-    prepare_for_kbit_training(model, cfg.fp32_norms_and_embeddings)
-    lora = LoraConfig(
-        r=cfg.lora_r,
-        lora_alpha=cfg.lora_alpha,
-        lora_dropout=cfg.lora_dropout,
-        target_modules=cfg.target_modules,
-        task_type="CAUSAL_LM",
-    )
-    model = get_peft_model(model, lora)
-    fused = apply_fused_lora(model) if cfg.fused_lora else 0
-    recomputed = enable_checkpointing(model, cfg.recompute_layers) if cfg.gradient_checkpointing else 0
-    trainable, total = model.get_nb_trainable_parameters()
-    log.info("model %s: 4-bit %s%s, LoRA r=%d on %s: %s trainable of %s parameters (%.2f%%); %s attention, "
-             "fused LoRA on %d layers, %s norms/embeddings, %d layers recomputed", model_path,
-             cfg.bnb_4bit_quant_type, " + double quant" if cfg.bnb_4bit_use_double_quant else "", cfg.lora_r,
-             cfg.target_modules, f"{trainable:,}", f"{total:,}", 100 * trainable / max(total, 1),
-             model.config._attn_implementation, fused, "fp32" if cfg.fp32_norms_and_embeddings else "compute-dtype",
-             recomputed)
-    return model
-
-
-def prepare_for_kbit_training(model, fp32_frozen: bool) -> None:
-    """peft's prepare_model_for_kbit_training without its upcast unless asked: every base weight frozen; frozen norms
-    and embeddings stay in the compute dtype (as the model was trained) instead of fp32, which would make the whole
-    residual stream fp32 (~1.4x slower steps on an H200, +2.2 GiB on Gemma-2-2B). Inputs require grad so that
-    checkpointed layers get gradients."""
-    if fp32_frozen:
-        from peft import prepare_model_for_kbit_training
-
-        prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    for param in model.parameters():
-        param.requires_grad_(False)
-    model.enable_input_require_grads()
-
-
-def enable_checkpointing(model, recompute_layers: int) -> int:
-    """Non-reentrant gradient checkpointing on the first `recompute_layers` decoder layers (-1: all); the others keep
-    their activations. Returns how many layers recompute."""
-    from transformers.modeling_layers import GradientCheckpointingLayer
-
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
-    keep_from = len(layers) if recompute_layers < 0 else min(recompute_layers, len(layers))
-    for layer in layers[keep_from:]:
-        layer.gradient_checkpointing = False
-    return keep_from

@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from training.model import ResourceError
+from training.device import ResourceError
 
 log = logging.getLogger("training")
 MIB = 2**20
@@ -42,7 +42,7 @@ class PlanUsed:
     max_seq_length: int
     planner: bool  # whether the VRAM planner chose micro-batch and checkpointing
     plan_line: str
-    device: Any  # training.model.Device
+    device: Any  # training.device.Device
 
 
 def is_cuda_oom(exc: BaseException) -> bool:
@@ -142,7 +142,7 @@ def free_cuda_memory() -> None:
 
 def train_with_oom_retry(train: Callable[..., int], cfg, **kwargs: Any) -> int:
     """train(cfg, **kwargs, retried=False); on OutOfMemory with cfg.oom_retry, once more with half the micro-batch
-    (kwargs must hold metrics_path and run_name, for the event)."""
+    (kwargs must hold `paths`, the run's RunPaths, for the event)."""
     from training.runfiles import log_event
 
     try:
@@ -155,5 +155,5 @@ def train_with_oom_retry(train: Callable[..., int], cfg, **kwargs: Any) -> int:
     free_cuda_memory()
     log.warning("oom_retry: %s; retrying once with micro-batch %d x accumulation %d (same tokens per step)",
                 message.split(" (")[0], retry["per_device_train_batch_size"], retry["gradient_accumulation_steps"])
-    log_event(kwargs["metrics_path"], kwargs["run_name"], 0, "oom_retry", error=message, **retry)
+    log_event(kwargs["paths"].metrics, kwargs["paths"].name, 0, "oom_retry", error=message, **retry)
     return train(replace(cfg, **retry), retried=True, **kwargs)

@@ -211,6 +211,30 @@ def arch_for(model_name_or_path: str) -> Arch:
     return Arch.from_config(AutoConfig.from_pretrained(resolve_builtin(model_name_or_path)))
 
 
+def plan_for_run(cfg, device, backend) -> tuple:
+    """On CUDA, let the planner choose micro-batch and per-layer checkpointing for the card, keeping the tokens per
+    optimizer step of the config. `backend` is what was applied (training.backends: its `name` and `fused_loss`, so
+    a Liger patch that did not take plans for materialised logits), cfg.attn_implementation the attention that will
+    run. Returns the updated config and a log line."""
+    from dataclasses import replace
+
+    if device.kind != "cuda" or not cfg.plan_memory:
+        return cfg, "planner off (CPU or plan_memory=false): micro-batch and checkpointing as configured"
+    gpu_mem = cfg.gpu_mem_gib or device.memory_gib or 0.0
+    sequences = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps
+    arch = arch_for(cfg.model_name_or_path)  # known table, else the (builtin-resolved) config.json
+    p = plan(arch, sequences, cfg.max_seq_length, cfg.lora_r, gpu_mem, backend.name,  # PlanError: nothing fits
+             fused_loss=backend.fused_loss, eager_attention=cfg.attn_implementation in ("eager", "auto"),
+             max_micro_batch=cfg.max_micro_batch, fp32_embeddings=cfg.fp32_norms_and_embeddings)
+    new = replace(cfg, per_device_train_batch_size=p.micro_batch, gradient_accumulation_steps=p.gradient_accumulation_steps,
+                  gradient_checkpointing=p.gradient_checkpointing, recompute_layers=p.recompute_layers)
+    ckpt = f"on for {p.recompute_layers} of {arch.num_layers} layers" if p.gradient_checkpointing else "off"
+    line = (f"planner ({gpu_mem:.0f} GiB card, {backend.label}, {cfg.attn_implementation} attention): micro-batch "
+            f"{p.micro_batch} x accumulation {p.gradient_accumulation_steps}, gradient checkpointing {ckpt}, "
+            f"predicted peak {p.predicted_peak_gib:.1f} GiB ({p.reason})")
+    return new, line
+
+
 def main(argv: list[str] | None = None) -> int:
     from training.qlora_config import PRESETS
 

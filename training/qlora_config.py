@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import typing
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 from training.errors import UserError
@@ -33,8 +33,7 @@ class QLoRAConfig:
     device: str = "auto"  # auto: CUDA when present, else the CPU; cpu/cuda force it
     min_gpu_mem_gib: float = 0.0  # refuse to start below this much GPU memory (0: no check)
     allow_cpu: bool = False  # without a GPU, base models over 400M parameters are refused (hours per step); true forces
-    # --- quantisation (QLoRA) ---
-    load_in_4bit: bool = True  # the Q in QLoRA: base weights stored in 4 bits, ~4x less memory than bf16
+    # --- quantisation (QLoRA: base weights always in 4 bits, ~4x less memory than bf16) ---
     bnb_4bit_quant_type: str = "nf4"  # NF4 fits normally distributed weights better than fp4
     bnb_4bit_use_double_quant: bool = True  # quantise the quantisation constants too: ~0.4 bit/param saved
     # --- LoRA ---
@@ -76,6 +75,8 @@ class QLoRAConfig:
     eval_max_new_tokens: int = 64  # ... each at most this long
     report_to: str = "tensorboard"  # comma-separated: tensorboard, wandb
     dataloader_num_workers: int = 2  # background data loading; 0 on the CPU
+    # --- any other TRL SFTConfig argument, given by name (--set adam_beta2=0.95): passed through as it is ---
+    trainer_args: dict = field(default_factory=dict)
 
 
 PRESETS: dict[str, QLoRAConfig] = {
@@ -148,19 +149,20 @@ FIELD_TYPES: dict[str, type] = typing.get_type_hints(QLoRAConfig)
 
 
 def valid_keys() -> list[str]:
-    return [f.name for f in fields(QLoRAConfig)]
+    return [f.name for f in fields(QLoRAConfig) if f.name != "trainer_args"]
 
 
 def _unknown_key_message(key: str, where: str) -> str:
     close = difflib.get_close_matches(key, valid_keys(), n=1)
     hint = f" Did you mean '{close[0]}'?" if close else ""
     return (f"unknown config key '{key}' ({where}).{hint}\n"
-            f"Valid keys: {', '.join(valid_keys())}")
+            f"Valid keys: {', '.join(valid_keys())}; or any argument of TRL's SFTConfig that the recipe does not set "
+            "itself (training/trainer_args.py), e.g. adam_beta2")
 
 
 def coerce(key: str, value: Any, where: str) -> Any:
     """Turn a YAML or command-line value into the field's type, or raise ConfigError naming the key."""
-    if key not in FIELD_TYPES:
+    if key not in FIELD_TYPES or key == "trainer_args":
         raise ConfigError(_unknown_key_message(key, where))
     typ = FIELD_TYPES[key]
     bad = ConfigError(f"{where}: '{key}' must be {typ.__name__}, got {value!r}")
@@ -227,8 +229,6 @@ def validate(cfg: QLoRAConfig, preset: str) -> None:
                           "(a Hugging Face id such as google/gemma-2-2b, or a local folder)")
     if not cfg.data:
         raise ConfigError("no training data: pass --data PATH (a file or folder of .jsonl/.json/.parquet/.csv)")
-    if not cfg.load_in_4bit:
-        raise ConfigError("'load_in_4bit' must stay true: this is a QLoRA recipe (for 16-bit LoRA use another tool)")
 
 
 def load_yaml(path: str) -> dict[str, Any]:
@@ -272,9 +272,29 @@ def resolve_config(preset: str, yaml_path: str | None = None, overrides: dict[st
     layers.append(("command line", {k: v for k, v in (overrides or {}).items() if v is not None}))
     layers.append(("--set", parse_set(set_items or [])))
     for where, values in layers:
-        cfg = replace(cfg, **{k: coerce(k, v, where) for k, v in values.items()})
+        own = {k: v for k, v in values.items() if k in FIELD_TYPES and k != "trainer_args"}
+        cfg = replace(cfg, **{k: coerce(k, v, where) for k, v in own.items()},
+                      trainer_args={**cfg.trainer_args, **trainer_keys(values.keys() - own.keys(), values, where)})
     validate(cfg, preset)
     return cfg
+
+
+def trainer_keys(keys, values: dict[str, Any], where: str) -> dict[str, Any]:
+    """Keys that are not the config's own: TRL SFTConfig arguments (training/trainer_args.py), else ConfigError."""
+    if not keys:
+        return {}
+    from training.trainer_args import trainer_key
+
+    out = {}
+    for key in sorted(keys):
+        try:
+            known, value = trainer_key(key, values[key], where)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        if not known:
+            raise ConfigError(_unknown_key_message(key, where))
+        out[key] = value
+    return out
 
 
 def to_dict(cfg: QLoRAConfig) -> dict[str, Any]:

@@ -28,6 +28,7 @@ from typing import Any
 from matplotlib.figure import Figure  # the object API: no pyplot global state, no display; PNGs go through Agg
 
 from training.checkpoints import iter_complete_checkpoints
+from training.console import format_duration
 from training.errors import UserError
 from training.runfiles import (EVAL, GPU_METRICS, GPU_PLOT, METRICS, REPORT_DIR, REPORT_MD, iter_records, list_runs, num,
                                read_history, rotated_files, run_status)
@@ -141,13 +142,6 @@ def _f(value: float | None, spec: str) -> str:
     return "-" if value is None or not math.isfinite(value) else format(value, spec)
 
 
-def _duration(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    s = int(round(seconds))
-    return f"{s // 3600}h {s % 3600 // 60:02d}m {s % 60:02d}s" if s >= 3600 else f"{s // 60}m {s % 60:02d}s"
-
-
 def write_report(logs_dir: str | os.PathLike, run: str, output_dir: str | os.PathLike = "outputs",
                  report_dir: str | os.PathLike | None = None) -> Path:
     """Write the plots and report.md for `run` into `<output_dir>/<run>/report/` (or `report_dir` when the run
@@ -205,7 +199,7 @@ def write_report(logs_dir: str | os.PathLike, run: str, output_dir: str | os.Pat
         f"| preset / device | {start_ev.get('preset', '-')} / {start_ev.get('device', '-')} |",
         f"| steps | {last_step if last_step is not None else '-'} / {m['max_steps'] if m['max_steps'] else '-'} "
         f"({len(m['steps'])} logged) |",
-        f"| duration | {_duration(m['end_ts'] - m['start_ts']) if m['start_ts'] is not None else '-'} |",
+        f"| duration | {format_duration(m['end_ts'] - m['start_ts']) if m['start_ts'] is not None else '-'} |",
         f"| loss first / last / min | {_f(losses[0] if losses else None, '.4f')} / "
         f"{_f(losses[-1] if losses else None, '.4f')} / {_f(min(losses) if losses else None, '.4f')} |",
         f"| eval loss (last) | {_f(m['eval_loss'][-1][1] if m['eval_loss'] else None, '.4f')} |",
@@ -264,6 +258,19 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", default=None, help="run name (default: the run whose metrics changed last)")
     p.add_argument("--output-dir", default="outputs", help="the report goes to <output-dir>/<run>/report/")
     return p
+
+
+def write_run_report(paths) -> None:
+    """The report of a finished run (training/runfiles.py::RunPaths), next to its outputs; a report problem never
+    fails the run it describes (the recipe and `make eval` call this after their real work is saved)."""
+    import logging
+
+    log = logging.getLogger("training")
+    try:
+        log.info("report: %s", write_report(paths.logs_dir.parent, paths.name, paths.run_dir.parent,
+                                            report_dir=paths.report_dir))
+    except Exception as exc:  # noqa: BLE001 - matplotlib missing or a plotting bug: say so and go on
+        log.warning("run report not written (%s); make report RUN=%s retries", exc, paths.name)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -81,7 +81,7 @@ def download_base(repo_id: str) -> Path:
         return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "tokenizer.model",
                                                                "*.jinja"]))
     except Exception as exc:  # noqa: BLE001 - the hub raises many kinds; all mean the same to the user here
-        from training.model_check import explain_load_error
+        from training.model import explain_load_error
 
         raise ExportError(explain_load_error(repo_id, exc)) from None
 
