@@ -142,22 +142,9 @@ def _f(value: float | None, spec: str) -> str:
     return "-" if value is None or not math.isfinite(value) else format(value, spec)
 
 
-def write_report(logs_dir: str | os.PathLike, run: str, output_dir: str | os.PathLike = "outputs",
-                 report_dir: str | os.PathLike | None = None) -> Path:
-    """Write the plots and report.md for `run` into `<output_dir>/<run>/report/` (or `report_dir` when the run
-    folder is not named after the run); returns that folder.
-
-    Raises ReportError (a message for people) when the run has no metrics file.
-    """
-    logs_dir, output_dir = Path(logs_dir), Path(output_dir)
-    metrics_path = logs_dir / run / METRICS
-    if not metrics_path.is_file():
-        runs = list_runs(logs_dir)
-        raise ReportError(f"no metrics for run {run!r}: {metrics_path} does not exist; "
-                          + (f"runs under {logs_dir}/: {', '.join(runs)}" if runs else f"no runs under {logs_dir}/"))
-    m = read_metrics(metrics_path)
-    report_dir = Path(report_dir) if report_dir else output_dir / run / REPORT_DIR
-    report_dir.mkdir(parents=True, exist_ok=True)
+def draw_plots(run: str, m: dict, metrics_path: Path, gpu_path: Path, report_dir: Path):
+    """The loss, learning-rate, throughput and GPU plots of the run: (plots as (file, caption), notes, GPU samples
+    per GPU index). A plot with no data is removed, so an old one never contradicts the report."""
     series = m["series"]
     plots: list[tuple[str, str]] = []  # (file, caption)
     notes: list[str] = []
@@ -173,7 +160,6 @@ def write_report(logs_dir: str | os.PathLike, run: str, output_dir: str | os.Pat
             (report_dir / f"{key}.png").unlink(missing_ok=True)  # an old plot would not match this report
             notes.append(f"no {what} values in {metrics_path}: {key}.png not drawn")
 
-    gpu_path = logs_dir / GPU_METRICS
     per_gpu: dict[int, list[dict[str, Any]]] = {}
     if m["start_ts"] is not None:
         per_gpu = read_gpu_window(gpu_path, m["start_ts"] - GPU_WINDOW_MARGIN_S, m["end_ts"] + GPU_WINDOW_MARGIN_S)
@@ -185,11 +171,17 @@ def write_report(logs_dir: str | os.PathLike, run: str, output_dir: str | os.Pat
         notes.append(f"no GPU samples in {gpu_path} during the run (no GPU, or the gpu-monitor was not running): "
                      "gpu.png not drawn")
 
+    return plots, notes, per_gpu
+
+
+def summary_table(run: str, m: dict, metrics_path: Path, per_gpu: dict, run_dir: Path) -> list[str]:
+    """The report's heading and its table of the run's state, numbers and GPU use."""
+    series = m["series"]
     state = run_status(m["events"])
     losses = [v for _, v in series["loss"]]
     tps = [v for _, v in series["tokens_per_s"]]
     last_step = m["steps"][-1] if m["steps"] else None
-    checkpoint = next((c for c in iter_complete_checkpoints(output_dir / run, level="sizes") if c.complete), None)
+    checkpoint = next((c for c in iter_complete_checkpoints(run_dir, level="sizes") if c.complete), None)
     start_ev = next((e for e in m["events"] if e.get("event") == "start"), {})
     lines = [
         f"# Run report: {run}", "",
@@ -212,6 +204,28 @@ def write_report(logs_dir: str | os.PathLike, run: str, output_dir: str | os.Pat
         lines.append(f"| GPU {idx} util mean / peak memory | {_f(sum(util) / len(util) if util else None, '.0f')}% / "
                      f"{_f(max(mem) / 1024 if mem else None, '.1f')} GiB ({len(samples)} samples) |")
     lines.append(f"| last complete checkpoint | {checkpoint.path if checkpoint else 'none'} |")
+    lines.append(f"| last complete checkpoint | {checkpoint.path if checkpoint else 'none'} |")
+    return lines
+
+
+def write_report(logs_dir: str | os.PathLike, run: str, output_dir: str | os.PathLike = "outputs",
+                 report_dir: str | os.PathLike | None = None) -> Path:
+    """Write the plots and report.md for `run` into `<output_dir>/<run>/report/` (or `report_dir` when the run
+    folder is not named after the run); returns that folder.
+
+    Raises ReportError (a message for people) when the run has no metrics file.
+    """
+    logs_dir, output_dir = Path(logs_dir), Path(output_dir)
+    metrics_path = logs_dir / run / METRICS
+    if not metrics_path.is_file():
+        runs = list_runs(logs_dir)
+        raise ReportError(f"no metrics for run {run!r}: {metrics_path} does not exist; "
+                          + (f"runs under {logs_dir}/: {', '.join(runs)}" if runs else f"no runs under {logs_dir}/"))
+    m = read_metrics(metrics_path)
+    report_dir = Path(report_dir) if report_dir else output_dir / run / REPORT_DIR
+    report_dir.mkdir(parents=True, exist_ok=True)
+    plots, notes, per_gpu = draw_plots(run, m, metrics_path, logs_dir / GPU_METRICS, report_dir)
+    lines = summary_table(run, m, metrics_path, per_gpu, output_dir / run)
     lines.append("")
     lines += eval_section(report_dir.parent / EVAL)
     for file, caption in plots:
