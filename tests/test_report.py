@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from training.jsonl import append_jsonl
+from training.jsonio import append_jsonl
 from training.report import (DPI, FIGSIZE, ReportError, plot_gpu, plot_series, read_gpu_window, read_metrics,
                              write_report)
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from training.jsonl import append_jsonl
+from training.jsonio import append_jsonl
 from training.status import NO_RUNS_MESSAGE, collect_status, loss_trend, render
 
 REPO = Path(__file__).resolve().parents[1]

@@ -44,7 +44,7 @@ from training.checkpoints import (
     verify_checkpoint,
 )
 from training.disk import free_bytes
-from training.jsonl import append_jsonl, write_json_atomic
+from training.jsonio import append_jsonl, write_json_atomic
 from training.runfiles import BACKUP_EVENTS, BACKUP_LOCK, BACKUP_TMP_PREFIX, CHECKPOINT_PREFIX, LAST_BACKUP
 from training.stop_signal import StopSignal
 from training.errors import UserError

@@ -30,7 +30,7 @@ from transformers import TrainerCallback
 from training import distributed
 from training.checkpoints import (Log, checkpoint_step, prune_checkpoints, set_aside_later_checkpoints,
                                   write_complete_marker)
-from training.jsonl import write_json_atomic
+from training.jsonio import write_json_atomic
 from training.runfiles import CHECKPOINT_PREFIX, CHECKPOINT_RUN_CONFIG, log_event
 
 logger = logging.getLogger("training.checkpoints")

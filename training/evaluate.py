@@ -140,7 +140,7 @@ def run_eval(output_dir: Path, run: str | None, data: str | None = None, prompts
              max_examples: int = DEFAULT_MAX_EXAMPLES) -> Path:
     """Load the run, evaluate it, write outputs/<run>/eval.json; returns its path."""
     from training.chat import load_run_model
-    from training.jsonl import write_json_atomic
+    from training.jsonio import write_json_atomic
     from training.runfiles import EVAL
 
     rm = load_run_model(output_dir, run)

@@ -32,7 +32,7 @@ from types import ModuleType
 from typing import Any, Callable
 
 from training.disk import free_bytes
-from training.jsonl import append_jsonl
+from training.jsonio import append_jsonl
 from training.runfiles import GPU_METRICS
 from training.stop_signal import StopSignal
 
@@ -72,7 +72,7 @@ def decode_throttle_reasons(mask: int) -> list[str]:
 
 
 class RotatingJsonlWriter:
-    """Appends whole JSON lines (training.jsonl.append_jsonl) and rotates by size, keeping the newest data."""
+    """Appends whole JSON lines (training.jsonio.append_jsonl) and rotates by size, keeping the newest data."""
 
     def __init__(self, path: str | os.PathLike, max_bytes: int = DEFAULT_MAX_BYTES, keep: int = DEFAULT_KEEP):
         self.path = Path(path)

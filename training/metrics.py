@@ -16,7 +16,7 @@ from typing import Any
 from transformers import TrainerCallback
 
 from training.console import format_duration
-from training.jsonl import append_jsonl
+from training.jsonio import append_jsonl
 
 log = logging.getLogger("training")
 

@@ -280,7 +280,7 @@ def save_run(trainer, setup: RunSetup, data: RunData, paths: RunPaths, metrics_c
              duration_s: float) -> dict | None:
     """The adapter (atomically), run_summary.json and the `finished` event; rank 0 writes, the others get None."""
     from training.disk import disk_full_guard
-    from training.jsonl import write_json_atomic
+    from training.jsonio import write_json_atomic
 
     with disk_full_guard(paths.run_dir):
         if not save_adapter(trainer, data.tokenizer, setup.model_path, paths):

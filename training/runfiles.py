@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from training.jsonl import append_jsonl
+from training.jsonio import append_jsonl
 
 # -- the run folder (outputs/<run>) -------------------------------------------------------------------------------
 ADAPTER_DIR = "adapter"

@@ -15,6 +15,16 @@ from pathlib import Path
 
 from training.qlora_config import ConfigError
 
+# Gemma-2's chat template (it has no system role: training/data.py folds system text into the first user turn).
+GEMMA_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+    "{% endif %}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if (message['role'] == 'assistant') %}{% set role = 'model' %}{% else %}{% set role = message['role'] %}"
+    "{% endif %}{{ '<start_of_turn>' + role + '\n' + message['content'] | trim + '<end_of_turn>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{'<start_of_turn>model\n'}}{% endif %}"
+)
+
 PROBE_ANSWER = "PROBE-ANSWER-7f3a"  # a string no template writes by itself
 
 # Ollama Go templates per family. Gemma has no system role: a system message joins the first user turn, as in

@@ -18,19 +18,12 @@ import shutil
 import sys
 from pathlib import Path
 
+from training.templates import GEMMA_CHAT_TEMPLATE
+
 BUILTIN_PREFIX = "builtin:"
 TINY_NAME = "tiny-gemma2"
 BUILD_VERSION = 1  # bump when the architecture, tokenizer or corpus below changes
 
-# Gemma-2's chat template (it has no system role: training/data.py folds system text into the first user turn).
-GEMMA_CHAT_TEMPLATE = (
-    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
-    "{% endif %}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
-    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
-    "{% if (message['role'] == 'assistant') %}{% set role = 'model' %}{% else %}{% set role = message['role'] %}"
-    "{% endif %}{{ '<start_of_turn>' + role + '\n' + message['content'] | trim + '<end_of_turn>\n' }}{% endfor %}"
-    "{% if add_generation_prompt %}{{'<start_of_turn>model\n'}}{% endif %}"
-)
 
 TINY_ARCH = dict(
     vocab_size=512,  # SentencePiece vocab below (256 byte-fallback pieces + merges + specials)

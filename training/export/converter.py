@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 
 from training.export.errors import ExportError
-from training.jsonl import write_json_atomic
+from training.jsonio import write_json_atomic
 
 log = logging.getLogger(__name__)
 

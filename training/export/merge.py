@@ -16,7 +16,7 @@ from training.export.converter import sha256
 from training.export.errors import CheckFailed, ExportError
 from training.export.quants import MERGE_LIMITS
 from training.export.run import read_json
-from training.jsonl import write_json_atomic
+from training.jsonio import write_json_atomic
 from training.runfiles import ADAPTER_DIR, MERGE_INFO, RUN_SUMMARY
 
 log = logging.getLogger(__name__)

@@ -19,7 +19,7 @@ from training.export.merge import merge_or_reuse, replace_dir, reusable_merge
 from training.export.quants import GIB, QUANTS
 from training.export.resources import check_resources, folder_bytes
 from training.export.run import find_run, merge_dtype_name, read_json, resolve_base, safetensors_param_count
-from training.jsonl import write_json_atomic
+from training.jsonio import write_json_atomic
 from training.runfiles import EXPORT_FAILED_REPORT, EXPORT_REPORT, MERGED_DIR
 
 if TYPE_CHECKING:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from training.export.checks import compare_logits
 from training.export.gguf import RESULT
-from training.jsonl import write_json_atomic
+from training.jsonio import write_json_atomic
 
 
 def worker_main(job_path: Path) -> int:

@@ -1,5 +1,6 @@
-"""JSON Lines files are the interfaces between services: written a whole line at a time (here), read tolerantly
-(training/runfiles.py: iter_records, read_records, tail_records)."""
+"""JSON writes that are never seen half-done: a JSON Lines record appended a whole line at a time (the files between
+services), a JSON document replaced atomically. Reading them tolerantly is training/runfiles.py's (iter_records,
+read_records, tail_records)."""
 
 from __future__ import annotations
 
