@@ -207,3 +207,16 @@ def test_quickstart_notebook_runs_headless_on_the_tiny_run(tiny_run, monkeypatch
     assert f"run: {tiny_run / 'outputs' / 'tiny-run'}" in streamed
     ev = json.loads((tiny_run / "outputs" / "tiny-run" / "eval.json").read_text())
     assert len(ev["prompts"]) == 3 and ev["max_new_tokens"] == 32  # the notebook's own evaluation
+
+
+def test_a_run_folder_named_apart_from_the_run_gets_its_eval_and_report(tmp_path):
+    """--output-dir .../folder with another --run-name: the end-of-run evaluation and the report go with the run's
+    folder (its logs are logs/<run-name>), never into a folder named after the run."""
+    out = tmp_path / "outputs" / "folder"
+    proc = run_recipe(["--model-config", "tiny", "--output-dir", str(out), "--run-name", "named",
+                       "--logs-dir", str(tmp_path / "logs"), "--max-steps", "2", "--resume", "never"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ev = json.loads((out / "eval.json").read_text())
+    assert ev["adapter_loss"]["loss"] > 0 and not (tmp_path / "outputs" / "named").exists()
+    assert (tmp_path / "logs" / "named" / "metrics.jsonl").is_file()
+    assert "# Run report: named" in (out / "report" / "report.md").read_text()

@@ -116,6 +116,13 @@ def test_trainer_settings_pass_through_to_sftconfig(tmp_path):
     assert not getattr(args, "activation_checkpointing", getattr(args, "gradient_checkpointing", None))
     with pytest.raises(ConfigError, match="'output_dir' is set by the recipe; use --output-dir"):
         resolve_config("tiny", set_items=["output_dir=/tmp/x"])
+    from training.trainer_args import RECIPE_OWNED, recipe_settings
+
+    owned = recipe_settings(cfg, Device("cpu", "CPU", None, torch.float32, False, False),
+                            RunPaths.of("t", tmp_path / "out"), has_eval=True, processes=2, data_changed=True)
+    assert set(owned) <= set(RECIPE_OWNED)  # so a config key can never collide with one the recipe sets
+    with pytest.raises(ConfigError, match="'logging_first_step' is set by the recipe"):
+        resolve_config("tiny", set_items=["logging_first_step=false"])
     with pytest.raises(ConfigError, match="'adam_beta2' must be float"):
         resolve_config("tiny", set_items=["adam_beta2=high"])
     with pytest.raises(ConfigError, match=r"(?s)unknown config key 'adam_beta9'.*SFTConfig"):

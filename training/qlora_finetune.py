@@ -146,7 +146,7 @@ def fit(setup: RunSetup, data: RunData, paths: RunPaths, retried: bool, callback
             loss_mean = trainer.train(resume_from_checkpoint=resume_from).training_loss
         if checkpoint_cb.exit_status is not None:
             return checkpoint_cb.exit_status
-    return save_run(trainer, setup, data, paths, metrics_cb, loss_mean, time.time() - t0) or 0
+    return save_run(trainer, setup, data, paths, metrics_cb, loss_mean, t0) or 0
 
 
 # ------------------------------------------------------------------------------------------------ prepare
@@ -277,7 +277,7 @@ def build_trainer(setup: RunSetup, data: RunData, model, paths: RunPaths, callba
 # ------------------------------------------------------------------------------------------------ finish
 
 def save_run(trainer, setup: RunSetup, data: RunData, paths: RunPaths, metrics_cb, loss_mean: float | None,
-             duration_s: float) -> dict | None:
+             t0: float) -> dict | None:
     """The adapter (atomically), run_summary.json and the `finished` event; rank 0 writes, the others get None."""
     from training.disk import disk_full_guard
     from training.jsonio import write_json_atomic
@@ -285,7 +285,7 @@ def save_run(trainer, setup: RunSetup, data: RunData, paths: RunPaths, metrics_c
     with disk_full_guard(paths.run_dir):
         if not save_adapter(trainer, data.tokenizer, setup.model_path, paths):
             return None
-        summary = run_summary(trainer.state, setup, data, paths, metrics_cb, loss_mean, duration_s)
+        summary = run_summary(trainer.state, setup, data, paths, metrics_cb, loss_mean, time.time() - t0)
         write_json_atomic(paths.summary, summary)
     log_event(paths.metrics, paths.name, trainer.state.global_step, "finished",
               train_loss_last=summary["train_loss_last"])
@@ -359,11 +359,11 @@ def write_run_eval(paths: RunPaths, cfg: QLoRAConfig) -> None:
     try:
         from training.evaluate import run_eval
 
-        log.info("eval: %s", run_eval(paths.run_dir.parent, paths.name, n_prompts=cfg.eval_prompts,
+        log.info("eval: %s", run_eval(paths.run_dir.parent, paths.run_dir.name, n_prompts=cfg.eval_prompts,
                                       max_new_tokens=cfg.eval_max_new_tokens))
     except Exception as exc:  # noqa: BLE001 - the adapter is saved; say why and go on
         log.warning("base vs adapter evaluation not written (%s: %s); make eval RUN=%s retries", type(exc).__name__,
-                    str(exc).splitlines()[0] if str(exc) else "", paths.name)
+                    str(exc).splitlines()[0] if str(exc) else "", paths.run_dir.name)
 
 
 def library_versions() -> dict[str, str]:

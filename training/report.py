@@ -225,7 +225,7 @@ def write_report(logs_dir: str | os.PathLike, run: str, output_dir: str | os.Pat
     report_dir = Path(report_dir) if report_dir else output_dir / run / REPORT_DIR
     report_dir.mkdir(parents=True, exist_ok=True)
     plots, notes, per_gpu = draw_plots(run, m, metrics_path, logs_dir / GPU_METRICS, report_dir)
-    lines = summary_table(run, m, metrics_path, per_gpu, output_dir / run)
+    lines = summary_table(run, m, metrics_path, per_gpu, report_dir.parent)
     lines.append("")
     lines += eval_section(report_dir.parent / EVAL)
     for file, caption in plots:

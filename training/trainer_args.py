@@ -30,6 +30,11 @@ RECIPE_OWNED = {
     "per_device_eval_batch_size": "the config key per_device_train_batch_size",
     "ddp_find_unused_parameters": "(always off: every LoRA parameter gets a gradient)",
     "use_liger_kernel": "the config key backend (training/backends.py applies Liger's kernels itself)",
+    "logging_first_step": "(always on: the first step's loss is the run's baseline)",
+    "fsdp": "GPUS=N FSDP=1 (accelerate's FSDP config, docs/multi_gpu.md)",
+    "fsdp_config": "GPUS=N FSDP=1 (accelerate's FSDP config, docs/multi_gpu.md)",
+    "deepspeed": "GPUS=N FSDP=1 (DeepSpeed is not supported; FSDP shards the model)",
+    "save_only_model": "(checkpoints keep the optimizer and scheduler: resume needs them)",
 }
 # Same name in QLoRAConfig and SFTConfig, but a different meaning: the recipe translates them itself (precision from
 # the device, checkpointing per layer in the loader, W&B made safe; the prompt mask is built by training/data.py)
@@ -54,12 +59,16 @@ def sft_config(cfg, device, paths, has_eval: bool, processes: int, data_changed:
     """The SFTConfig of a run: what the config passes through, then what the recipe decides."""
     from trl import SFTConfig
 
+    return SFTConfig(**passed_through(cfg), **recipe_settings(cfg, device, paths, has_eval, processes, data_changed))
+
+
+def recipe_settings(cfg, device, paths, has_eval: bool, processes: int, data_changed: bool) -> dict[str, Any]:
+    """What the recipe sets itself (every key is in RECIPE_OWNED, so the config can never pass it too)."""
     from training.tracking import resolve_report_to
 
     names = sft_fields()
     checkpointing = "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
-    return SFTConfig(
-        **passed_through(cfg),
+    return dict(
         output_dir=str(paths.run_dir),
         run_name=paths.name,
         per_device_eval_batch_size=cfg.per_device_train_batch_size,
