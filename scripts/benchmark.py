@@ -311,6 +311,30 @@ def matmul_tflops(device: str) -> float:
 
 # ------------------------------------------------------------------------------------------------ one variant
 
+def optimizer_step(model, params, opt, batches: list[dict], dev) -> tuple[float, float]:
+    """One optimizer step the Trainer's way (bf16 autocast on CUDA, accumulation over the micro-batches, clipping at
+    0.3, 8-bit AdamW): (loss, seconds), timed between CUDA synchronisations."""
+    import torch
+
+    cuda = dev.type == "cuda"
+    tensors = [{k: torch.tensor(val, device=dev) for k, val in b.items()} for b in batches]
+    if cuda:
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    total = 0.0
+    for b in tensors:
+        with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=cuda):
+            loss = model(**b).loss / len(tensors)
+        loss.backward()
+        total += float(loss.detach())
+    torch.nn.utils.clip_grad_norm_(params, 0.3)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    if cuda:
+        torch.cuda.synchronize()
+    return total, time.perf_counter() - t
+
+
 def run_variant(name: str, root: Path, steps: int, warmup: int, device: str) -> dict:
     """Runs in a child process: load, then warm-up + timed optimizer steps, the Trainer's way."""
     import bitsandbytes as bnb
@@ -340,22 +364,8 @@ def run_variant(name: str, root: Path, steps: int, warmup: int, device: str) -> 
     losses, times, reals, alls, flops = [], [], [], [], []
     for step in range(warmup + steps):
         batches = step_batches(step, v, bs, packed, arch.vocab)
-        tensors = [{k: torch.tensor(val, device=dev) for k, val in b.items()} for b in batches]
-        if cuda:
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        total = 0.0
-        for b in tensors:
-            with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=cuda):
-                loss = m(**b).loss / len(tensors)
-            loss.backward()
-            total += float(loss.detach())
-        torch.nn.utils.clip_grad_norm_(params, 0.3)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if cuda:
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t)
+        total, seconds = optimizer_step(m, params, opt, batches, dev)
+        times.append(seconds)
         losses.append(round(total, 5))
         reals.append(real_tokens(batches))
         alls.append(all_tokens(batches))

@@ -20,7 +20,6 @@ import importlib.util
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -119,22 +118,8 @@ def main() -> int:
             times, losses = [], []
             for step in range(args.warmup + args.steps):
                 batches = bench.step_batches(step, v, micro_batch, False, arch.vocab)
-                tensors = [{k: torch.tensor(x, device=args.device) for k, x in b.items()} for b in batches]
-                if cuda:
-                    torch.cuda.synchronize()
-                t = time.perf_counter()
-                total = 0.0
-                for b in tensors:
-                    with torch.autocast(device_type=args.device, dtype=torch.bfloat16, enabled=cuda):
-                        loss = model(**b).loss / len(tensors)
-                    loss.backward()
-                    total += float(loss.detach())
-                torch.nn.utils.clip_grad_norm_(params, 0.3)
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                if cuda:
-                    torch.cuda.synchronize()
-                times.append(time.perf_counter() - t)
+                total, seconds = bench.optimizer_step(model, params, opt, batches, torch.device(args.device))
+                times.append(seconds)
                 losses.append(round(total, 5))
             step_s = statistics.median(times[args.warmup:])
             row.update(tokens_per_s=round(bench.ROWS_PER_STEP * bench.SEQ / step_s), first_step_s=round(times[0], 1),
