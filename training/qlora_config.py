@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import typing
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 from training.errors import UserError
@@ -145,11 +145,12 @@ NON_NEGATIVE = ("gpu_mem_gib", "warmup_steps", "weight_decay", "max_grad_norm", 
 FRACTIONS = ("lora_dropout", "eval_fraction")  # in [0, 1)
 REPORT_TARGETS = ("tensorboard", "wandb", "none")
 
-FIELD_TYPES: dict[str, type] = typing.get_type_hints(QLoRAConfig)
+# The keys a config sets by name (trainer_args is filled from the other SFTConfig arguments, never set itself)
+FIELD_TYPES: dict[str, type] = {k: t for k, t in typing.get_type_hints(QLoRAConfig).items() if k != "trainer_args"}
 
 
 def valid_keys() -> list[str]:
-    return [f.name for f in fields(QLoRAConfig) if f.name != "trainer_args"]
+    return list(FIELD_TYPES)
 
 
 def _unknown_key_message(key: str, where: str) -> str:
@@ -162,7 +163,7 @@ def _unknown_key_message(key: str, where: str) -> str:
 
 def coerce(key: str, value: Any, where: str) -> Any:
     """Turn a YAML or command-line value into the field's type, or raise ConfigError naming the key."""
-    if key not in FIELD_TYPES or key == "trainer_args":
+    if key not in FIELD_TYPES:
         raise ConfigError(_unknown_key_message(key, where))
     typ = FIELD_TYPES[key]
     bad = ConfigError(f"{where}: '{key}' must be {typ.__name__}, got {value!r}")
@@ -272,7 +273,7 @@ def resolve_config(preset: str, yaml_path: str | None = None, overrides: dict[st
     layers.append(("command line", {k: v for k, v in (overrides or {}).items() if v is not None}))
     layers.append(("--set", parse_set(set_items or [])))
     for where, values in layers:
-        own = {k: v for k, v in values.items() if k in FIELD_TYPES and k != "trainer_args"}
+        own = {k: v for k, v in values.items() if k in FIELD_TYPES}
         cfg = replace(cfg, **{k: coerce(k, v, where) for k, v in own.items()},
                       trainer_args={**cfg.trainer_args, **trainer_keys(values.keys() - own.keys(), values, where)})
     validate(cfg, preset)
