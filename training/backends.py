@@ -84,7 +84,6 @@ class UnslothBackend:
     reason: str
     name: ClassVar[str] = "unsloth"
     label: ClassVar[str] = "unsloth"
-    liger: ClassVar[bool] = False
     multi_gpu: ClassVar[bool] = False  # open-source unsloth is single-GPU
     fused_loss: ClassVar[bool] = True
 
