@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Callable, Union
 
 from training.checkpoints import check_resume_compatible, read_manifest, resolve_resume
-from training.runfiles import ADAPTER_DIR, RUN_SUMMARY
+from training.runfiles import ADAPTER_CONFIG, ADAPTER_DIR, RUN_SUMMARY
 
 
 @dataclass(frozen=True)
@@ -78,4 +78,4 @@ def finished_at(run_dir: Path, step: int) -> bool:
     except (OSError, ValueError):
         return False
     return (summary.get("status") == "finished" and summary.get("steps") == step
-            and (run_dir / ADAPTER_DIR / "adapter_config.json").is_file())
+            and (run_dir / ADAPTER_DIR / ADAPTER_CONFIG).is_file())
