@@ -389,6 +389,8 @@ def load_hf(cfg, model_path: str, device):
         task_type="CAUSAL_LM",
     )
     model = get_peft_model(model, lora)
+    if model.config._attn_implementation == "flex_attention" and device.kind == "cuda" and cfg.flex_autotune:
+        autotune_flex_attention()
     fused = apply_fused_lora(model) if cfg.fused_lora else 0
     recomputed = enable_checkpointing(model, cfg.recompute_layers) if cfg.gradient_checkpointing else 0
     trainable, total = model.get_nb_trainable_parameters()
@@ -399,6 +401,20 @@ def load_hf(cfg, model_path: str, device):
              model.config._attn_implementation, fused, "fp32" if cfg.fp32_norms_and_embeddings else "compute-dtype",
              recomputed)
     return model
+
+
+def autotune_flex_attention() -> None:
+    """Let inductor pick flex attention's kernel configuration (block sizes, warps, pipeline stages) by timing its
+    candidates on this card, for this shape, when it first compiles (the first forward and backward). Its defaults for
+    Gemma-2's head_dim 256 are one guess per GPU generation; the tuned kernel is chosen, not assumed, on any card.
+    Flex attention is the only thing inductor compiles on this path, so nothing else is autotuned. The choice is
+    cached in TORCHINDUCTOR_CACHE_DIR (the compose stack keeps it in the models volume): later runs skip the tuning."""
+    import torch._inductor.config as inductor_config
+
+    inductor_config.max_autotune = True
+    log.info("flex attention: its kernels are autotuned for this card at the first steps (1-3 minutes the first "
+             "time, cached in %s; --set flex_autotune=false skips it)",
+             os.environ.get("TORCHINDUCTOR_CACHE_DIR") or "torch's default cache folder")
 
 
 def prepare_for_kbit_training(model, fp32_frozen: bool) -> None:

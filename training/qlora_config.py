@@ -25,6 +25,7 @@ class QLoRAConfig:
     # --- model ---
     model_name_or_path: str = ""  # HF hub id or local folder of the base model
     attn_implementation: str = "auto"  # auto: flex_attention on CUDA after its self-check (soft-cap kept, faster), else eager; sdpa drops Gemma-2's soft-cap
+    flex_autotune: bool = True  # flex attention on CUDA: inductor autotunes its kernels for this card at the first steps (1-3 min, cached in TORCHINDUCTOR_CACHE_DIR)
     backend: str = "auto"  # auto: unsloth on CUDA if installed and its self-check passes, else hf (+ Liger kernels)
     plan_memory: bool = True  # on CUDA the VRAM planner picks micro-batch and checkpointing, keeping tokens per step
     gpu_mem_gib: float = 0.0  # plan for this much GPU memory (0: the card's); e.g. 24 to plan a 4090 run on an H100

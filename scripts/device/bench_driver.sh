@@ -3,8 +3,9 @@
 # ../shared/docs/ENVIRONMENT.md): setsid nohup bash scripts/device/bench_driver.sh &  then  bash scripts/device/wait.sh 540
 # Detached GPU driver: a smoke run, then the benchmark of record, then a real CUDA OOM through the recipe, from a
 # frozen copy of the repo (later calls re-lay the working tree). VARIANTS= and STEPS= choose the rows;
-# SKIP_SMOKE=1 skips the smoke run, SKIP_OOM=1 the OOM check, SKIP_BENCH=1 the benchmark; EXPLORE_FLEX=1 then
-# runs scripts/device/explore_flex.py (flex attention's kernel options and autotuning; FLEX_ROWS= picks rows).
+# SKIP_SMOKE=1 skips the smoke run, SKIP_OOM=1 the OOM check, SKIP_BENCH=1 the benchmark; EXPLORE_FLEX=1 first
+# runs scripts/device/explore_flex.py (flex attention's kernel options and autotuning; FLEX_ROWS= picks rows,
+# FLEX_PROFILE= the rows to profile one step of).
 set -u
 SRC=$(cd "$(dirname "$0")/../.." && pwd)
 rm -rf /tmp/repo && mkdir -p /tmp/repo /tmp/bench-out && cp -r "$SRC"/training "$SRC"/scripts "$SRC"/datasets "$SRC"/pyproject.toml /tmp/repo/
@@ -20,14 +21,15 @@ if [ -z "${SKIP_SMOKE:-}" ]; then
   echo "smoke rc=$rc $(date -u +%T)" >> /tmp/bench-out/progress.txt
 fi
 if [ $rc != 0 ] || [ -f /tmp/bench-out/STOP ]; then echo "all done (smoke failed) $(date -u +%T)" >> /tmp/bench-out/progress.txt; exit 0; fi
+if [ -n "${EXPLORE_FLEX:-}" ]; then
+  echo "flex $(date -u +%T)" >> /tmp/bench-out/progress.txt
+  timeout 900 python scripts/device/explore_flex.py ${FLEX_ROWS:+--only "$FLEX_ROWS"} ${FLEX_PROFILE:+--profile "$FLEX_PROFILE"} > /tmp/bench-out/flex.log 2>&1
+  echo "flex rc=$? $(date -u +%T)" >> /tmp/bench-out/progress.txt
+fi
 if [ -z "${SKIP_BENCH:-}" ]; then
   python scripts/benchmark.py ${VARIANTS:+--variants "$VARIANTS"} --steps "${STEPS:-6}" --warmup 2 --out /tmp/bench-out/benchmarks.md \
     --json-out /tmp/bench-out/results.json --variant-timeout 420 > /tmp/bench-out/bench.log 2>&1
   echo "bench rc=$? $(date -u +%T)" >> /tmp/bench-out/progress.txt
-fi
-if [ -n "${EXPLORE_FLEX:-}" ]; then
-  timeout 900 python scripts/device/explore_flex.py ${FLEX_ROWS:+--only "$FLEX_ROWS"} > /tmp/bench-out/flex.log 2>&1
-  echo "flex rc=$? $(date -u +%T)" >> /tmp/bench-out/progress.txt
 fi
 if [ -z "${SKIP_OOM:-}" ]; then
   echo "oom $(date -u +%T)" >> /tmp/bench-out/progress.txt

@@ -2,8 +2,8 @@
 head_dim 256 on this card, on the project's own path (scripts/benchmark.py::load_project, i.e. the recipe's
 prepare() and the backend's loader), full 2048-token rows, no recompute when the card allows it.
 
-Rows: transformers' default flex compile; the same compiled with mode="max-autotune-no-cudagraphs" (Triton autotunes
-block sizes, warps and stages for this shape); explicit kernel_options (block sizes, warps, stages, TMA); and sdpa,
+Rows: transformers' default flex compile with inductor's per-GPU default kernel configuration; the same with
+inductor's max_autotune on (what the recipe's flex_autotune does: block sizes, warps and stages timed for this shape); explicit kernel_options (block sizes, warps, stages, TMA); and sdpa,
 which drops Gemma-2's soft-cap (not exact: the kernel ceiling only). The LoRA weights and the optimizer start afresh
 for every row, and every row sees the same batches, so the losses compare.
 
@@ -25,15 +25,21 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-# name -> (torch.compile mode for flex_attention or None for transformers' default, kernel_options or None, attention)
+# name -> (autotune mode or None for the per-GPU default configuration, kernel_options or None, attention)
 ROWS = {
     "default": (None, None, "flex_attention"),
-    "autotune": ("max-autotune-no-cudagraphs", None, "flex_attention"),
+    "autotune": ("max-autotune", None, "flex_attention"),  # what the recipe does (flex_autotune, the default)
     "fwd64x64-w4-s3": (None, {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}, "flex_attention"),
     "fwd128x64-w8-s3": (None, {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3}, "flex_attention"),
     "fwd64x32-w4-s2": (None, {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2}, "flex_attention"),
     "bwd64x64-w8": (None, {"bwd_BLOCK_M1": 64, "bwd_BLOCK_N1": 64, "bwd_BLOCK_M2": 64, "bwd_BLOCK_N2": 64,
                            "num_warps": 8}, "flex_attention"),
+    "fwd128x64-w8-s2": (None, {"fwd_BLOCK_M": 128, "fwd_BLOCK_N": 64, "fwd_num_warps": 8, "fwd_num_stages": 2},
+                        "flex_attention"),
+    "bwd64x64-w4-s2": (None, {"bwd_BLOCK_M1": 64, "bwd_BLOCK_N1": 64, "bwd_BLOCK_M2": 64, "bwd_BLOCK_N2": 64,
+                              "bwd_num_warps": 4, "bwd_num_stages": 2}, "flex_attention"),
+    "bwd32x64-w4-s3": (None, {"bwd_BLOCK_M1": 32, "bwd_BLOCK_N1": 64, "bwd_BLOCK_M2": 64, "bwd_BLOCK_N2": 32,
+                              "bwd_num_warps": 4, "bwd_num_stages": 3}, "flex_attention"),
     "tma": (None, {"USE_TMA": True}, "flex_attention"),
     "sdpa (inexact: no soft-cap)": (None, None, "sdpa"),
     "eager": (None, None, "eager"),  # exact and slow: the reference (and the CPU smoke run)
@@ -48,15 +54,17 @@ def load_bench():
 
 
 def use_flex_compile(mode: str | None) -> None:
-    """Replace transformers' compiled flex_attention (a process-wide singleton) by one compiled with `mode`."""
+    """A fresh compile of flex attention, as transformers makes it (a process-wide singleton), with inductor's
+    autotuning on (`mode` set: what the recipe's flex_autotune does) or off (its per-GPU default configuration)."""
     import torch
+    import torch._inductor.config as inductor_config
     from torch.nn.attention.flex_attention import flex_attention
     from transformers.integrations import flex_attention as hf_flex
 
     torch._dynamo.reset()
+    inductor_config.max_autotune = mode is not None
     wrapper = hf_flex.WrappedFlexAttention(True)  # the singleton (training mode); its instance holds the function
-    wrapper._compiled_flex_attention = (torch.compile(flex_attention, dynamic=False, mode=mode) if mode else
-                                        torch.compile(flex_attention))
+    wrapper._compiled_flex_attention = torch.compile(flex_attention)
     wrapper._is_flex_compiled, wrapper.training = True, True
 
 
@@ -72,6 +80,44 @@ def inject_kernel_options(model, options: dict | None) -> list:
     return handles
 
 
+# kernel-name fragments -> category, first match wins (CUDA kernels of one profiled optimizer step)
+CATEGORIES = (
+    ("attention", ("flex", "triton_tem", "flash", "fmha", "attention")),
+    ("gemm", ("gemm", "xmma", "cutlass", "nvjet", "cublas", "sm90_", "sm80_", "ampere_")),
+    ("nf4 dequant", ("kDequantize", "dequantize")),
+    ("8-bit optimizer", ("Optimizer", "optimizer")),
+    ("loss (Liger)", ("cross_entropy", "fused_linear")),
+    ("norm/act/rope (Liger)", ("rms_norm", "geglu", "rope", "swiglu")),
+)
+
+
+def profile_step(model, params, opt, batches, dev, bench) -> dict:
+    """One more optimizer step under torch.profiler: device time by kernel category, the 12 costliest kernels, and
+    the share of the wall time the GPU was busy (the rest: launch gaps, host work)."""
+    import time
+
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t = time.perf_counter()
+        bench.optimizer_step(model, params, opt, batches, dev)
+        wall = time.perf_counter() - t
+    kernels: dict[str, float] = {}
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            kernels[e.name] = kernels.get(e.name, 0.0) + e.device_time / 1e6  # seconds
+    busy = sum(kernels.values())
+    cats: dict[str, float] = {}
+    for name, sec in kernels.items():
+        cat = next((c for c, frags in CATEGORIES if any(f in name for f in frags)), "other")
+        cats[cat] = cats.get(cat, 0.0) + sec
+    top = sorted(kernels.items(), key=lambda kv: -kv[1])[:12]
+    return {"wall_s": round(wall, 3), "gpu_busy_s": round(busy, 3),
+            "by_category_s": {c: round(sec, 3) for c, sec in sorted(cats.items(), key=lambda kv: -kv[1])},
+            "top_kernels": [[n[:110], round(sec, 4)] for n, sec in top]}
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=4)
@@ -80,6 +126,7 @@ def main() -> int:
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     p.add_argument("--shape", default="2b")
     p.add_argument("--models-dir", default="/tmp/qlora-bench-models")
+    p.add_argument("--profile", help="comma-separated row names to profile one more step of (or 'all')")
     args = p.parse_args()
     import bitsandbytes as bnb
     import torch
@@ -124,6 +171,8 @@ def main() -> int:
             step_s = statistics.median(times[args.warmup:])
             row.update(tokens_per_s=round(bench.ROWS_PER_STEP * bench.SEQ / step_s), first_step_s=round(times[0], 1),
                        peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None, losses=losses)
+            if args.profile and (args.profile == "all" or name in args.profile.split(",")):
+                row["profile"] = profile_step(model, params, opt, batches, torch.device(args.device), bench)
             del opt
         except Exception as exc:  # noqa: BLE001 - an exploratory row that fails says why and the next one runs
             row["error"] = f"{type(exc).__name__}: {str(exc)[:400]}"
