@@ -97,7 +97,7 @@ bench: setup ## GPU benchmark: baseline vs unsloth vs the project path, writes d
 	$(PY) scripts/benchmark.py $(ARGS)
 
 test: setup ## run the test suite (Docker tests skip without an engine, except in CI)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=30
 
 test-fast: setup ## the tests that need neither Docker nor a training subprocess
 	$(PY) -m pytest -q -m "not docker and not slow"
