@@ -40,6 +40,16 @@ ROWS = {
                               "bwd_num_warps": 4, "bwd_num_stages": 2}, "flex_attention"),
     "bwd32x64-w4-s3": (None, {"bwd_BLOCK_M1": 32, "bwd_BLOCK_N1": 64, "bwd_BLOCK_M2": 64, "bwd_BLOCK_N2": 32,
                               "bwd_num_warps": 4, "bwd_num_stages": 3}, "flex_attention"),
+    "bwd64x64-w8-s1": (None, {"bwd_BLOCK_M1": 64, "bwd_BLOCK_N1": 64, "bwd_BLOCK_M2": 64, "bwd_BLOCK_N2": 64,
+                              "bwd_num_warps": 8, "bwd_num_stages": 1}, "flex_attention"),
+    "bwd64x64-w8-s2": (None, {"bwd_BLOCK_M1": 64, "bwd_BLOCK_N1": 64, "bwd_BLOCK_M2": 64, "bwd_BLOCK_N2": 64,
+                              "bwd_num_warps": 8, "bwd_num_stages": 2}, "flex_attention"),
+    "bwd32x64-w8-s2": (None, {"bwd_BLOCK_M1": 32, "bwd_BLOCK_N1": 64, "bwd_BLOCK_M2": 64, "bwd_BLOCK_N2": 32,
+                              "bwd_num_warps": 8, "bwd_num_stages": 2}, "flex_attention"),
+    "bwd64x128-w8-s1": (None, {"bwd_BLOCK_M1": 64, "bwd_BLOCK_N1": 128, "bwd_BLOCK_M2": 128, "bwd_BLOCK_N2": 64,
+                               "bwd_num_warps": 8, "bwd_num_stages": 1}, "flex_attention"),
+    "bwd32x32-w4-s3": (None, {"bwd_BLOCK_M1": 32, "bwd_BLOCK_N1": 32, "bwd_BLOCK_M2": 32, "bwd_BLOCK_N2": 32,
+                              "bwd_num_warps": 4, "bwd_num_stages": 3}, "flex_attention"),
     "tma": (None, {"USE_TMA": True}, "flex_attention"),
     "sdpa (inexact: no soft-cap)": (None, None, "sdpa"),
     "eager": (None, None, "eager"),  # exact and slow: the reference (and the CPU smoke run)
@@ -118,6 +128,15 @@ def profile_step(model, params, opt, batches, dev, bench) -> dict:
             "top_kernels": [[n[:110], round(sec, 4)] for n, sec in top]}
 
 
+def pick(log: Path, over: float) -> str:
+    """The kernel_options (JSON) of the fastest flex row in an earlier run's log, if it ran faster than `over` tokens/s
+    (the default configuration's speed) by 2%; else ''."""
+    rows = [json.loads(line[len("RESULT "):]) for line in log.read_text().splitlines() if line.startswith("RESULT ")]
+    rows = [r for r in rows if r.get("kernel_options") and r["attention"] == "flex_attention" and "tokens_per_s" in r]
+    best = max(rows, key=lambda r: r["tokens_per_s"], default=None)
+    return json.dumps(best["kernel_options"]) if best and best["tokens_per_s"] > 1.02 * over else ""
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=4)
@@ -127,7 +146,12 @@ def main() -> int:
     p.add_argument("--shape", default="2b")
     p.add_argument("--models-dir", default="/tmp/qlora-bench-models")
     p.add_argument("--profile", help="comma-separated row names to profile one more step of (or 'all')")
+    p.add_argument("--pick", type=Path, help="print the fastest row's kernel_options from this log, and exit")
+    p.add_argument("--over", type=float, default=0.0, help="with --pick: tokens/s to beat by 2%% (the default's)")
     args = p.parse_args()
+    if args.pick:
+        print(pick(args.pick, args.over))
+        return 0
     import bitsandbytes as bnb
     import torch
 
