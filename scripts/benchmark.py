@@ -71,9 +71,9 @@ def parse_variant(name: str) -> dict:
     path, shape = parts[0], parts[1]
     v = {"name": name, "path": path.removesuffix("24"), "gpu_mem": 24.0 if path.endswith("24") else None,
          "shape": shape, "mb": None, "ckpt": None, "chat": False, "steps": None, "compile": False,
-         "keep": None, "autotune": False}
+         "keep": None}
     if v["path"] not in ("baseline", "unsloth", "project", "recipe") or shape not in SHAPES:
-        raise SystemExit(f"error: unknown variant '{name}' (PATH[24]-SHAPE[-mbN][-ckpt0|1][-chat][-sN][-kN][-at][-compile]; "
+        raise SystemExit(f"error: unknown variant '{name}' (PATH[24]-SHAPE[-mbN][-ckpt0|1][-chat][-sN][-kN][-compile]; "
                          f"paths baseline, unsloth, project, recipe; shapes {', '.join(SHAPES)})")
     for p in parts[2:]:
         if p.startswith("mb"):
@@ -84,8 +84,6 @@ def parse_variant(name: str) -> dict:
             v["chat"] = True
         elif p.startswith("k") and p[1:].isdigit() and v["path"] == "project":
             v["keep"] = int(p[1:])  # exploratory: this many layers keep their activations (the rest recompute)
-        elif p == "at" and v["path"] == "project":
-            v["autotune"] = True  # exploratory: inductor autotunes flex attention's kernels (flex_autotune)
         elif p == "compile" and v["path"] == "project":
             v["compile"] = True  # exploratory lever: torch.compile of each decoder layer
         elif p.startswith("s") and p[1:].isdigit():
@@ -178,15 +176,6 @@ def load_project(v: dict, path: Path, device: str, arch) -> tuple:
     cfg, line = setup.cfg, setup.plan_line
     if v["mb"]:
         cfg = replace(cfg, per_device_train_batch_size=v["mb"])
-    if v["autotune"]:
-        cfg = replace(cfg, flex_autotune=True)
-        line += "; flex attention autotuned"
-    if os.environ.get("BENCH_FLEX_KERNEL_OPTIONS"):  # exploratory: the driver's pick from explore_flex.py's rows
-        from training import backends
-
-        opts = json.loads(os.environ["BENCH_FLEX_KERNEL_OPTIONS"])
-        backends.FLEX_KERNEL_OPTIONS[(*torch.cuda.get_device_capability(), arch.head_dim)] = opts
-        line += f"; flex kernel options {opts}"
     if v["keep"] is not None:
         cfg = replace(cfg, gradient_checkpointing=v["keep"] < arch.num_layers,
                       recompute_layers=max(arch.num_layers - v["keep"], 0))

@@ -389,11 +389,6 @@ def load_hf(cfg, model_path: str, device):
         task_type="CAUSAL_LM",
     )
     model = get_peft_model(model, lora)
-    if model.config._attn_implementation == "flex_attention" and device.kind == "cuda":
-        if cfg.flex_autotune:
-            autotune_flex_attention()
-        elif cfg.flex_kernel == "auto":
-            use_flex_kernel_options(model, measured_flex_kernel_options(model.config))
     fused = apply_fused_lora(model) if cfg.fused_lora else 0
     recomputed = enable_checkpointing(model, cfg.recompute_layers) if cfg.gradient_checkpointing else 0
     trainable, total = model.get_nb_trainable_parameters()
@@ -404,49 +399,6 @@ def load_hf(cfg, model_path: str, device):
              model.config._attn_implementation, fused, "fp32" if cfg.fp32_norms_and_embeddings else "compute-dtype",
              recomputed)
     return model
-
-
-# Flex attention's Triton kernel settings measured faster than torch's defaults, by (GPU capability, head_dim); the
-# rows behind each entry are in docs/benchmarks.md. Cards or shapes not listed run torch's defaults.
-FLEX_KERNEL_OPTIONS: dict[tuple[int, int, int], dict] = {}
-
-
-def measured_flex_kernel_options(model_config) -> dict | None:
-    import torch
-
-    head_dim = getattr(model_config, "head_dim", None) or model_config.hidden_size // model_config.num_attention_heads
-    return FLEX_KERNEL_OPTIONS.get((*torch.cuda.get_device_capability(), head_dim))
-
-
-def use_flex_kernel_options(model, options: dict | None) -> int:
-    """Every attention module's call passes `kernel_options` on to flex_attention (transformers forwards it);
-    returns how many modules. None or {}: torch's defaults, nothing hooked."""
-    if not options:
-        return 0
-    modules = [m for name, m in model.named_modules() if name.endswith("self_attn")]
-
-    def hook(module, args, kwargs):
-        return args, {**kwargs, "kernel_options": dict(options)}
-
-    for m in modules:
-        m.register_forward_pre_hook(hook, with_kwargs=True)
-    log.info("flex attention kernel options %s (measured for this card) on %d attention modules", options,
-             len(modules))
-    return len(modules)
-
-
-def autotune_flex_attention() -> None:
-    """Let inductor pick flex attention's kernel configuration (block sizes, warps, pipeline stages) by timing its
-    candidates on this card, for this shape, when it first compiles (the first forward and backward). Opt-in: on an
-    H200 (2026-12-03) it took ~5 minutes and ran no faster than torch's defaults (its candidates for the backward
-    never give a 64-row block 8 warps). Flex attention is the only thing inductor compiles on this path, so nothing
-    else is autotuned. The choice is cached in TORCHINDUCTOR_CACHE_DIR: later runs skip the tuning."""
-    import torch._inductor.config as inductor_config
-
-    inductor_config.max_autotune = True
-    log.info("flex attention: its kernels are autotuned for this card at the first steps (~5 minutes the first "
-             "time, cached in %s)",
-             os.environ.get("TORCHINDUCTOR_CACHE_DIR") or "torch's default cache folder")
 
 
 def prepare_for_kbit_training(model, fp32_frozen: bool) -> None:

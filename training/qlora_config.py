@@ -25,8 +25,6 @@ class QLoRAConfig:
     # --- model ---
     model_name_or_path: str = ""  # HF hub id or local folder of the base model
     attn_implementation: str = "auto"  # auto: flex_attention on CUDA after its self-check (soft-cap kept, faster), else eager; sdpa drops Gemma-2's soft-cap
-    flex_kernel: str = "auto"  # flex attention's Triton kernel settings: auto (measured for this card, else torch's), default (torch's)
-    flex_autotune: bool = False  # inductor times flex attention's kernel candidates at the first steps (~5 min; paid nothing on an H200)
     backend: str = "auto"  # auto: unsloth on CUDA if installed and its self-check passes, else hf (+ Liger kernels)
     plan_memory: bool = True  # on CUDA the VRAM planner picks micro-batch and checkpointing, keeping tokens per step
     gpu_mem_gib: float = 0.0  # plan for this much GPU memory (0: the card's); e.g. 24 to plan a 4090 run on an H100
@@ -133,7 +131,6 @@ PRESETS: dict[str, QLoRAConfig] = {
 CHOICES: dict[str, tuple[str, ...]] = {
     "attn_implementation": ("auto", "eager", "sdpa", "flash_attention_2", "flex_attention"),
     "device": ("auto", "cpu", "cuda"),
-    "flex_kernel": ("auto", "default"),
     "backend": ("auto", "unsloth", "hf"),
     "bnb_4bit_quant_type": ("nf4", "fp4"),
     "bf16": ("auto", "true", "false"),

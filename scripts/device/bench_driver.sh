@@ -5,8 +5,7 @@
 # frozen copy of the repo (later calls re-lay the working tree). VARIANTS= and STEPS= choose the rows;
 # SKIP_SMOKE=1 skips the smoke run, SKIP_OOM=1 the OOM check, SKIP_BENCH=1 the benchmark; EXPLORE_FLEX=1 first
 # runs scripts/device/explore_flex.py (flex attention's kernel options and autotuning; FLEX_ROWS= picks rows,
-# FLEX_PROFILE= the rows to profile one step of; FLEX_PICK_OVER=TOKENS_PER_S: the benchmark then runs the fastest
-# row's kernel options if they beat that speed by 2%).
+# FLEX_PROFILE= the rows to profile one step of).
 set -u
 SRC=$(cd "$(dirname "$0")/../.." && pwd)
 rm -rf /tmp/repo && mkdir -p /tmp/repo /tmp/bench-out && cp -r "$SRC"/training "$SRC"/scripts "$SRC"/datasets "$SRC"/pyproject.toml /tmp/repo/
@@ -26,11 +25,6 @@ if [ -n "${EXPLORE_FLEX:-}" ]; then
   echo "flex $(date -u +%T)" >> /tmp/bench-out/progress.txt
   timeout 900 python scripts/device/explore_flex.py ${FLEX_ROWS:+--only "$FLEX_ROWS"} ${FLEX_PROFILE:+--profile "$FLEX_PROFILE"} > /tmp/bench-out/flex.log 2>&1
   echo "flex rc=$? $(date -u +%T)" >> /tmp/bench-out/progress.txt
-  if [ -n "${FLEX_PICK_OVER:-}" ]; then  # the benchmark runs the fastest row's kernel options (if it beat this speed)
-    BENCH_FLEX_KERNEL_OPTIONS=$(python scripts/device/explore_flex.py --pick /tmp/bench-out/flex.log --over "$FLEX_PICK_OVER")
-    export BENCH_FLEX_KERNEL_OPTIONS
-    echo "flex pick: ${BENCH_FLEX_KERNEL_OPTIONS:-none} $(date -u +%T)" >> /tmp/bench-out/progress.txt
-  fi
 fi
 if [ -z "${SKIP_BENCH:-}" ]; then
   python scripts/benchmark.py ${VARIANTS:+--variants "$VARIANTS"} --steps "${STEPS:-6}" --warmup 2 --out /tmp/bench-out/benchmarks.md \

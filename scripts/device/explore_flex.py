@@ -3,11 +3,12 @@ head_dim 256 on this card, on the project's own path (scripts/benchmark.py::load
 prepare() and the backend's loader), full 2048-token rows, no recompute when the card allows it.
 
 Rows: transformers' default flex compile with inductor's per-GPU default kernel configuration; the same with
-inductor's max_autotune on (what the recipe's flex_autotune does: block sizes, warps and stages timed for this shape); explicit kernel_options (block sizes, warps, stages, TMA); and sdpa,
-which drops Gemma-2's soft-cap (not exact: the kernel ceiling only). The LoRA weights and the optimizer start afresh
-for every row, and every row sees the same batches, so the losses compare.
+inductor's max_autotune on (block sizes, warps and stages timed for this shape); explicit kernel_options (block
+sizes, warps, stages, TMA); and sdpa, which drops Gemma-2's soft-cap (not exact: the kernel ceiling only). The LoRA
+weights and the optimizer start afresh for every row, and every row sees the same batches, so the losses compare.
+`--profile` adds one profiled step per row: device time by kernel category and the costliest kernels.
 
-    python scripts/device/explore_flex.py [--steps 4] [--only NAME,...]        # on the device, wheels unpacked
+    python scripts/device/explore_flex.py [--steps 4] [--only NAME,...] [--profile NAME,...|all]   # on the device
     python scripts/device/explore_flex.py --device cpu --shape tiny --steps 1 --only eager   # a smoke run here
 
 Prints one `RESULT {json}` line per row.
@@ -28,7 +29,7 @@ sys.path.insert(0, str(REPO))
 # name -> (autotune mode or None for the per-GPU default configuration, kernel_options or None, attention)
 ROWS = {
     "default": (None, None, "flex_attention"),
-    "autotune": ("max-autotune", None, "flex_attention"),  # what the recipe does (flex_autotune, the default)
+    "autotune": ("max-autotune", None, "flex_attention"),
     "fwd64x64-w4-s3": (None, {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}, "flex_attention"),
     "fwd128x64-w8-s3": (None, {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3}, "flex_attention"),
     "fwd64x32-w4-s2": (None, {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2}, "flex_attention"),
@@ -65,7 +66,7 @@ def load_bench():
 
 def use_flex_compile(mode: str | None) -> None:
     """A fresh compile of flex attention, as transformers makes it (a process-wide singleton), with inductor's
-    autotuning on (`mode` set: what the recipe's flex_autotune does) or off (its per-GPU default configuration)."""
+    autotuning on (`mode` set) or off (its per-GPU default configuration)."""
     import torch
     import torch._inductor.config as inductor_config
     from torch.nn.attention.flex_attention import flex_attention
@@ -128,15 +129,6 @@ def profile_step(model, params, opt, batches, dev, bench) -> dict:
             "top_kernels": [[n[:110], round(sec, 4)] for n, sec in top]}
 
 
-def pick(log: Path, over: float) -> str:
-    """The kernel_options (JSON) of the fastest flex row in an earlier run's log, if it ran faster than `over` tokens/s
-    (the default configuration's speed) by 2%; else ''."""
-    rows = [json.loads(line[len("RESULT "):]) for line in log.read_text().splitlines() if line.startswith("RESULT ")]
-    rows = [r for r in rows if r.get("kernel_options") and r["attention"] == "flex_attention" and "tokens_per_s" in r]
-    best = max(rows, key=lambda r: r["tokens_per_s"], default=None)
-    return json.dumps(best["kernel_options"]) if best and best["tokens_per_s"] > 1.02 * over else ""
-
-
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=4)
@@ -146,12 +138,7 @@ def main() -> int:
     p.add_argument("--shape", default="2b")
     p.add_argument("--models-dir", default="/tmp/qlora-bench-models")
     p.add_argument("--profile", help="comma-separated row names to profile one more step of (or 'all')")
-    p.add_argument("--pick", type=Path, help="print the fastest row's kernel_options from this log, and exit")
-    p.add_argument("--over", type=float, default=0.0, help="with --pick: tokens/s to beat by 2%% (the default's)")
     args = p.parse_args()
-    if args.pick:
-        print(pick(args.pick, args.over))
-        return 0
     import bitsandbytes as bnb
     import torch
 
