@@ -71,9 +71,9 @@ def parse_variant(name: str) -> dict:
     path, shape = parts[0], parts[1]
     v = {"name": name, "path": path.removesuffix("24"), "gpu_mem": 24.0 if path.endswith("24") else None,
          "shape": shape, "mb": None, "ckpt": None, "chat": False, "steps": None, "compile": False,
-         "keep": None}
+         "keep": None, "fp8": ""}
     if v["path"] not in ("baseline", "unsloth", "project", "recipe") or shape not in SHAPES:
-        raise SystemExit(f"error: unknown variant '{name}' (PATH[24]-SHAPE[-mbN][-ckpt0|1][-chat][-sN][-kN][-compile]; "
+        raise SystemExit(f"error: unknown variant '{name}' (PATH[24]-SHAPE[-mbN][-ckpt0|1][-chat][-sN][-kN][-fp8|-fp8all][-compile]; "
                          f"paths baseline, unsloth, project, recipe; shapes {', '.join(SHAPES)})")
     for p in parts[2:]:
         if p.startswith("mb"):
@@ -84,6 +84,8 @@ def parse_variant(name: str) -> dict:
             v["chat"] = True
         elif p.startswith("k") and p[1:].isdigit() and v["path"] == "project":
             v["keep"] = int(p[1:])  # exploratory: this many layers keep their activations (the rest recompute)
+        elif p in ("fp8", "fp8all") and v["path"] == "project":
+            v["fp8"] = "backward" if p == "fp8" else "all"  # fp8_backward; fp8all: the forward too (exploratory)
         elif p == "compile" and v["path"] == "project":
             v["compile"] = True  # exploratory lever: torch.compile of each decoder layer
         elif p.startswith("s") and p[1:].isdigit():
@@ -176,12 +178,19 @@ def load_project(v: dict, path: Path, device: str, arch) -> tuple:
     cfg, line = setup.cfg, setup.plan_line
     if v["mb"]:
         cfg = replace(cfg, per_device_train_batch_size=v["mb"])
+    if v["fp8"]:
+        cfg = replace(cfg, fp8_backward=True)
+        line += "; input gradients in FP8" + (", and the forward (exploratory)" if v["fp8"] == "all" else "")
     if v["keep"] is not None:
         cfg = replace(cfg, gradient_checkpointing=v["keep"] < arch.num_layers,
                       recompute_layers=max(arch.num_layers - v["keep"], 0))
         line += f"; overridden: {v['keep']} of {arch.num_layers} layers keep their activations"
     torch.manual_seed(0)
     m = setup.backend.load(cfg, setup.model_path, setup.device)
+    if v["fp8"] == "all":
+        for module in m.modules():
+            if hasattr(module, "_fp8"):
+                module._fp8 = "all"
     est = estimate_peak(arch, cfg.per_device_train_batch_size, SEQ, LORA_R, setup.backend.name,
                         cfg.gradient_checkpointing, fused_loss=setup.backend.fused_loss,
                         eager_attention=cfg.attn_implementation == "eager", fp32_embeddings=cfg.fp32_norms_and_embeddings,

@@ -21,7 +21,9 @@ def test_variant_names_are_parsed_and_typos_refused():
     assert (v["path"], v["shape"], v["mb"], v["ckpt"], v["chat"]) == ("unsloth", "2b", 16, False, True)
     assert bench.parse_variant("project24-9b")["gpu_mem"] == 24.0
     assert bench.parse_variant("project-2b-compile")["compile"] and not bench.parse_variant("project-2b")["compile"]
-    for bad in ("unsloth-2b", "projekt-2b", "project-3b", "project-2b-fast", "unsloth-2b-mb16-ckpt0-compile"):
+    assert [bench.parse_variant(f"project-2b{p}")["fp8"] for p in ("", "-fp8", "-fp8all")] == ["", "backward", "all"]
+    for bad in ("unsloth-2b", "projekt-2b", "project-3b", "project-2b-fast", "unsloth-2b-mb16-ckpt0-compile",
+                "unsloth-2b-mb16-ckpt0-fp8"):
         with pytest.raises(SystemExit, match="variant"):
             bench.parse_variant(bad)
     for name in bench.DEFAULT_VARIANTS.split(","):

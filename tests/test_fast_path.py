@@ -91,3 +91,40 @@ def test_frozen_norms_keep_the_compute_dtype_unless_upcast(tiny_model_dir):
     assert dtypes(lean, "norm") == {torch.bfloat16} and dtypes(lean, "embed_tokens") == {torch.bfloat16}
     assert dtypes(upcast, "norm") == {torch.float32} and dtypes(upcast, "embed_tokens") == {torch.float32}
     assert not any(p.requires_grad for n, p in lean.named_parameters() if "lora_" not in n)
+
+
+def test_fp8_backward_keeps_the_forward_exact_and_the_gradients_close(tiny_model_dir, ids):
+    """fp8_backward: the input gradient's product with the base weight through torch._scaled_mm (e4m3, per-row
+    scales; emulated on the CPU). The loss is the exact path's to the bit (the forward is untouched); every LoRA
+    gradient stays close to the exact one yet differs from it (the FP8 product really ran); and a row with an outlier
+    keeps the other rows their precision (scales per row, not per tensor)."""
+    from training.fast_lora import E4M3_MAX, fp8_matmul, quantize_rows
+
+    exact_loss, exact = loss_and_grads(load(tiny_model_dir, fused_lora=True), ids)
+    fp8_loss, fp8 = loss_and_grads(load(tiny_model_dir, fused_lora=True, fp8_backward=True), ids)
+    assert fp8_loss == exact_loss
+    for name in exact:
+        cos = torch.nn.functional.cosine_similarity(fp8[name].flatten(), exact[name].flatten(), dim=0)
+        assert cos > 0.98, (name, float(cos))  # FP8 e4m3: ~6% relative rounding per operand
+    # layer 1's gradients reach layer 0 through FP8 input gradients: they differ (the last layer's B does not)
+    assert sum(not torch.equal(fp8[n], exact[n]) for n in exact) >= len(exact) // 2
+
+    t = torch.randn(4, 64, generator=torch.Generator().manual_seed(0))
+    t[0, 0] = 1e6  # an outlier in row 0 only: under one scale per tensor, rows 1-3 would flush to zero
+    t8, scale = quantize_rows(t)
+    assert t8.dtype == torch.float8_e4m3fn and scale.shape == (4, 1)
+    assert float(t8.float().abs().max()) <= E4M3_MAX
+    back = t8.float() * scale
+    assert float((back[1:] - t[1:]).norm() / t[1:].norm()) < 0.05  # row 0's outlier left rows 1-3 their precision
+    w = torch.randn(32, 64, generator=torch.Generator().manual_seed(1))
+    ref = t[1:] @ w.t()
+    assert float((fp8_matmul(t[1:], w, torch.float32) - ref).norm() / ref.norm()) < 0.05
+
+
+def test_fp8_backward_needs_the_fused_function_and_fp8_tensor_cores():
+    from training.fast_lora import fp8_supported
+    from training.qlora_config import ConfigError, validate
+
+    with pytest.raises(ConfigError, match="fused_lora=true"):
+        validate(replace(PRESETS["tiny"], fp8_backward=True, fused_lora=False), "tiny")
+    assert [fp8_supported(c) for c in ((8, 6), (8, 9), (9, 0), (12, 0), None)] == [False, True, True, True, True]

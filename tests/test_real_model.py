@@ -219,3 +219,44 @@ def test_chatml_modelfile_template_renders_what_smollm2s_template_renders(smol_d
         want = tok.apply_chat_template(conv, tokenize=False, add_generation_prompt=True)
         system = conv[0]["content"] if conv[0]["role"] == "system" else default
         assert render_ollama_template(OLLAMA_TEMPLATES["chatml"], system, conv, tmp_path) == want, conv
+
+
+def test_fp8_backward_learns_like_the_exact_path_on_real_weights(smol_dir):
+    """fp8_backward on SmolLM2's real weights (the FP8 products emulated on the CPU, same numerics as the card's):
+    the same chats, seed and 6 AdamW steps with and without it. The first loss is equal (the forward is exact), both
+    curves fall (the adapter learns the greeting) and they stay within 1% of each other step by step (the issue's
+    parity bar is 2%)."""
+    from dataclasses import replace
+
+    import torch
+    from transformers import AutoTokenizer
+
+    from training.backends import load_hf
+    from training.device import Device
+    from training.qlora_config import PRESETS
+    from tests.style_data import conversations
+
+    tok = AutoTokenizer.from_pretrained(smol_dir)
+    texts = [tok.apply_chat_template(c["messages"], tokenize=False) for c in conversations()[:4]]
+    batch = tok(texts, return_tensors="pt", padding=True)
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    cpu = Device("cpu", "CPU", None, torch.float32, False, False)
+
+    def curve(fp8: bool) -> list[float]:
+        torch.manual_seed(0)
+        cfg = replace(PRESETS["custom"], model_name_or_path=str(smol_dir), lora_r=8, fp8_backward=fp8)
+        model = load_hf(cfg, str(smol_dir), cpu).train()
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-3)
+        losses = []
+        for _ in range(6):
+            loss = model(**batch, labels=labels).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            losses.append(float(loss))
+        return losses
+
+    exact, fp8 = curve(False), curve(True)
+    assert fp8[0] == exact[0] and fp8 != exact  # same forward, FP8 gradients
+    assert exact[-1] < 0.8 * exact[0] and fp8[-1] < 0.8 * fp8[0], (fp8, exact)
+    assert max(abs(f - e) / e for f, e in zip(fp8, exact)) < 0.01, (fp8, exact)

@@ -66,6 +66,8 @@ class HFBackend:
         """The config this backend trains with: the attention that will run (flex after its self-check on CUDA)."""
         attention, why = resolve_attention(cfg.attn_implementation, device_kind)
         log.info("attention %s: %s", attention, why)
+        if cfg.fp8_backward:
+            check_fp8(device_kind)
         return dataclasses.replace(cfg, attn_implementation=attention)
 
     def load(self, cfg, model_path: str, device):
@@ -74,7 +76,8 @@ class HFBackend:
 
 # What unsloth does whatever the config says; a config asking otherwise is warned about, key by key.
 UNSLOTH_FIXED = {"target_modules": "all-linear", "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True,
-                 "fused_lora": True, "fp32_norms_and_embeddings": False, "attn_implementation": "auto", "bf16": "auto"}
+                 "fused_lora": True, "fp32_norms_and_embeddings": False, "attn_implementation": "auto", "bf16": "auto",
+                 "fp8_backward": False}
 
 
 @dataclass(frozen=True)
@@ -389,16 +392,33 @@ def load_hf(cfg, model_path: str, device):
         task_type="CAUSAL_LM",
     )
     model = get_peft_model(model, lora)
-    fused = apply_fused_lora(model) if cfg.fused_lora else 0
+    fused = apply_fused_lora(model, fp8="backward" if cfg.fp8_backward else "") if cfg.fused_lora else 0
     recomputed = enable_checkpointing(model, cfg.recompute_layers) if cfg.gradient_checkpointing else 0
     trainable, total = model.get_nb_trainable_parameters()
     log.info("model %s: 4-bit %s%s, LoRA r=%d on %s: %s trainable of %s parameters (%.2f%%); %s attention, "
-             "fused LoRA on %d layers, %s norms/embeddings, %d layers recomputed", model_path,
+             "fused LoRA on %d layers%s, %s norms/embeddings, %d layers recomputed", model_path,
              cfg.bnb_4bit_quant_type, " + double quant" if cfg.bnb_4bit_use_double_quant else "", cfg.lora_r,
              cfg.target_modules, f"{trainable:,}", f"{total:,}", 100 * trainable / max(total, 1),
-             model.config._attn_implementation, fused, "fp32" if cfg.fp32_norms_and_embeddings else "compute-dtype",
+             model.config._attn_implementation, fused, " (input gradients in FP8)" if cfg.fp8_backward else "",
+             "fp32" if cfg.fp32_norms_and_embeddings else "compute-dtype",
              recomputed)
     return model
+
+
+def check_fp8(device_kind: str) -> None:
+    """fp8_backward needs FP8 tensor cores (compute capability 8.9+: Ada, Hopper and newer); on the CPU it is emulated."""
+    import torch
+
+    from training.distributed import local_rank
+    from training.fast_lora import fp8_supported
+
+    capability = torch.cuda.get_device_capability(local_rank()) if device_kind == "cuda" else None
+    if not fp8_supported(capability):
+        raise BackendError(f"fp8_backward: {torch.cuda.get_device_name(local_rank())} (compute capability "
+                           f"{capability[0]}.{capability[1]}) has no FP8 tensor cores (they start at 8.9: RTX 40xx/Ada, "
+                           "H100/Hopper); drop --set fp8_backward=true")
+    if capability is None:
+        log.warning("fp8_backward on the CPU: FP8 matmuls are emulated (same numerics, no speed-up)")
 
 
 def prepare_for_kbit_training(model, fp32_frozen: bool) -> None:

@@ -12,6 +12,14 @@ per layer, with no Triton and no model-specific code.
 Used for a LoRA layer only when it is plain LoRA: one active adapter, no dropout, no DoRA, not merged. Any other
 state falls back to peft's own forward at call time, so disabling adapters (as evaluation of the base does) or
 merging keeps working.
+
+FP8 (`fp8="backward"`: the config's `fp8_backward`, opt-in): the backward's product with the frozen base weight,
+`dY W` (the input gradient), runs as an FP8 matmul (`torch._scaled_mm`, e4m3 with one scale per row of each operand:
+per token for the gradient, per input column for the weight), at twice the bf16 rate on Ada and Hopper tensor cores.
+The forward, the adapter's products and its gradients stay exact. The weight is re-quantised from its NF4 form at
+each use, so memory is as without FP8. `fp8="all"` also runs the forward's `x W^T` in FP8: exploratory only (the
+benchmark's `-fp8all`), since on SmolLM2's real weights it shifted the loss by ~3% while the backward alone kept the
+curve within 0.5% (docs/benchmarks.md, "FP8").
 """
 
 from __future__ import annotations
@@ -20,12 +28,56 @@ import types
 
 import torch
 
+E4M3_MAX = 448.0  # the largest finite float8_e4m3fn value
+
+
+def quantize_rows(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(t8, scale) with t ~= t8 * scale, one scale per row (amax / 448), t8 in float8_e4m3fn. Scales are rounded to
+    t's dtype first, so the same value divides here and multiplies in the matmul."""
+    amax = t.abs().amax(dim=-1, keepdim=True).float()
+    scale = (amax / E4M3_MAX).clamp_(min=1e-12).to(t.dtype)
+    t8 = (t / scale).clamp_(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
+    return t8, scale.float()
+
+
+_compiled_quantize = None
+
+
+def quantize(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """quantize_rows, compiled on CUDA (one fused pass over t instead of five eager ones; any number of rows)."""
+    global _compiled_quantize
+    if t.device.type != "cuda":
+        return quantize_rows(t)
+    if _compiled_quantize is None:
+        _compiled_quantize = torch.compile(quantize_rows, dynamic=True)
+    return _compiled_quantize(t)
+
+
+def fp8_matmul(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """a @ b^T for a (m, k) and b (n, k) in `dtype`, as an FP8 matmul: each operand quantised with one scale per
+    row, the product accumulated in fp32 and returned in `dtype`."""
+    a8, a_scale = quantize(a)
+    b8, b_scale = quantize(b)
+    # _scaled_mm: the first operand row-major, the second column-major (b8 row-major, transposed)
+    return torch._scaled_mm(a8.contiguous(), b8.contiguous().t(), scale_a=a_scale, scale_b=b_scale.reshape(1, -1),
+                            out_dtype=dtype)
+
+
+def fp8_supported(capability: tuple[int, int] | None) -> bool:
+    """FP8 tensor cores: Ada (8.9) and Hopper (9.0) or newer; None: the CPU (emulated, for tests, no speed-up)."""
+    return capability is None or capability >= (8, 9)
+
+
+def fp8_shapes_ok(*dims: int) -> bool:
+    """torch._scaled_mm wants the weight's dimensions (inner and outer of both products) multiples of 16."""
+    return all(d % 16 == 0 for d in dims)
+
 
 class LoRA4bitMatmul(torch.autograd.Function):
     """y = x W^T (+ bias) + scaling * (x A^T) B^T, with W stored in 4 bits (frozen), A and B trainable."""
 
     @staticmethod
-    def forward(ctx, x, weight, lora_a, lora_b, bias, scaling: float, dtype: torch.dtype):
+    def forward(ctx, x, weight, lora_a, lora_b, bias, scaling: float, dtype: torch.dtype, fp8: str = ""):
         import bitsandbytes.functional as bnbf
 
         with torch.autocast(device_type=x.device.type, enabled=False):
@@ -33,10 +85,16 @@ class LoRA4bitMatmul(torch.autograd.Function):
             w = bnbf.dequantize_4bit(weight, weight.quant_state).to(dtype)  # (out, in)
             a, b = lora_a.to(dtype), lora_b.to(dtype)
             xa = x2 @ a.t()  # (tokens, r)
-            out = x2 @ w.t() if bias is None else torch.addmm(bias.to(dtype), x2, w.t())
+            fp8 = fp8 if fp8 and fp8_shapes_ok(*w.shape) else ""
+            if fp8 == "all":
+                out = fp8_matmul(x2, w, dtype)  # (tokens, out); W's scales per output row
+                if bias is not None:
+                    out.add_(bias.to(dtype))
+            else:
+                out = x2 @ w.t() if bias is None else torch.addmm(bias.to(dtype), x2, w.t())
             out.addmm_(xa, b.t(), alpha=scaling)
         ctx.save_for_backward(x2, xa, a, b)
-        ctx.weight, ctx.scaling, ctx.dtype = weight, scaling, dtype
+        ctx.weight, ctx.scaling, ctx.dtype, ctx.fp8 = weight, scaling, dtype, fp8
         ctx.x_shape, ctx.x_dtype, ctx.ab_dtypes = x.shape, x.dtype, (lora_a.dtype, lora_b.dtype)
         return out.view(*x.shape[:-1], out.shape[-1]).to(x.dtype)
 
@@ -54,9 +112,11 @@ class LoRA4bitMatmul(torch.autograd.Function):
             grad_x = None
             if ctx.needs_input_grad[0]:
                 w = bnbf.dequantize_4bit(ctx.weight, ctx.weight.quant_state).to(dtype)
-                grad_x = (g @ w).addmm_(gb, a, alpha=s).view(ctx.x_shape).to(ctx.x_dtype)
+                # FP8: W^T quantised by rows, i.e. one scale per input column of W
+                gw = fp8_matmul(g, w.t(), dtype) if ctx.fp8 else g @ w  # "backward" and "all"
+                grad_x = gw.addmm_(gb, a, alpha=s).view(ctx.x_shape).to(ctx.x_dtype)
         return (grad_x, None, grad_a.to(ctx.ab_dtypes[0]) if grad_a is not None else None,
-                grad_b.to(ctx.ab_dtypes[1]) if grad_b is not None else None, None, None, None)
+                grad_b.to(ctx.ab_dtypes[1]) if grad_b is not None else None, None, None, None, None)
 
 
 def _plain_adapter(module, kwargs) -> str | None:
@@ -81,11 +141,12 @@ def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     else:
         dtype = getattr(base, "compute_dtype", None) or x.dtype
     return LoRA4bitMatmul.apply(x, base.weight, self.lora_A[name].weight, self.lora_B[name].weight, base.bias,
-                                float(self.scaling[name]), dtype)
+                                float(self.scaling[name]), dtype, self._fp8)
 
 
-def apply_fused_lora(model) -> int:
-    """Route every peft LoRA layer on a bitsandbytes 4-bit linear through the fused function; returns how many."""
+def apply_fused_lora(model, fp8: str = "") -> int:
+    """Route every peft LoRA layer on a bitsandbytes 4-bit linear through the fused function ("backward": its input
+    gradient's base product in FP8; "all": the forward's too); returns how many."""
     try:
         from peft.tuners.lora.bnb import Linear4bit as LoraLinear4bit
     except ImportError:  # peft without bitsandbytes support: nothing to fuse
@@ -94,5 +155,6 @@ def apply_fused_lora(model) -> int:
     for module in model.modules():
         if isinstance(module, LoraLinear4bit):
             module.forward = types.MethodType(_fused_forward, module)
+            module._fp8 = fp8
             count += 1
     return count

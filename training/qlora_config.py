@@ -42,6 +42,7 @@ class QLoRAConfig:
     lora_dropout: float = 0.0  # 0 keeps unsloth's fused LoRA kernels; at fine-tuning data scale dropout buys little
     target_modules: str = "all-linear"  # LoRA on every linear layer (QLoRA paper: best quality per byte)
     fused_lora: bool = True  # base matmul + adapter in one autograd function (training/fast_lora.py): fewer passes
+    fp8_backward: bool = False  # backward's products with the frozen base in FP8 (e4m3, per-row scales; Ada/Hopper); forward exact; opt-in
     fp32_norms_and_embeddings: bool = False  # peft's upcast of frozen norms/embeddings: +2.2 GiB on 2B, ~1.4x slower
     # --- data ---
     data: str = ""  # file or folder of .jsonl/.json/.parquet/.csv, or a save_to_disk dataset
@@ -214,6 +215,9 @@ def validate(cfg: QLoRAConfig, preset: str) -> None:
     for key in NON_NEGATIVE:
         if getattr(cfg, key) < 0:
             raise ConfigError(f"'{key}' must be >= 0, got {getattr(cfg, key)} (preset '{preset}')")
+    if cfg.fp8_backward and not cfg.fused_lora:
+        raise ConfigError("'fp8_backward' runs inside the fused LoRA function: it needs fused_lora=true "
+                          "(or drop --set fp8_backward=true)")
     if cfg.recompute_layers < -1:
         raise ConfigError(f"'recompute_layers' must be -1 (all) or >= 0, got {cfg.recompute_layers}")
     for key in FRACTIONS:
