@@ -419,6 +419,19 @@ def check_fp8(device_kind: str) -> None:
                            "H100/Hopper); drop --set fp8_backward=true")
     if capability is None:
         log.warning("fp8_backward on the CPU: FP8 matmuls are emulated (same numerics, no speed-up)")
+        return
+    from training.fast_lora import fp8_matmul
+
+    a = torch.randn(64, 256, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(128, 256, device="cuda", dtype=torch.bfloat16)
+    try:  # per-row scales need cuBLAS 12.9+ or torch's own kernel for this card: try it once, small
+        err = float((fp8_matmul(a, b, torch.bfloat16).float() - (a @ b.t()).float()).norm() / (a @ b.t()).float().norm())
+    except (RuntimeError, NotImplementedError) as exc:
+        raise BackendError(f"fp8_backward: this card and torch {torch.__version__} cannot run FP8 matmuls with "
+                           f"per-row scales ({str(exc).splitlines()[0]}); drop --set fp8_backward=true") from None
+    if not err < 0.05:
+        raise BackendError(f"fp8_backward: an FP8 matmul on this card is off by {err:.1%} (expected under 5%); "
+                           "drop --set fp8_backward=true")
 
 
 def prepare_for_kbit_training(model, fp32_frozen: bool) -> None:
