@@ -159,6 +159,17 @@ def load_variant(v: dict, path: Path, device: str) -> tuple:
     return load_project(v, path, device, arch)
 
 
+def use_sft_head(model) -> None:
+    """The LM head and loss as the recipe's trainer runs them: TRL's SFTTrainer (>= 1.15) patches every model it
+    trains with its own fused LM head (`trl.trainer.utils.add_fused_lm_head`: the head in tiles over the positions that
+    have a label only, the backward recomputing each tile) and calls the model with `fused_lm_head=True`. Liger's
+    fused linear cross-entropy is then not on the training path. optimizer_step calls the model the same way."""
+    from trl.trainer.utils import add_fused_lm_head
+
+    add_fused_lm_head(model.get_base_model(), outputs=("log_probs", "entropy", "is_top1"))  # SFTTrainer's outputs
+    model.sft_head = True
+
+
 def load_project(v: dict, path: Path, device: str, arch) -> tuple:
     """The recipe's own start (training.qlora_finetune.prepare: device, backend as applied, attention, planner),
     then the backend's loader."""
@@ -187,6 +198,7 @@ def load_project(v: dict, path: Path, device: str, arch) -> tuple:
         line += f"; overridden: {v['keep']} of {arch.num_layers} layers keep their activations"
     torch.manual_seed(0)
     m = setup.backend.load(cfg, setup.model_path, setup.device)
+    use_sft_head(m)
     if v["fp8"] == "all":
         for module in m.modules():
             if hasattr(module, "_fp8"):
@@ -322,10 +334,12 @@ def matmul_tflops(device: str) -> float:
 
 def optimizer_step(model, params, opt, batches: list[dict], dev) -> tuple[float, float]:
     """One optimizer step the Trainer's way (bf16 autocast on CUDA, accumulation over the micro-batches, clipping at
-    0.3, 8-bit AdamW): (loss, seconds), timed between CUDA synchronisations."""
+    0.3, 8-bit AdamW; the project's model through SFTTrainer's fused LM head): (loss, seconds), timed between CUDA
+    synchronisations."""
     import torch
 
     cuda = dev.type == "cuda"
+    head = {"fused_lm_head": True} if getattr(model, "sft_head", False) else {}  # the project path: use_sft_head
     tensors = [{k: torch.tensor(val, device=dev) for k, val in b.items()} for b in batches]
     if cuda:
         torch.cuda.synchronize()
@@ -333,7 +347,7 @@ def optimizer_step(model, params, opt, batches: list[dict], dev) -> tuple[float,
     total = 0.0
     for b in tensors:
         with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=cuda):
-            loss = model(**b).loss / len(tensors)
+            loss = model(**b, **head).loss / len(tensors)
         loss.backward()
         total += float(loss.detach())
     torch.nn.utils.clip_grad_norm_(params, 0.3)

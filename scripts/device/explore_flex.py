@@ -97,7 +97,7 @@ CATEGORIES = (
     ("gemm", ("gemm", "xmma", "cutlass", "nvjet", "cublas", "sm90_", "sm80_", "ampere_")),
     ("nf4 dequant", ("kDequantize", "dequantize")),
     ("8-bit optimizer", ("Optimizer", "optimizer")),
-    ("loss (Liger)", ("cross_entropy", "fused_linear")),
+    ("loss (Liger's or TRL's fused head)", ("cross_entropy", "fused_linear", "_forward_kernel", "_backward_kernel")),
     ("norm/act/rope (Liger)", ("rms_norm", "geglu", "rope", "swiglu")),
 )
 
