@@ -1,7 +1,8 @@
 """Training backends, side by side: each owns its loader and its facts (fused loss, multi-GPU, what was applied).
 
 - `hf` (what `auto` picks): transformers + peft + bitsandbytes, with Liger kernels on CUDA when installed (fused
-  linear cross-entropy with the final soft-cap, never materialising the 256k-vocab logits; RMSNorm, GeGLU, RoPE),
+  linear cross-entropy with the final soft-cap, never materialising the 256k-vocab logits, for plain forwards; in
+  training, TRL's SFTTrainer uses its own fused LM head instead; RMSNorm, GeGLU, RoPE),
   flex attention (`attn_implementation: auto`, after its own self-check), the fused LoRA function
   (training/fast_lora.py) and bf16 norms/embeddings. Measured as fast as unsloth on the H200
   (docs/benchmarks.md), Apache-2.0 only, exact for packed rows, and the one that runs on several GPUs.
