@@ -71,9 +71,9 @@ def parse_variant(name: str) -> dict:
     path, shape = parts[0], parts[1]
     v = {"name": name, "path": path.removesuffix("24"), "gpu_mem": 24.0 if path.endswith("24") else None,
          "shape": shape, "mb": None, "ckpt": None, "chat": False, "steps": None, "compile": False,
-         "keep": None, "fp8": ""}
+         "keep": None, "fp8": "", "lm_head": "trl"}
     if v["path"] not in ("baseline", "unsloth", "project", "recipe") or shape not in SHAPES:
-        raise SystemExit(f"error: unknown variant '{name}' (PATH[24]-SHAPE[-mbN][-ckpt0|1][-chat][-sN][-kN][-fp8|-fp8all][-compile]; "
+        raise SystemExit(f"error: unknown variant '{name}' (PATH[24]-SHAPE[-mbN][-ckpt0|1][-chat][-sN][-kN][-fp8|-fp8all][-ligerhead][-compile]; "
                          f"paths baseline, unsloth, project, recipe; shapes {', '.join(SHAPES)})")
     for p in parts[2:]:
         if p.startswith("mb"):
@@ -84,6 +84,8 @@ def parse_variant(name: str) -> dict:
             v["chat"] = True
         elif p.startswith("k") and p[1:].isdigit() and v["path"] == "project":
             v["keep"] = int(p[1:])  # exploratory: this many layers keep their activations (the rest recompute)
+        elif p == "ligerhead" and v["path"] == "project":
+            v["lm_head"] = "liger"  # lm_head=liger: Liger's fused cross-entropy on the labelled positions
         elif p in ("fp8", "fp8all") and v["path"] == "project":
             v["fp8"] = "backward" if p == "fp8" else "all"  # fp8_backward; fp8all: the forward too (exploratory)
         elif p == "compile" and v["path"] == "project":
@@ -159,15 +161,15 @@ def load_variant(v: dict, path: Path, device: str) -> tuple:
     return load_project(v, path, device, arch)
 
 
-def use_sft_head(model) -> None:
-    """The LM head and loss as the recipe's trainer runs them: TRL's SFTTrainer (>= 1.15) patches every model it
-    trains with its own fused LM head (`trl.trainer.utils.add_fused_lm_head`: the head in tiles over the positions that
-    have a label only, the backward recomputing each tile) and calls the model with `fused_lm_head=True`. Liger's
-    fused linear cross-entropy is then not on the training path. optimizer_step calls the model the same way."""
+def use_sft_head(model, lm_head: str) -> None:
+    """The LM head and loss as the recipe's trainer runs them (training/lm_head.py). `trl`: TRL's SFTTrainer (>= 1.15)
+    patches every model it trains with its own fused LM head (`trl.trainer.utils.add_fused_lm_head`) and calls it with
+    `fused_lm_head=True`; Liger's fused cross-entropy is then off the training path. `liger`: Liger's fused
+    cross-entropy on the labelled positions only. optimizer_step calls the model the same way."""
     from trl.trainer.utils import add_fused_lm_head
 
     add_fused_lm_head(model.get_base_model(), outputs=("log_probs", "entropy", "is_top1"))  # SFTTrainer's outputs
-    model.sft_head = True
+    model.sft_head = lm_head
 
 
 def load_project(v: dict, path: Path, device: str, arch) -> tuple:
@@ -189,6 +191,9 @@ def load_project(v: dict, path: Path, device: str, arch) -> tuple:
     cfg, line = setup.cfg, setup.plan_line
     if v["mb"]:
         cfg = replace(cfg, per_device_train_batch_size=v["mb"])
+    if v["lm_head"] != cfg.lm_head:
+        cfg = replace(cfg, lm_head=v["lm_head"])
+        line += f"; lm_head={v['lm_head']}"
     if v["fp8"]:
         cfg = replace(cfg, fp8_backward=True)
         line += "; input gradients in FP8" + (", and the forward (exploratory)" if v["fp8"] == "all" else "")
@@ -198,7 +203,7 @@ def load_project(v: dict, path: Path, device: str, arch) -> tuple:
         line += f"; overridden: {v['keep']} of {arch.num_layers} layers keep their activations"
     torch.manual_seed(0)
     m = setup.backend.load(cfg, setup.model_path, setup.device)
-    use_sft_head(m)
+    use_sft_head(m, cfg.lm_head)
     if v["fp8"] == "all":
         for module in m.modules():
             if hasattr(module, "_fp8"):
@@ -240,9 +245,9 @@ def step_batches(step: int, v: dict, micro_batch: int, packed: bool, vocab: int)
                 for i in range(0, ROWS_PER_STEP, micro_batch)]
     lengths = chat_lengths(CHAT_SAMPLES_PER_STEP, seed=step)
     samples = [_sample(n, vocab, 1000 * step + i) for i, n in enumerate(lengths)]
-    if packed:
+    if packed:  # as the recipe's collator (TRL, packing + padding-free): a micro-batch's rows as one row, no padding
         rows = pack_rows(samples)
-        return [{k: [r[k] for r in rows[i:i + micro_batch]] for k in rows[0]}
+        return [{k: [[x for r in rows[i:i + micro_batch] for x in r[k]]] for k in rows[0]}
                 for i in range(0, len(rows), micro_batch)]
     samples.sort(key=lambda s: -len(s[0]))  # group_by_length: similar lengths share a micro-batch
     out = []
@@ -258,7 +263,7 @@ def step_batches(step: int, v: dict, micro_batch: int, packed: bool, vocab: int)
 def pack_rows(samples: list[tuple[list[int], int]]) -> list[dict]:
     """TRL's best-fit-decreasing packing (what the recipe's SFTTrainer does with packing=true): rows of at most SEQ
     tokens, position_ids restarting at each sample, no loss on a sample's first token (its previous token belongs
-    to another sample) nor on its prompt."""
+    to another sample) nor on its prompt. No padding: the collator lays a micro-batch's rows end to end."""
     from datasets import Dataset
     from trl.data_utils import pack_dataset
 
@@ -268,9 +273,7 @@ def pack_rows(samples: list[tuple[list[int], int]]) -> list[dict]:
     for row in pack_dataset(ds, SEQ, strategy="bfd"):
         positions = [p for n in row["seq_lengths"] for p in range(n)]
         labels = [t if m and p > 0 else -100 for t, m, p in zip(row["input_ids"], row["loss_mask"], positions)]
-        pad = SEQ - len(row["input_ids"])  # BFD rows may be short: pad as one more "sample" without loss
-        rows.append({"input_ids": row["input_ids"] + [0] * pad, "labels": labels + [-100] * pad,
-                     "position_ids": positions + list(range(pad))})
+        rows.append({"input_ids": row["input_ids"], "labels": labels, "position_ids": positions})
     return rows
 
 
@@ -339,7 +342,9 @@ def optimizer_step(model, params, opt, batches: list[dict], dev) -> tuple[float,
     import torch
 
     cuda = dev.type == "cuda"
-    head = {"fused_lm_head": True} if getattr(model, "sft_head", False) else {}  # the project path: use_sft_head
+    from training.lm_head import labelled_positions_loss
+
+    head = getattr(model, "sft_head", None)  # the project path: use_sft_head
     tensors = [{k: torch.tensor(val, device=dev) for k, val in b.items()} for b in batches]
     if cuda:
         torch.cuda.synchronize()
@@ -347,7 +352,10 @@ def optimizer_step(model, params, opt, batches: list[dict], dev) -> tuple[float,
     total = 0.0
     for b in tensors:
         with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=cuda):
-            loss = model(**b, **head).loss / len(tensors)
+            if head == "liger":
+                loss = labelled_positions_loss(model, b)[0] / len(tensors)
+            else:
+                loss = model(**b, **({"fused_lm_head": True} if head == "trl" else {})).loss / len(tensors)
         loss.backward()
         total += float(loss.detach())
     torch.nn.utils.clip_grad_norm_(params, 0.3)

@@ -22,6 +22,7 @@ def test_variant_names_are_parsed_and_typos_refused():
     assert bench.parse_variant("project24-9b")["gpu_mem"] == 24.0
     assert bench.parse_variant("project-2b-compile")["compile"] and not bench.parse_variant("project-2b")["compile"]
     assert [bench.parse_variant(f"project-2b{p}")["fp8"] for p in ("", "-fp8", "-fp8all")] == ["", "backward", "all"]
+    assert bench.parse_variant("project-2b-chat-ligerhead")["lm_head"] == "liger"
     for bad in ("unsloth-2b", "projekt-2b", "project-3b", "project-2b-fast", "unsloth-2b-mb16-ckpt0-compile",
                 "unsloth-2b-mb16-ckpt0-fp8"):
         with pytest.raises(SystemExit, match="variant"):
@@ -61,11 +62,12 @@ def test_packed_and_padded_steps_hold_the_same_samples(monkeypatch):
     packed = bench.step_batches(0, v, 4, True, 512)
     padded = bench.step_batches(0, v, 4, False, 512)
     assert bench.real_tokens(packed) == bench.real_tokens(padded)
-    for b in packed:
-        for ids, labels, pos in zip(b["input_ids"], b["labels"], b["position_ids"]):
-            assert len(ids) == len(labels) == len(pos) == bench.SEQ
-            starts = [i for i, p in enumerate(pos) if p == 0]
-            assert all(labels[s] == -100 for s in starts)  # no loss across a sample boundary
+    for b in packed:  # padding-free, as the recipe's collator: one row per micro-batch, of up to 4 packed rows
+        (ids,), (labels,), (pos,) = b["input_ids"], b["labels"], b["position_ids"]
+        assert len(ids) == len(labels) == len(pos) <= 4 * bench.SEQ and 0 not in ids  # no padding token
+        starts = [i for i, p in enumerate(pos) if p == 0]
+        assert all(labels[s] == -100 for s in starts)  # no loss across a sample boundary
+    assert sum(len(b["input_ids"][0]) for b in packed) == sum(bench.chat_lengths(24, seed=0))
     assert bench.all_tokens(packed) < bench.all_tokens(padded)
     # the same step is the same data for every variant and micro-batch split
     assert bench.step_batches(0, v, 2, False, 512)[0]["input_ids"] == padded[0]["input_ids"][:2]

@@ -128,3 +128,49 @@ def test_fp8_backward_needs_the_fused_function_and_fp8_tensor_cores():
     with pytest.raises(ConfigError, match="fused_lora=true"):
         validate(replace(PRESETS["tiny"], fp8_backward=True, fused_lora=False), "tiny")
     assert [fp8_supported(c) for c in ((8, 6), (8, 9), (9, 0), (12, 0), None)] == [False, True, True, True, True]
+
+
+def test_lm_head_on_labelled_positions_equals_trls_fused_head(tiny_model_dir):
+    """lm_head=liger computes the loss only at labelled positions (here through transformers' own loss, as on a CPU
+    without Liger): the same loss and the same LoRA gradients as TRL's fused head, which SFTTrainer trains with,
+    with and without num_items_in_batch (the step's labelled tokens), on rows whose prompts carry no labels."""
+    from trl.trainer.utils import add_fused_lm_head
+
+    from training.lm_head import labelled_positions_loss
+
+    ids = torch.randint(3, 500, (2, 48), generator=torch.Generator().manual_seed(2))
+    labels = ids.clone()
+    labels[0, :20], labels[1, :5], labels[1, 40:] = -100, -100, -100  # prompts and padding: no loss
+    inputs = {"input_ids": ids, "labels": labels}
+    for items in (None, 150):
+        model = load(tiny_model_dir, fused_lora=True)
+        add_fused_lm_head(model.get_base_model(), outputs=("log_probs", "entropy", "is_top1"))
+        ref = model(**inputs, fused_lm_head=True, num_items_in_batch=items).loss
+        ref.backward()
+        ref_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        model.zero_grad()
+        loss, _ = labelled_positions_loss(model, inputs, items)
+        loss.backward()
+        assert abs(float(loss) - float(ref)) < 1e-5 * float(ref), (float(loss), float(ref))
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                assert torch.allclose(p.grad, ref_grads[name], rtol=1e-4, atol=1e-7), name
+
+
+def test_the_recipe_trains_the_same_with_either_lm_head(tmp_path):
+    """The whole recipe (SFTTrainer, packing, eval split) with --set lm_head=liger and with TRL's head: the same
+    logged losses step by step, so the trainer subclass normalises the loss as SFTTrainer does."""
+    import json
+
+    from tests.conftest import run_recipe
+
+    losses = {}
+    for head in ("trl", "liger"):
+        proc = run_recipe(["--model-config", "tiny", "--output-dir", str(tmp_path / head / "out"), "--logs-dir",
+                           str(tmp_path / head / "logs"), "--run-name", "r", "--max-steps", "3", "--resume", "never",
+                           "--set", "logging_steps=1", "--set", f"lm_head={head}"])
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        rows = [json.loads(x) for x in (tmp_path / head / "logs" / "r" / "metrics.jsonl").read_text().splitlines()]
+        losses[head] = [r["loss"] for r in rows if "loss" in r and "event" not in r]
+    assert len(losses["trl"]) == 3
+    assert losses["liger"] == pytest.approx(losses["trl"], rel=1e-5)

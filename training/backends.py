@@ -69,6 +69,9 @@ class HFBackend:
         log.info("attention %s: %s", attention, why)
         if cfg.fp8_backward:
             check_fp8(device_kind)
+        if cfg.lm_head == "liger" and device_kind == "cuda" and not self.liger:
+            raise BackendError("lm_head=liger needs Liger's fused cross-entropy, which is not applied here "
+                               f"({self.reason}); install liger-kernel (the gpu extra) or drop --set lm_head=liger")
         return dataclasses.replace(cfg, attn_implementation=attention)
 
     def load(self, cfg, model_path: str, device):
@@ -78,7 +81,7 @@ class HFBackend:
 # What unsloth does whatever the config says; a config asking otherwise is warned about, key by key.
 UNSLOTH_FIXED = {"target_modules": "all-linear", "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True,
                  "fused_lora": True, "fp32_norms_and_embeddings": False, "attn_implementation": "auto", "bf16": "auto",
-                 "fp8_backward": False}
+                 "fp8_backward": False, "lm_head": "trl"}
 
 
 @dataclass(frozen=True)

@@ -255,9 +255,9 @@ def build_trainer(setup: RunSetup, data: RunData, model, paths: RunPaths, callba
     """SFTTrainer with the metrics callback and the checkpoint callback (from here on SIGTERM/SIGINT = finish the
     step, save a complete checkpoint, stop; a second signal exits at once). Returns (trainer, metrics, checkpoints)."""
     from transformers.trainer_callback import PrinterCallback
-    from trl import SFTTrainer
 
     from training.checkpoint_callback import CheckpointCallback
+    from training.lm_head import trainer_class
     from training.metrics import MetricsCallback
     from training.trainer_args import sft_config
 
@@ -268,7 +268,7 @@ def build_trainer(setup: RunSetup, data: RunData, model, paths: RunPaths, callba
                                        keep=setup.cfg.keep_checkpoints, resumed_from=setup.start.checkpoint,
                                        resume_changes=setup.start.changes,
                                        extra_json={DATA_FINGERPRINT: data.fingerprint}, log=log.warning, pause=pause)
-    trainer = SFTTrainer(model=model, args=args, train_dataset=data.train, eval_dataset=data.eval,
+    trainer = trainer_class(setup.cfg.lm_head)(model=model, args=args, train_dataset=data.train, eval_dataset=data.eval,
                          processing_class=data.tokenizer, callbacks=[metrics_cb, checkpoint_cb, *callbacks])
     trainer.remove_callback(PrinterCallback)
     return trainer, metrics_cb, checkpoint_cb

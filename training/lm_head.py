@@ -1,0 +1,53 @@
+"""The LM head in training, one of two (config `lm_head`):
+
+- `trl` (the default): TRL's SFTTrainer trains through its own fused LM head (`trl.trainer.utils.add_fused_lm_head`,
+  TRL >= 1.15). It projects only the positions that have a label, tile by tile, never materialising the logits, and
+  its backward recomputes each tile: three vocab-sized products per labelled token.
+- `liger`: Liger's fused linear cross-entropy (patched into the model's forward by `training.backends.apply_liger`),
+  given only the labelled positions (`logits_to_keep`, with the labels pre-shifted to match). It computes the input
+  gradient during the forward: two vocab-sized products per labelled token. Needs Liger applied (CUDA). On the CPU,
+  where Liger does not run, the same call goes through transformers' own loss on the kept positions (exact, and how
+  the tests check it). Opt-in until a GPU lease measures it (docs/benchmarks.md).
+
+Both give the same loss, normalised the same way (over `num_items_in_batch`, the labelled tokens of the whole step).
+Evaluation always uses TRL's head (Liger's forward would materialise logits outside training).
+"""
+
+from __future__ import annotations
+
+IGNORE = -100
+
+
+def labelled_positions_loss(model, inputs: dict, num_items_in_batch=None):
+    """The model's loss computed only at positions whose next token has a label: (loss, outputs)."""
+    import torch.nn.functional as F
+
+    labels = inputs["labels"]
+    shift = F.pad(labels, (0, 1), value=IGNORE)[..., 1:]  # position t predicts token t + 1
+    keep = (shift != IGNORE).any(dim=0).nonzero().squeeze(1)  # the union over the rows (padding-free: one row)
+    kwargs = {k: v for k, v in inputs.items() if k != "labels"}
+    outputs = model(**kwargs, labels=labels, shift_labels=shift[:, keep].contiguous(), logits_to_keep=keep,
+                    num_items_in_batch=num_items_in_batch, use_cache=False)
+    return outputs.loss, outputs
+
+
+def trainer_class(lm_head: str):
+    """The SFTTrainer class that trains with this LM head."""
+    from trl import SFTTrainer
+
+    if lm_head == "trl":
+        return SFTTrainer
+
+    class LabelledLigerSFTTrainer(SFTTrainer):
+        """SFTTrainer whose training loss is Liger's fused cross-entropy on the labelled positions only."""
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if not model.training:
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            loss, outputs = labelled_positions_loss(model, inputs, num_items_in_batch)
+            # as Trainer.compute_loss: num_items_in_batch counts every rank's tokens, and DDP averages gradients
+            if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+                loss = loss * self.accelerator.num_processes
+            return (loss, outputs) if return_outputs else loss
+
+    return LabelledLigerSFTTrainer
