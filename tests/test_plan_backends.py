@@ -111,7 +111,7 @@ def test_trainer_uses_the_planner_choice():
     flex, _ = plan_for_run(replace(cfg, attn_implementation="flex_attention"), card, LIGER)
     assert (flex.per_device_train_batch_size, -flex.recompute_layers) >= (planned.per_device_train_batch_size,
                                                                           -planned.recompute_layers)
-    # Liger's patch did not take: logits are materialised, the plan shrinks
+    # Liger's patch did not take: planned conservatively (as materialised logits), the plan shrinks
     unfused, _ = plan_for_run(cfg, card, NO_LIGER)
     assert unfused.per_device_train_batch_size < planned.per_device_train_batch_size
     cpu = Device("cpu", "CPU", None, torch.float32, False, False)

@@ -12,7 +12,9 @@
   exactly, and it ignores some config keys (warned about by name, UNSLOTH_FIXED).
 All keep Gemma-2's attention logit soft-capping: eager and flex attention apply it (sdpa would drop it), unsloth
 has its own soft-capped attention. The planner (training/plan.py) sizes the batch from what a backend *applied*:
-a failed Liger patch means materialised logits, and a smaller micro-batch.
+a failed Liger patch is planned as materialised logits, and a smaller micro-batch. That is conservative: in
+training TRL's fused LM head never materialises them, but the activations of the unfused norms and GeGLU are not
+measured.
 
     python -m training.backends self-check [--backend unsloth|flex]   # what the choices run before using them
 """
@@ -60,7 +62,9 @@ class HFBackend:
 
     @property
     def fused_loss(self) -> bool:
-        """The logits are never materialised (what the planner counts on): only with Liger's fused loss."""
+        """What the planner counts on: no materialised logits. Only with Liger's kernels applied: in training TRL's
+        fused head never materialises the logits either, but the unfused norms and GeGLU need more memory, which is
+        not measured, so a failed Liger patch is planned conservatively, as materialised logits."""
         return self.liger
 
     def configure(self, cfg, device_kind: str):
@@ -161,7 +165,7 @@ def apply_backend(choice: Backend, model_type: str) -> Backend:
     if apply_liger(model_type):
         return choice
     return dataclasses.replace(choice, liger=False, reason=choice.reason.replace(" + Liger", "") +
-                               f" (Liger kernels not applied to '{model_type}': logits are materialised)")
+                               f" (Liger kernels not applied to '{model_type}': planned as materialised logits)")
 
 
 def apply_liger(model_type: str) -> bool:
