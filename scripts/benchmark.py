@@ -191,10 +191,15 @@ def load_project(v: dict, path: Path, device: str, arch) -> tuple:
     cfg, line = setup.cfg, setup.plan_line
     if v["mb"]:
         cfg = replace(cfg, per_device_train_batch_size=v["mb"])
-    if v["lm_head"] != cfg.lm_head:
+    if v["lm_head"] != cfg.lm_head:  # the checks backend.configure makes in the recipe, for the overrides
+        if device == "cuda" and not setup.backend.liger:
+            raise SystemExit(f"{v['name']}: lm_head=liger needs Liger's kernels applied ({setup.backend.reason})")
         cfg = replace(cfg, lm_head=v["lm_head"])
         line += f"; lm_head={v['lm_head']}"
     if v["fp8"]:
+        from training.backends import check_fp8
+
+        check_fp8(device)
         cfg = replace(cfg, fp8_backward=True)
         line += "; input gradients in FP8" + (", and the forward (exploratory)" if v["fp8"] == "all" else "")
     if v["keep"] is not None:

@@ -157,9 +157,11 @@ def test_lm_head_on_labelled_positions_equals_trls_fused_head(tiny_model_dir):
                 assert torch.allclose(p.grad, ref_grads[name], rtol=1e-4, atol=1e-7), name
 
 
+@pytest.mark.slow
 def test_the_recipe_trains_the_same_with_either_lm_head(tmp_path):
-    """The whole recipe (SFTTrainer, packing, eval split) with --set lm_head=liger and with TRL's head: the same
-    logged losses step by step, so the trainer subclass normalises the loss as SFTTrainer does."""
+    """The whole recipe (SFTTrainer, packing, eval split, 2 micro-batches per step) with --set lm_head=liger and with
+    TRL's head: the same logged losses step by step, so the trainer subclass normalises the loss over the step's
+    labelled tokens (num_items_in_batch) as SFTTrainer does."""
     import json
 
     from tests.conftest import run_recipe
@@ -168,7 +170,8 @@ def test_the_recipe_trains_the_same_with_either_lm_head(tmp_path):
     for head in ("trl", "liger"):
         proc = run_recipe(["--model-config", "tiny", "--output-dir", str(tmp_path / head / "out"), "--logs-dir",
                            str(tmp_path / head / "logs"), "--run-name", "r", "--max-steps", "3", "--resume", "never",
-                           "--set", "logging_steps=1", "--set", f"lm_head={head}"])
+                           "--set", "logging_steps=1", "--set", "gradient_accumulation_steps=2",
+                           "--set", "per_device_train_batch_size=2", "--set", f"lm_head={head}"])
         assert proc.returncode == 0, proc.stderr[-3000:]
         rows = [json.loads(x) for x in (tmp_path / head / "logs" / "r" / "metrics.jsonl").read_text().splitlines()]
         losses[head] = [r["loss"] for r in rows if "loss" in r and "event" not in r]

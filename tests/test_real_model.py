@@ -222,7 +222,8 @@ def test_chatml_modelfile_template_renders_what_smollm2s_template_renders(smol_d
 
 
 def test_fp8_backward_learns_like_the_exact_path_on_real_weights(smol_dir):
-    """fp8_backward on SmolLM2's real weights (the FP8 products emulated on the CPU, same numerics as the card's):
+    """fp8_backward on SmolLM2's real weights (the FP8 products emulated on the CPU: e4m3's rounding, not the card's
+    accumulation order):
     the same chats, seed and 6 AdamW steps with and without it. The first loss is equal (the forward is exact), both
     curves fall (the adapter learns the greeting) and they stay within 1% of each other step by step (the issue's
     parity bar is 2%)."""

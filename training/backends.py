@@ -103,6 +103,7 @@ class UnslothBackend:
             if getattr(cfg, key) != fixed:
                 log.warning("backend unsloth ignores %s=%s (it uses %s); --set backend=auto honours it",
                             key, getattr(cfg, key), fixed)
+        cfg = dataclasses.replace(cfg, lm_head="trl", fp8_backward=False)  # the trainer and loader read these
         if not cfg.packing:
             return cfg
         log.info("packing off: backend unsloth cannot keep packed samples apart (one sample per row instead)")
@@ -360,6 +361,7 @@ def load_hf(cfg, model_path: str, device):
     """Base weights in 4-bit NF4 (+ double quant) with LoRA on all linear layers, through transformers + peft (Liger's
     kernels, when apply_backend applied them, are already patched into transformers' classes). The Trainer is told
     not to checkpoint: this sets checkpointing up, per layer."""
+    import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
@@ -400,6 +402,9 @@ def load_hf(cfg, model_path: str, device):
         task_type="CAUSAL_LM",
     )
     model = get_peft_model(model, lora)
+    if cfg.fp8_backward and device.kind == "cuda" and device.compute_dtype != torch.bfloat16:
+        raise BackendError("fp8_backward needs bf16 compute (FP8 matmuls with per-row scales return bf16); this run "
+                           "computes in fp16 (bf16=false or a card without bf16): drop --set fp8_backward=true")
     fused = apply_fused_lora(model, fp8="backward" if cfg.fp8_backward else "") if cfg.fused_lora else 0
     recomputed = enable_checkpointing(model, cfg.recompute_layers) if cfg.gradient_checkpointing else 0
     trainable, total = model.get_nb_trainable_parameters()

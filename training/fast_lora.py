@@ -32,25 +32,34 @@ E4M3_MAX = 448.0  # the largest finite float8_e4m3fn value
 
 
 def quantize_rows(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(t8, scale) with t ~= t8 * scale, one scale per row (amax / 448), t8 in float8_e4m3fn. Scales are rounded to
-    t's dtype first, so the same value divides here and multiplies in the matmul."""
+    """(t8, scale) with t ~= t8 * scale, one fp32 scale per row (amax / 448, at least 1e-12: an all-zero row stays
+    zero), t8 in float8_e4m3fn; the division in fp32, so the one rounding is e4m3's."""
     amax = t.abs().amax(dim=-1, keepdim=True).float()
-    scale = (amax / E4M3_MAX).clamp_(min=1e-12).to(t.dtype)
-    t8 = (t / scale).clamp_(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
-    return t8, scale.float()
+    scale = (amax / E4M3_MAX).clamp_(min=1e-12)
+    t8 = (t.float() / scale).clamp_(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
+    return t8, scale
 
 
 _compiled_quantize = None
 
 
 def quantize(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """quantize_rows, compiled on CUDA (one fused pass over t instead of five eager ones; any number of rows)."""
+    """quantize_rows, compiled on CUDA (one fused pass over t instead of five eager ones; any number of rows). If
+    compiling fails (no working inductor/Triton here), the eager version, with a warning, once."""
     global _compiled_quantize
-    if t.device.type != "cuda":
+    if t.device.type != "cuda" or _compiled_quantize is False:
         return quantize_rows(t)
     if _compiled_quantize is None:
         _compiled_quantize = torch.compile(quantize_rows, dynamic=True)
-    return _compiled_quantize(t)
+    try:
+        return _compiled_quantize(t)
+    except Exception as exc:  # noqa: BLE001 - any compiler failure: the same function, eager
+        import logging
+
+        logging.getLogger(__name__).warning("FP8 quantisation runs eager (slower): torch.compile failed: %s",
+                                            str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        _compiled_quantize = False
+        return quantize_rows(t)
 
 
 def fp8_matmul(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -10,7 +10,8 @@
   the tests check it). Opt-in until a GPU lease measures it (docs/benchmarks.md).
 
 Both give the same loss, normalised the same way (over `num_items_in_batch`, the labelled tokens of the whole step).
-Evaluation always uses TRL's head (Liger's forward would materialise logits outside training).
+Evaluation, other objectives (a custom loss, label smoothing, DFT) and a micro-batch without labels use TRL's head.
+SFTTrainer's logged entropy and mean token accuracy come from its head, so with `liger` they are not logged.
 """
 
 from __future__ import annotations
@@ -23,9 +24,11 @@ def labelled_positions_loss(model, inputs: dict, num_items_in_batch=None):
     import torch.nn.functional as F
 
     labels = inputs["labels"]
-    shift = F.pad(labels, (0, 1), value=IGNORE)[..., 1:]  # position t predicts token t + 1
+    shift = inputs.get("shift_labels")
+    if shift is None:
+        shift = F.pad(labels, (0, 1), value=IGNORE)[..., 1:]  # position t predicts token t + 1
     keep = (shift != IGNORE).any(dim=0).nonzero().squeeze(1)  # the union over the rows (padding-free: one row)
-    kwargs = {k: v for k, v in inputs.items() if k != "labels"}
+    kwargs = {k: v for k, v in inputs.items() if k not in ("labels", "shift_labels")}
     outputs = model(**kwargs, labels=labels, shift_labels=shift[:, keep].contiguous(), logits_to_keep=keep,
                     num_items_in_batch=num_items_in_batch, use_cache=False)
     return outputs.loss, outputs
@@ -42,7 +45,11 @@ def trainer_class(lm_head: str):
         """SFTTrainer whose training loss is Liger's fused cross-entropy on the labelled positions only."""
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            if not model.training:
+            # SFTTrainer's own path where this one would differ: evaluation (Liger's forward would materialise
+            # logits), other objectives (a custom loss, label smoothing, DFT), a micro-batch without any label
+            other_objective = (self.compute_loss_func is not None or self.label_smoother is not None
+                               or self.args.loss_type != "nll")
+            if not model.training or other_objective or not bool((inputs["labels"] != IGNORE).any()):
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             loss, outputs = labelled_positions_loss(model, inputs, num_items_in_batch)
             # as Trainer.compute_loss: num_items_in_batch counts every rank's tokens, and DDP averages gradients

@@ -93,11 +93,12 @@ def inject_kernel_options(model, options: dict | None) -> list:
 
 # kernel-name fragments -> category, first match wins (CUDA kernels of one profiled optimizer step)
 CATEGORIES = (
+    ("loss (TRL's fused head)", ("trl:",)),  # TRL's kernels are named _forward_kernel/_backward_kernel: see below
     ("attention", ("flex", "triton_tem", "flash", "fmha", "attention")),
     ("gemm", ("gemm", "xmma", "cutlass", "nvjet", "cublas", "sm90_", "sm80_", "ampere_")),
     ("nf4 dequant", ("kDequantize", "dequantize")),
     ("8-bit optimizer", ("Optimizer", "optimizer")),
-    ("loss (Liger's or TRL's fused head)", ("cross_entropy", "fused_linear", "_forward_kernel", "_backward_kernel")),
+    ("loss (Liger)", ("cross_entropy", "fused_linear")),
     ("norm/act/rope (Liger)", ("rms_norm", "geglu", "rope", "swiglu")),
 )
 
@@ -121,7 +122,8 @@ def profile_step(model, params, opt, batches, dev, bench) -> dict:
     busy = sum(kernels.values())
     cats: dict[str, float] = {}
     for name, sec in kernels.items():
-        cat = next((c for c, frags in CATEGORIES if any(f in name for f in frags)), "other")
+        key = f"trl:{name}" if name in ("_forward_kernel", "_backward_kernel") else name  # exact: Liger has *_kernel
+        cat = next((c for c, frags in CATEGORIES if any(f in key for f in frags)), "other")
         cats[cat] = cats.get(cat, 0.0) + sec
     top = sorted(kernels.items(), key=lambda kv: -kv[1])[:12]
     return {"wall_s": round(wall, 3), "gpu_busy_s": round(busy, 3),
