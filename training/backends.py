@@ -435,8 +435,9 @@ def check_fp8(device_kind: str) -> None:
         return
     from training.fast_lora import fp8_matmul
 
-    a = torch.randn(64, 256, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(128, 256, device="cuda", dtype=torch.bfloat16)
+    card = torch.device("cuda", local_rank())  # this process's card: no CUDA context on another rank's
+    a = torch.randn(64, 256, device=card, dtype=torch.bfloat16)
+    b = torch.randn(128, 256, device=card, dtype=torch.bfloat16)
     try:  # per-row scales need cuBLAS 12.9+ or torch's own kernel for this card: try it once, small
         err = float((fp8_matmul(a, b, torch.bfloat16).float() - (a @ b.t()).float()).norm() / (a @ b.t()).float().norm())
     except (RuntimeError, NotImplementedError) as exc:
