@@ -26,6 +26,13 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
+
+def bwd(block_m: int, block_n: int, warps: int, stages: int) -> tuple:
+    """A row with the backward kernel's blocks, warps and stages set (its dQ pass takes the transposed blocks)."""
+    return (None, {"bwd_BLOCK_M1": block_m, "bwd_BLOCK_N1": block_n, "bwd_BLOCK_M2": block_n, "bwd_BLOCK_N2": block_m,
+                   "bwd_num_warps": warps, "bwd_num_stages": stages}, "flex_attention")
+
+
 # name -> (autotune mode or None for the per-GPU default configuration, kernel_options or None, attention)
 ROWS = {
     "default": (None, None, "flex_attention"),
@@ -34,23 +41,16 @@ ROWS = {
     "fwd128x64-w8-s3": (None, {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3}, "flex_attention"),
     "fwd64x32-w4-s2": (None, {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2}, "flex_attention"),
     "bwd64x64-w8": (None, {"bwd_BLOCK_M1": 64, "bwd_BLOCK_N1": 64, "bwd_BLOCK_M2": 64, "bwd_BLOCK_N2": 64,
-                           "num_warps": 8}, "flex_attention"),
+                           "num_warps": 8}, "flex_attention"),  # 8 warps for the forward too
     "fwd128x64-w8-s2": (None, {"fwd_BLOCK_M": 128, "fwd_BLOCK_N": 64, "fwd_num_warps": 8, "fwd_num_stages": 2},
                         "flex_attention"),
-    "bwd64x64-w4-s2": (None, {"bwd_BLOCK_M1": 64, "bwd_BLOCK_N1": 64, "bwd_BLOCK_M2": 64, "bwd_BLOCK_N2": 64,
-                              "bwd_num_warps": 4, "bwd_num_stages": 2}, "flex_attention"),
-    "bwd32x64-w4-s3": (None, {"bwd_BLOCK_M1": 32, "bwd_BLOCK_N1": 64, "bwd_BLOCK_M2": 64, "bwd_BLOCK_N2": 32,
-                              "bwd_num_warps": 4, "bwd_num_stages": 3}, "flex_attention"),
-    "bwd64x64-w8-s1": (None, {"bwd_BLOCK_M1": 64, "bwd_BLOCK_N1": 64, "bwd_BLOCK_M2": 64, "bwd_BLOCK_N2": 64,
-                              "bwd_num_warps": 8, "bwd_num_stages": 1}, "flex_attention"),
-    "bwd64x64-w8-s2": (None, {"bwd_BLOCK_M1": 64, "bwd_BLOCK_N1": 64, "bwd_BLOCK_M2": 64, "bwd_BLOCK_N2": 64,
-                              "bwd_num_warps": 8, "bwd_num_stages": 2}, "flex_attention"),
-    "bwd32x64-w8-s2": (None, {"bwd_BLOCK_M1": 32, "bwd_BLOCK_N1": 64, "bwd_BLOCK_M2": 64, "bwd_BLOCK_N2": 32,
-                              "bwd_num_warps": 8, "bwd_num_stages": 2}, "flex_attention"),
-    "bwd64x128-w8-s1": (None, {"bwd_BLOCK_M1": 64, "bwd_BLOCK_N1": 128, "bwd_BLOCK_M2": 128, "bwd_BLOCK_N2": 64,
-                               "bwd_num_warps": 8, "bwd_num_stages": 1}, "flex_attention"),
-    "bwd32x32-w4-s3": (None, {"bwd_BLOCK_M1": 32, "bwd_BLOCK_N1": 32, "bwd_BLOCK_M2": 32, "bwd_BLOCK_N2": 32,
-                              "bwd_num_warps": 4, "bwd_num_stages": 3}, "flex_attention"),
+    "bwd64x64-w4-s2": bwd(64, 64, 4, 2),
+    "bwd32x64-w4-s3": bwd(32, 64, 4, 3),
+    "bwd64x64-w8-s1": bwd(64, 64, 8, 1),
+    "bwd64x64-w8-s2": bwd(64, 64, 8, 2),
+    "bwd32x64-w8-s2": bwd(32, 64, 8, 2),
+    "bwd64x128-w8-s1": bwd(64, 128, 8, 1),
+    "bwd32x32-w4-s3": bwd(32, 32, 4, 3),
     "tma": (None, {"USE_TMA": True}, "flex_attention"),
     "sdpa (inexact: no soft-cap)": (None, None, "sdpa"),
     "eager": (None, None, "eager"),  # exact and slow: the reference (and the CPU smoke run)
