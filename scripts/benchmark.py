@@ -185,22 +185,17 @@ def load_project(v: dict, path: Path, device: str, arch) -> tuple:
     from training.runfiles import RunPaths
 
     preset = "gemma-9b" if v["shape"] == "9b" else "gemma-2b"
+    # lm_head and fp8_backward are set before prepare(): the backend checks them there, as in the recipe
     cfg = replace(PRESETS[preset], model_name_or_path=str(path), gpu_mem_gib=v["gpu_mem"] or 0.0, max_seq_length=SEQ,
-                  device=device, allow_cpu=True, min_gpu_mem_gib=0.0, lora_r=LORA_R, disk_check=False)
+                  device=device, allow_cpu=True, min_gpu_mem_gib=0.0, lora_r=LORA_R, disk_check=False,
+                  lm_head=v["lm_head"], fp8_backward=bool(v["fp8"]))
     setup = prepare(cfg, preset, RunPaths.of(v["name"], path.parent / "runs" / v["name"]), resume="never")
     cfg, line = setup.cfg, setup.plan_line
     if v["mb"]:
         cfg = replace(cfg, per_device_train_batch_size=v["mb"])
-    if v["lm_head"] != cfg.lm_head:  # the checks backend.configure makes in the recipe, for the overrides
-        if device == "cuda" and not setup.backend.liger:
-            raise SystemExit(f"{v['name']}: lm_head=liger needs Liger's kernels applied ({setup.backend.reason})")
-        cfg = replace(cfg, lm_head=v["lm_head"])
-        line += f"; lm_head={v['lm_head']}"
-    if v["fp8"]:
-        from training.backends import check_fp8
-
-        check_fp8(device)
-        cfg = replace(cfg, fp8_backward=True)
+    if cfg.lm_head != "trl":
+        line += f"; lm_head={cfg.lm_head}"
+    if cfg.fp8_backward:
         line += "; input gradients in FP8" + (", and the forward (exploratory)" if v["fp8"] == "all" else "")
     if v["keep"] is not None:
         cfg = replace(cfg, gradient_checkpointing=v["keep"] < arch.num_layers,
