@@ -15,7 +15,7 @@ Variant names: PATH[24]-SHAPE[-mbN][-ckpt0|1][-chat][-sN] (-sN: N timed steps in
   materialised, gradient checkpointing, LoRA dropout 0.05, micro-batch 4 x 4 on 2B, 2 x 8 on 9B).
 - unsloth: unsloth's FastLanguageModel standalone (its kernels, its checkpointing when ckpt1), micro-batch N.
 - project: the recipe's own functions (backend auto, attention auto, the planner), planned for this card;
-  project24: planned for a 24 GiB card (an RTX 4090).
+  project24: planned for a 24 GiB card (an RTX 4090). -fa4 / -flex force FlashAttention 4 / flex attention.
 - recipe: the whole recipe (`python -m training.qlora_finetune`, SFTTrainer) for a few steps; tokens/s from its
   metrics.jsonl. It checks that the harness loop times what a user's run does.
 - -chat: variable-length chat samples (log-normal lengths, median 350 tokens, capped at 2048; the prompt third
@@ -57,6 +57,7 @@ ROWS_PER_STEP = 16  # full rows: 16 x 2048 = 32,768 tokens per optimizer step, a
 CHAT_MEDIAN, CHAT_SIGMA, CHAT_PROMPT_SHARE = 350, 0.9, 1 / 3
 CHAT_SAMPLES_PER_STEP = 96  # about 46k tokens: every path sees the same samples per optimizer step
 LORA_R = 32
+ATTENTION_PARTS = {"fa4": "flash_attention_4", "flex": "flex_attention"}  # -fa4 / -flex: force the project's attention
 DEFAULT_VARIANTS = ",".join([  # most telling first: a call cut short by the device's time limit keeps those
     "project-2b-s18", "unsloth-2b-mb16-ckpt0-s18", "baseline-2b-s18", "unsloth-2b-mb8-ckpt0", "unsloth-2b-mb4-ckpt0",
     "unsloth-2b-mb16-ckpt1", "unsloth-2b-mb4-ckpt1", "project24-2b", "project-2b-chat", "unsloth-2b-mb16-ckpt0-chat",
@@ -71,9 +72,9 @@ def parse_variant(name: str) -> dict:
     path, shape = parts[0], parts[1]
     v = {"name": name, "path": path.removesuffix("24"), "gpu_mem": 24.0 if path.endswith("24") else None,
          "shape": shape, "mb": None, "ckpt": None, "chat": False, "steps": None, "compile": False,
-         "keep": None, "fp8": "", "lm_head": "trl"}
+         "keep": None, "fp8": "", "lm_head": "trl", "attention": "auto"}
     if v["path"] not in ("baseline", "unsloth", "project", "recipe") or shape not in SHAPES:
-        raise SystemExit(f"error: unknown variant '{name}' (PATH[24]-SHAPE[-mbN][-ckpt0|1][-chat][-sN][-kN][-fp8|-fp8all][-ligerhead][-compile]; "
+        raise SystemExit(f"error: unknown variant '{name}' (PATH[24]-SHAPE[-mbN][-ckpt0|1][-chat][-sN][-kN][-fa4|-flex][-fp8|-fp8all][-ligerhead][-compile]; "
                          f"paths baseline, unsloth, project, recipe; shapes {', '.join(SHAPES)})")
     for p in parts[2:]:
         if p.startswith("mb"):
@@ -84,6 +85,8 @@ def parse_variant(name: str) -> dict:
             v["chat"] = True
         elif p.startswith("k") and p[1:].isdigit() and v["path"] == "project":
             v["keep"] = int(p[1:])  # exploratory: this many layers keep their activations (the rest recompute)
+        elif p in ATTENTION_PARTS and v["path"] == "project":
+            v["attention"] = ATTENTION_PARTS[p]  # the attention forced instead of the recipe's auto choice
         elif p == "ligerhead" and v["path"] == "project":
             v["lm_head"] = "liger"  # lm_head=liger: Liger's fused cross-entropy on the labelled positions
         elif p in ("fp8", "fp8all") and v["path"] == "project":
@@ -188,7 +191,7 @@ def load_project(v: dict, path: Path, device: str, arch) -> tuple:
     # lm_head and fp8_backward are set before prepare(): the backend checks them there, as in the recipe
     cfg = replace(PRESETS[preset], model_name_or_path=str(path), gpu_mem_gib=v["gpu_mem"] or 0.0, max_seq_length=SEQ,
                   device=device, allow_cpu=True, min_gpu_mem_gib=0.0, lora_r=LORA_R, disk_check=False,
-                  lm_head=v["lm_head"], fp8_backward=bool(v["fp8"]))
+                  lm_head=v["lm_head"], fp8_backward=bool(v["fp8"]), attn_implementation=v["attention"])
     setup = prepare(cfg, preset, RunPaths.of(v["name"], path.parent / "runs" / v["name"]), resume="never")
     cfg, line = setup.cfg, setup.plan_line
     if v["mb"]:

@@ -23,8 +23,10 @@ def test_variant_names_are_parsed_and_typos_refused():
     assert bench.parse_variant("project-2b-compile")["compile"] and not bench.parse_variant("project-2b")["compile"]
     assert [bench.parse_variant(f"project-2b{p}")["fp8"] for p in ("", "-fp8", "-fp8all")] == ["", "backward", "all"]
     assert bench.parse_variant("project-2b-chat-ligerhead")["lm_head"] == "liger"
+    assert [bench.parse_variant(f"project-2b{p}")["attention"] for p in ("", "-fa4", "-flex")] == \
+        ["auto", "flash_attention_4", "flex_attention"]
     for bad in ("unsloth-2b", "projekt-2b", "project-3b", "project-2b-fast", "unsloth-2b-mb16-ckpt0-compile",
-                "unsloth-2b-mb16-ckpt0-fp8"):
+                "unsloth-2b-mb16-ckpt0-fp8", "baseline-2b-fa4"):
         with pytest.raises(SystemExit, match="variant"):
             bench.parse_variant(bad)
     for name in bench.DEFAULT_VARIANTS.split(","):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import replace
 
 import pytest
@@ -191,6 +192,58 @@ def test_attention_choice():
     impl, why = b_resolve("auto", "cuda", lambda name: (False, "No valid triton configs"))
     assert impl == "eager" and "No valid triton configs" in why
     assert b_resolve("sdpa", "cuda")[0] == "sdpa"
+
+
+def fake_card(monkeypatch, capability, name, fa4_installed=True):
+    """What only an NVIDIA driver can say (the card's compute capability and name), and whether flash-attn-4's
+    distribution is installed; the FA4 choice itself runs on the device (scripts/device/explore_fa4.py)."""
+    import importlib.metadata as md
+
+    import torch
+
+    real_version = md.version
+
+    def version(dist):
+        if dist == "flash-attn-4":
+            if not fa4_installed:
+                raise md.PackageNotFoundError(dist)
+            return "4.0.0b40"
+        return real_version(dist)
+
+    monkeypatch.setattr(md, "version", version)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+
+
+def test_attention_choice_prefers_fa4_on_hopper_after_its_self_check(monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.delenv("FLASH_ATTENTION_CUTE_DSL_CACHE_DIR", raising=False)
+    monkeypatch.delenv("FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED", raising=False)
+    fake_card(monkeypatch, (9, 0), "NVIDIA H200")
+    asked = []
+    impl, why = b_resolve("auto", "cuda", lambda name: (asked.append(name) or True, "ok"))
+    assert impl == "flash_attention_4" and asked == ["fa4"] and "FlashAttention 4 passed" in why
+    # its compiled kernels are kept on disk for the run and the next ones
+    assert os.environ["FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED"] == "1"
+    assert os.environ["FLASH_ATTENTION_CUTE_DSL_CACHE_DIR"].startswith(str(tmp_path))
+    # a failed FA4 self-check falls back to flex, and says why
+    impl, why = b_resolve("auto", "cuda", lambda name: (name == "flex", "ok" if name == "flex" else "CuTe DSL error"))
+    assert impl == "flex_attention" and "FlashAttention 4: its self-check failed (CuTe DSL error)" in why
+
+
+@pytest.mark.parametrize("capability,name,installed,reason", [
+    ((8, 9), "NVIDIA GeForce RTX 4090", True, "compute capability 8.9"),  # the reference card: flex
+    ((12, 0), "NVIDIA GeForce RTX 5090", True, "compute capability 12.0"),  # no soft-cap backward
+    ((9, 0), "NVIDIA H100", False, "flash-attn-4 is not installed"),
+])
+def test_attention_choice_without_fa4_is_flex_and_never_runs_the_fa4_check(monkeypatch, capability, name, installed,
+                                                                             reason):
+    fake_card(monkeypatch, capability, name, installed)
+    asked = []
+    impl, why = b_resolve("auto", "cuda", lambda n: (asked.append(n) or True, "ok"))
+    assert impl == "flex_attention" and asked == ["flex"] and reason in why
+    with pytest.raises(BackendError, match=f"flash_attention_4 cannot train here.*{reason}.*attn_implementation=auto"):
+        b_resolve("flash_attention_4", "cuda")
 
 
 def b_resolve(requested, kind, check=None):

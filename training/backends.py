@@ -3,20 +3,21 @@
 - `hf` (what `auto` picks): transformers + peft + bitsandbytes, with Liger kernels on CUDA when installed (fused
   linear cross-entropy with the final soft-cap, never materialising the 256k-vocab logits, for plain forwards; in
   training, TRL's SFTTrainer uses its own fused LM head instead; RMSNorm, GeGLU, RoPE),
-  flex attention (`attn_implementation: auto`, after its own self-check), the fused LoRA function
+  FlashAttention 4 on Hopper/Blackwell, else flex attention (`attn_implementation: auto`, each after its own
+  self-check), the fused LoRA function
   (training/fast_lora.py) and bf16 norms/embeddings. Measured as fast as unsloth on the H200
   (docs/benchmarks.md), Apache-2.0 only, exact for packed rows, and the one that runs on several GPUs.
 - `unsloth` (optional extra `fast`, only when asked for: `--set backend=unsloth`): unsloth's fused QLoRA kernels,
   after a one-step self-check in a subprocess (so a broken install cannot take the trainer down). One GPU only.
   UNSLOTH_COMPILE_DISABLE=1 is set: its torch.compile path broke on torch 2.11. It cannot pack Gemma-2 rows
   exactly, and it ignores some config keys (warned about by name, UNSLOTH_FIXED).
-All keep Gemma-2's attention logit soft-capping: eager and flex attention apply it (sdpa would drop it), unsloth
+All keep Gemma-2's attention logit soft-capping: eager, flex and FlashAttention 4 apply it (sdpa would drop it), unsloth
 has its own soft-capped attention. The planner (training/plan.py) sizes the batch from what a backend *applied*:
 a failed Liger patch is planned as materialised logits, and a smaller micro-batch. That is conservative: in
 training TRL's fused LM head never materialises them, but the activations of the unfused norms and GeGLU are not
 measured.
 
-    python -m training.backends self-check [--backend unsloth|flex]   # what the choices run before using them
+    python -m training.backends self-check [--backend unsloth|flex|fa4]   # what the choices run before using them
 """
 
 from __future__ import annotations
@@ -144,7 +145,7 @@ def choose_backend(requested: str, device_kind: str, model_type: str | None = No
         return HFBackend(liger, "backend=hf asked for")
     if requested == "auto":
         return HFBackend(liger, "the project's path: transformers + peft" + (" + Liger" if liger else "")
-                         + (", flex attention, fused LoRA" if device_kind == "cuda" else ""))
+                         + (", FlashAttention 4 or flex attention, fused LoRA" if device_kind == "cuda" else ""))
     if device_kind != "cuda":
         raise BackendError("backend=unsloth needs a CUDA GPU; use --set backend=auto (or hf) on the CPU")
     if model_type not in (None, "gemma2", "gemma", "llama", "mistral", "qwen2", "qwen3"):
@@ -204,7 +205,7 @@ def _self_check_key(backend: str) -> str:
     import torch
 
     try:
-        backend_version = version(backend)
+        backend_version = version(SELF_CHECK_PACKAGE.get(backend, backend))
     except PackageNotFoundError:
         backend_version = "missing"
     return f"{backend}={backend_version} torch={torch.__version__} gpu={torch.cuda.get_device_name(0)}"
@@ -273,12 +274,12 @@ def _mini_gemma2(folder: Path) -> Path:
 
 def self_check_step(backend: str) -> dict:
     """unsloth: one forward/backward step; a finite loss near ln(vocab) (random init) and finite, non-zero LoRA
-    gradients. flex: flex attention against eager attention on a small Gemma-2 with head_dim 256, soft-capping, a
-    sliding window and two packed samples: same loss and input gradients (within bf16 noise)."""
+    gradients. flex, fa4: that attention against eager attention on a small Gemma-2 with head_dim 256, soft-capping,
+    a sliding window and three packed samples: same loss and input gradients (within bf16 noise)."""
     import torch
 
-    if backend == "flex":
-        return _flex_self_check()
+    if backend in ATTENTION_SELF_CHECKS:
+        return _attention_self_check(ATTENTION_SELF_CHECKS[backend])
     with tempfile.TemporaryDirectory() as tmp:
         path = _mini_gemma2(Path(tmp) / "mini")
         if backend == "unsloth":
@@ -300,9 +301,15 @@ def self_check_step(backend: str) -> dict:
         return {"ok": ok, "detail": detail, "loss": value}
 
 
-def _flex_self_check(device: str = "cuda") -> dict:
-    """Compiles flex attention's forward and backward kernels for head_dim 256 on this card (a 24 GB card's shared
-    memory can be too small for them) and checks them against eager attention, packed rows included."""
+# self-check name -> transformers' attn_implementation; the package whose version keys the cached verdict
+ATTENTION_SELF_CHECKS = {"flex": "flex_attention", "fa4": "flash_attention_4"}
+SELF_CHECK_PACKAGE = {"unsloth": "unsloth", "flex": "torch", "fa4": "flash-attn-4"}
+
+
+def _attention_self_check(impl: str, device: str = "cuda") -> dict:
+    """Builds (flex: compiles, fa4: JIT-compiles) the attention's forward and backward kernels for head_dim 256 on
+    this card (a 24 GB card's shared memory can be too small for them) and checks them against eager attention on
+    one packed row of three samples, the layout the recipe's padding-free collator makes."""
     import torch
     from transformers import Gemma2Config, Gemma2ForCausalLM
 
@@ -311,34 +318,83 @@ def _flex_self_check(device: str = "cuda") -> dict:
                        max_position_embeddings=1024, pad_token_id=0, eos_token_id=1, bos_token_id=2)
     torch.manual_seed(0)
     model = Gemma2ForCausalLM(cfg).to(device=device, dtype=torch.bfloat16).train()
-    ids = torch.randint(3, 512, (2, 256), generator=torch.Generator().manual_seed(0)).to(device)
-    positions = torch.cat([torch.arange(100), torch.arange(156)]).repeat(2, 1).to(device)  # two packed samples
+    ids = torch.randint(3, 512, (1, 512), generator=torch.Generator().manual_seed(0)).to(device)
+    positions = torch.cat([torch.arange(100), torch.arange(156), torch.arange(256)])[None].to(device)
     results = {}
-    for impl in ("eager", "flex_attention"):
-        model.set_attn_implementation(impl)
+    for name in ("eager", impl):
+        model.set_attn_implementation(name)
         embeds = model.get_input_embeddings()(ids).detach().requires_grad_(True)
         with torch.autocast(device_type=device, dtype=torch.bfloat16):
             loss = model(inputs_embeds=embeds, position_ids=positions, labels=ids).loss
         loss.backward()
-        results[impl] = (float(loss.detach()), embeds.grad.float())
-    (le, ge), (lf, gf) = results["eager"], results["flex_attention"]
-    grad_err = float((ge - gf).norm() / ge.norm().clamp_min(1e-12))
-    ok = math.isfinite(lf) and abs(lf - le) <= 2e-3 * abs(le) and grad_err < 0.05
-    return {"ok": ok, "detail": f"flex loss {lf:.4f} vs eager {le:.4f}, input-gradient error {grad_err:.2e}",
-            "loss": lf}
+        results[name] = (float(loss.detach()), embeds.grad.float())
+    (le, ge), (lx, gx) = results["eager"], results[impl]
+    grad_err = float((ge - gx).norm() / ge.norm().clamp_min(1e-12))
+    ok = math.isfinite(lx) and abs(lx - le) <= 2e-3 * abs(le) and grad_err < 0.05
+    return {"ok": ok, "detail": f"{impl} loss {lx:.4f} vs eager {le:.4f}, input-gradient error {grad_err:.2e}",
+            "loss": lx}
+
+
+def fa4_unusable(device_kind: str) -> str | None:
+    """Why FlashAttention 4 (flash-attn-4, the CuTe DSL kernels) cannot train here, or None. Its backward runs on
+    Hopper and datacenter Blackwell (compute capability 9.x, 10.x, 11.x); consumer Blackwell (12.x) has no soft-cap
+    backward, Ada and Ampere (an RTX 4090, an A100) none at all."""
+    if device_kind != "cuda":
+        return "no CUDA GPU"
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        version("flash-attn-4")
+    except PackageNotFoundError:
+        return "flash-attn-4 is not installed (the gpu extra installs it)"
+    import torch
+
+    from training.distributed import local_rank
+
+    major, minor = torch.cuda.get_device_capability(local_rank())
+    if major not in (9, 10, 11):
+        return (f"{torch.cuda.get_device_name(local_rank())} (compute capability {major}.{minor}): FlashAttention 4 "
+                "trains on Hopper and datacenter Blackwell only (9.x, 10.x)")
+    return None
+
+
+def use_fa4_kernel_cache() -> None:
+    """FA4 compiles its kernels when first called (seconds to a minute each): keep them on disk beside the
+    self-check verdicts, so that the self-check's compilation serves the run, and one run the next (the variables
+    are read when flash_attn.cute is imported; the self-check's subprocess inherits them)."""
+    os.environ.setdefault("FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED", "1")
+    os.environ.setdefault("FLASH_ATTENTION_CUTE_DSL_CACHE_DIR", str(_self_check_cache().parent / "fa4-kernels"))
 
 
 def resolve_attention(requested: str, device_kind: str, self_check=None) -> tuple[str, str]:
-    """`auto`: flex attention on CUDA once its self-check passed on this card (cached), else eager. Both keep
-    Gemma-2's soft-cap and are exact for packed rows; flex is faster and never materialises the S x S scores."""
+    """`auto` on CUDA: FlashAttention 4 where it can train (Hopper, datacenter Blackwell) once its self-check passed
+    on this card, else flex attention once its self-check passed, else eager; on the CPU eager. All keep Gemma-2's
+    soft-cap and are exact for packed rows; FA4 and flex never materialise the S x S scores. Verdicts are cached."""
+    if requested == "flash_attention_4":
+        why_not = fa4_unusable(device_kind)
+        if why_not:
+            raise BackendError(f"attn_implementation=flash_attention_4 cannot train here: {why_not}; use "
+                               "--set attn_implementation=auto (flex attention on this card)")
+        use_fa4_kernel_cache()
     if requested != "auto":
         return requested, f"attn_implementation={requested} asked for"
     if device_kind != "cuda":
         return "eager", "CPU: eager attention (compiling flex attention for the CPU takes minutes)"
-    ok, detail = (self_check or run_self_check)("flex")
+    check = self_check or run_self_check
+    notes = []
+    why_not = fa4_unusable(device_kind)
+    if why_not is None:
+        use_fa4_kernel_cache()
+        ok, detail = check("fa4")
+        if ok:
+            return "flash_attention_4", f"FlashAttention 4 passed its self-check ({detail})"
+        why_not = f"its self-check failed ({detail})"
+    notes.append(f"not FlashAttention 4: {why_not}")
+    ok, detail = check("flex")
     if ok:
-        return "flex_attention", f"flex attention passed its self-check ({detail})"
-    return "eager", f"flex attention failed its self-check ({detail}); eager attention instead (exact, slower)"
+        return "flex_attention", f"flex attention passed its self-check ({detail}); " + "; ".join(notes)
+    return "eager", (f"flex attention failed its self-check ({detail}); eager attention instead (exact, slower); "
+                     + "; ".join(notes))
 
 
 # ------------------------------------------------------------------------------------------------ loading
@@ -479,7 +535,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m training.backends", description="Backend self-check.")
     sub = p.add_subparsers(dest="command", required=True)
     c = sub.add_parser("self-check", help="one training step of a backend on a small random Gemma-2")
-    c.add_argument("--backend", default="unsloth", choices=("unsloth", "flex"))
+    c.add_argument("--backend", default="unsloth", choices=("unsloth", *ATTENTION_SELF_CHECKS))
     c.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     import torch

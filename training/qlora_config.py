@@ -24,7 +24,7 @@ class ConfigError(UserError, ValueError):
 class QLoRAConfig:
     # --- model ---
     model_name_or_path: str = ""  # HF hub id or local folder of the base model
-    attn_implementation: str = "auto"  # auto: flex_attention on CUDA after its self-check (soft-cap kept, faster), else eager; sdpa drops Gemma-2's soft-cap
+    attn_implementation: str = "auto"  # auto: FlashAttention 4 on Hopper/Blackwell, else flex_attention on CUDA (each after its self-check), else eager; sdpa drops Gemma-2's soft-cap
     backend: str = "auto"  # auto: unsloth on CUDA if installed and its self-check passes, else hf (+ Liger kernels)
     plan_memory: bool = True  # on CUDA the VRAM planner picks micro-batch and checkpointing, keeping tokens per step
     gpu_mem_gib: float = 0.0  # plan for this much GPU memory (0: the card's); e.g. 24 to plan a 4090 run on an H100
@@ -131,7 +131,7 @@ PRESETS: dict[str, QLoRAConfig] = {
 }
 
 CHOICES: dict[str, tuple[str, ...]] = {
-    "attn_implementation": ("auto", "eager", "sdpa", "flash_attention_2", "flex_attention"),
+    "attn_implementation": ("auto", "eager", "sdpa", "flash_attention_2", "flex_attention", "flash_attention_4"),
     "device": ("auto", "cpu", "cuda"),
     "lm_head": ("trl", "liger"),
     "backend": ("auto", "unsloth", "hf"),

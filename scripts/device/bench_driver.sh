@@ -5,12 +5,14 @@
 # frozen copy of the repo (later calls re-lay the working tree). VARIANTS= and STEPS= choose the rows;
 # SKIP_SMOKE=1 skips the smoke run, SKIP_OOM=1 the OOM check, SKIP_BENCH=1 the benchmark; EXPLORE_FLEX=1 first
 # runs scripts/device/explore_flex.py (flex attention's kernel options and autotuning; FLEX_ROWS= picks rows,
-# FLEX_PROFILE= the rows to profile one step of).
+# FLEX_PROFILE= the rows to profile one step of); EXPLORE_FA4=1 first runs scripts/device/explore_fa4.py
+# (FlashAttention 4 against flex and sdpa: exactness and kernel speed; FA4_ONLY_ROWS=exact,speed,selfcheck).
 set -u
 SRC=$(cd "$(dirname "$0")/../.." && pwd)
 rm -rf /tmp/repo && mkdir -p /tmp/repo /tmp/bench-out && cp -r "$SRC"/training "$SRC"/scripts "$SRC"/datasets "$SRC"/pyproject.toml /tmp/repo/
-[ -d /tmp/site ] || tar -C /tmp -xzf "${SITE_TGZ:-$SRC/build/site.tgz}"
-export PYTHONPATH=/tmp/site:/tmp/repo UNSLOTH_COMPILE_DISABLE=1 TOKENIZERS_PARALLELISM=false
+bash "$SRC/scripts/device/unpack.sh"
+export PYTHONPATH=$(bash "$SRC/scripts/device/unpack.sh" --path):/tmp/repo UNSLOTH_COMPILE_DISABLE=1 TOKENIZERS_PARALLELISM=false
+export FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED=1  # FA4's compiled kernels are shared by the benchmark's processes
 cd /tmp/repo
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > /tmp/bench-out/gpu.txt
 rc=0
@@ -21,6 +23,11 @@ if [ -z "${SKIP_SMOKE:-}" ]; then
   echo "smoke rc=$rc $(date -u +%T)" >> /tmp/bench-out/progress.txt
 fi
 if [ $rc != 0 ] || [ -f /tmp/bench-out/STOP ]; then echo "all done (smoke failed) $(date -u +%T)" >> /tmp/bench-out/progress.txt; exit 0; fi
+if [ -n "${EXPLORE_FA4:-}" ]; then
+  echo "fa4 $(date -u +%T)" >> /tmp/bench-out/progress.txt
+  timeout 300 python scripts/device/explore_fa4.py ${FA4_ONLY_ROWS:+--only "$FA4_ONLY_ROWS"} > /tmp/bench-out/fa4.log 2>&1
+  echo "fa4 rc=$? $(date -u +%T)" >> /tmp/bench-out/progress.txt
+fi
 if [ -n "${EXPLORE_FLEX:-}" ]; then
   echo "flex $(date -u +%T)" >> /tmp/bench-out/progress.txt
   timeout 900 python scripts/device/explore_flex.py ${FLEX_ROWS:+--only "$FLEX_ROWS"} ${FLEX_PROFILE:+--profile "$FLEX_PROFILE"} > /tmp/bench-out/flex.log 2>&1

@@ -10,5 +10,6 @@ done
 cat /tmp/bench-out/progress.txt
 grep -h "^== \|failed" /tmp/bench-out/bench.log 2>/dev/null | tail -20
 grep -h "^RESULT" /tmp/bench-out/flex.log 2>/dev/null | cut -c1-300
+grep -h "^RESULT\|^gpu" /tmp/bench-out/fa4.log 2>/dev/null | cut -c1-400
 tail -c 1500 /tmp/bench-out/oom.log 2>/dev/null
 cp -r /tmp/bench-out/. "$OUT"/ 2>/dev/null; true
