@@ -33,11 +33,13 @@ APP_UID ?= $(if $(filter 0,$(HOST_UID)),1000,$(HOST_UID))
 APP_GID ?= $(if $(filter 0,$(HOST_GID)),1000,$(HOST_GID))
 # CA bundle handed to the build as a secret (corporate proxies); /dev/null when the host has none.
 CA_BUNDLE ?= $(firstword $(wildcard /etc/ssl/certs/ca-certificates.crt /etc/pki/tls/certs/ca-bundle.crt /etc/ssl/cert.pem) /dev/null)
-# The GPU image (docker-compose.gpu.yml) installs the fast path: Liger kernels (extra `gpu`); UNSLOTH=1 adds unsloth
+# The GPU image (docker-compose.gpu.yml) installs the fast path: Liger kernels (extra `gpu`) and FlashAttention 4
+# (extra `fa4`; FA4=0 leaves it out: its compiler is under NVIDIA's software licence); UNSLOTH=1 adds unsloth
 # (extra `fast`: only for --set backend=unsloth; parts of it are LGPL-3.0/AGPL-3.0, so it is off by default).
 UNSLOTH ?= 0
+FA4 ?= 1
 comma := ,
-GPU_EXTRAS ?= notebook,gpu$(if $(filter 1 yes true,$(UNSLOTH)),$(comma)fast)
+GPU_EXTRAS ?= notebook,gpu$(if $(filter 1 yes true,$(FA4)),$(comma)fa4)$(if $(filter 1 yes true,$(UNSLOTH)),$(comma)fast)
 export GPU_EXTRAS
 CONTAINER_PREFIX ?= agent
 VOLUME_PREFIX ?= training
@@ -93,7 +95,7 @@ endef
 .PHONY: build train-gemma-2b train-gemma-9b train-custom train-tiny train-dev train-monitor train-status train-logs \
         train-stop train-clean doctor
 
-build: ## build the training image (GPU host: + Liger; UNSLOTH=1 adds unsloth; GPU=0/1, TORCH_INDEX_URL=, TORCH_SPEC=, BASE_IMAGE=)
+build: ## build the training image (GPU host: + Liger, FlashAttention 4 (FA4=0: without); UNSLOTH=1 adds unsloth; GPU=0/1, TORCH_INDEX_URL=, TORCH_SPEC=, BASE_IMAGE=)
 	@mkdir -p wheelhouse
 	$(COMPOSE) $(ALL_PROFILES) build qlora-training
 

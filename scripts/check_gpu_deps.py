@@ -5,7 +5,7 @@ image's EXTRAS with that torch pinned. This does the same with `pip install --dr
 manylinux x86_64 (the GPU image's platform), against the package index pip is configured for, and prints the
 versions that matter. Exit status 0 when every extras set resolves, 1 otherwise.
 
-    python scripts/check_gpu_deps.py                      # EXTRAS notebook,gpu (the GPU image) and +fast (UNSLOTH=1)
+    python scripts/check_gpu_deps.py                      # EXTRAS notebook,gpu,fa4 (the GPU image) and +fast (UNSLOTH=1)
     python scripts/check_gpu_deps.py --extras notebook,gpu --torch 'torch==2.11.*'
 """
 
@@ -28,7 +28,7 @@ PLATFORM = ["--only-binary=:all:", "--python-version", "3.12", "--implementation
     a for tag in ("manylinux_2_28_x86_64", "manylinux_2_24_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64",
                   "linux_x86_64") for a in ("--platform", tag)]
 SHOWN = ("torch", "triton", "transformers", "peft", "trl", "datasets", "accelerate", "bitsandbytes", "liger_kernel",
-         "unsloth", "unsloth_zoo", "xformers")
+         "flash_attn_4", "nvidia_cutlass_dsl", "unsloth", "unsloth_zoo", "xformers")
 
 
 def requirements(extras: list[str]) -> list[str]:
@@ -56,12 +56,12 @@ def resolve(reqs: list[str]) -> dict[str, str]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--extras", action="append", help="comma-separated extras (repeatable); default: the GPU image "
-                   "(notebook,gpu) and the GPU image with unsloth (notebook,gpu,fast)")
+                   "(notebook,gpu,fa4) and the GPU image with unsloth (notebook,gpu,fa4,fast)")
     p.add_argument("--torch", help="torch requirement of the first install step (default: pyproject's, as the "
                    "Dockerfile's empty TORCH_SPEC)")
     args = p.parse_args(argv)
     failed = 0
-    for extras in args.extras or ["notebook,gpu", "notebook,gpu,fast"]:
+    for extras in args.extras or ["notebook,gpu,fa4", "notebook,gpu,fa4,fast"]:
         names = [e for e in extras.split(",") if e]
         reqs = requirements(names)
         torch_req = args.torch or next(r for r in reqs if r.replace(" ", "").lower().startswith("torch>"))

@@ -1,5 +1,5 @@
 """The GPU image ships the fast path: on a GPU host `make build` adds docker-compose.gpu.yml, whose build arguments
-install the `gpu` extra (Liger) and, with UNSLOTH=1, `fast` (unsloth); and those dependency sets resolve for the
+install the `gpu` extra (Liger, FlashAttention 4) and, with UNSLOTH=1, `fast` (unsloth); and those dependency sets resolve for the
 GPU image's platform the way the Dockerfile installs them (scripts/check_gpu_deps.py, against the package index)."""
 
 from __future__ import annotations
@@ -27,8 +27,9 @@ def make_value(var: str, *assignments: str) -> str:
 
 
 def test_make_build_on_a_gpu_host_passes_the_fast_path_extras():
-    assert make_value("GPU_EXTRAS", "GPU=1") == "notebook,gpu"
-    assert make_value("GPU_EXTRAS", "GPU=1", "UNSLOTH=1") == "notebook,gpu,fast"
+    assert make_value("GPU_EXTRAS", "GPU=1") == "notebook,gpu,fa4"
+    assert make_value("GPU_EXTRAS", "GPU=1", "UNSLOTH=1") == "notebook,gpu,fa4,fast"
+    assert make_value("GPU_EXTRAS", "GPU=1", "FA4=0") == "notebook,gpu"  # NVIDIA's licence for its compiler: opt-out
     build = subprocess.run(["make", "-s", "-n", "build", "GPU=1"], cwd=REPO, capture_output=True, text=True, timeout=60,
                            env=clean_env())
     assert "-f docker-compose.gpu.yml" in build.stdout and "build qlora-training" in build.stdout
@@ -56,10 +57,12 @@ def test_the_gpu_override_gives_every_image_service_the_same_extras():
 @pytest.mark.slow
 def test_the_gpu_dependency_sets_resolve():
     """pip's resolver, for CPython 3.12 manylinux x86_64, torch first then the rest with it pinned: the default GPU
-    image (notebook,gpu) and the one with unsloth (notebook,gpu,fast). Needs the package index (CI has it)."""
+    image (notebook,gpu,fa4) and the one with unsloth (notebook,gpu,fa4,fast). Needs the package index (CI has it)."""
     out = subprocess.run([sys.executable, "scripts/check_gpu_deps.py"], cwd=REPO, capture_output=True, text=True,
                          timeout=1200)
     assert out.returncode == 0, out.stdout + out.stderr
     lines = out.stdout.splitlines()
-    assert any(ln.startswith("EXTRAS=notebook,gpu: resolves") and "liger_kernel" in ln for ln in lines)
-    assert any(ln.startswith("EXTRAS=notebook,gpu,fast: resolves") and "unsloth" in ln for ln in lines)
+    assert any(ln.startswith("EXTRAS=notebook,gpu,fa4: resolves") and "liger_kernel" in ln
+               and "flash_attn_4 4.0.0b40" in ln and "nvidia_cutlass_dsl" in ln for ln in lines)
+    assert any(ln.startswith("EXTRAS=notebook,gpu,fa4,fast: resolves") and "unsloth" in ln and "flash_attn_4" in ln
+               for ln in lines)

@@ -68,9 +68,12 @@ class HFBackend:
         not measured, so a failed Liger patch is planned conservatively, as materialised logits."""
         return self.liger
 
-    def configure(self, cfg, device_kind: str):
-        """The config this backend trains with: the attention that will run (flex after its self-check on CUDA)."""
-        attention, why = resolve_attention(cfg.attn_implementation, device_kind)
+    def configure(self, cfg, device_kind: str, sliding_window: int | None = None):
+        """The config this backend trains with: the attention that will run (FA4 or flex after its self-check on
+        CUDA). `sliding_window`: the base model's, which FA4 is trusted with only where it cannot bind."""
+        binds = sliding_window is not None and cfg.max_seq_length > sliding_window
+        attention, why = resolve_attention(cfg.attn_implementation, device_kind,
+                                           window_binds=sliding_window if binds else None)
         log.info("attention %s: %s", attention, why)
         if cfg.fp8_backward:
             check_fp8(device_kind)
@@ -99,7 +102,7 @@ class UnslothBackend:
     multi_gpu: ClassVar[bool] = False  # open-source unsloth is single-GPU
     fused_loss: ClassVar[bool] = True
 
-    def configure(self, cfg, device_kind: str):
+    def configure(self, cfg, device_kind: str, sliding_window: int | None = None):
         for key, fixed in UNSLOTH_FIXED.items():
             if getattr(cfg, key) != fixed:
                 log.warning("backend unsloth ignores %s=%s (it uses %s); --set backend=auto honours it",
@@ -247,10 +250,10 @@ def _run_self_check_subprocess(backend: str) -> tuple[bool, str]:
                 break
             except json.JSONDecodeError:
                 continue
-    if proc.returncode != 0 or not result:
+    if not result:  # it crashed: its last words say why
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
         return False, f"exit {proc.returncode}: {tail[0][:300]}"
-    return bool(result["ok"]), result["detail"]
+    return bool(result["ok"]) and proc.returncode == 0, result["detail"]
 
 
 def _mini_gemma2(folder: Path) -> Path:
@@ -279,7 +282,7 @@ def self_check_step(backend: str) -> dict:
     import torch
 
     if backend in ATTENTION_SELF_CHECKS:
-        return _attention_self_check(ATTENTION_SELF_CHECKS[backend])
+        return _attention_self_check(*ATTENTION_SELF_CHECKS[backend])
     with tempfile.TemporaryDirectory() as tmp:
         path = _mini_gemma2(Path(tmp) / "mini")
         if backend == "unsloth":
@@ -301,12 +304,14 @@ def self_check_step(backend: str) -> dict:
         return {"ok": ok, "detail": detail, "loss": value}
 
 
-# self-check name -> transformers' attn_implementation; the package whose version keys the cached verdict
-ATTENTION_SELF_CHECKS = {"flex": "flex_attention", "fa4": "flash_attention_4"}
+# self-check name -> (transformers' attn_implementation, the mini model's sliding window); the package whose version
+# keys the cached verdict. flex is checked with a window that binds (64 tokens, samples up to 256); FA4 as the recipe
+# runs it: a window no sample outgrows (256), dropped (drop_unbinding_window).
+ATTENTION_SELF_CHECKS = {"flex": ("flex_attention", 64), "fa4": ("flash_attention_4", 256)}
 SELF_CHECK_PACKAGE = {"unsloth": "unsloth", "flex": "torch", "fa4": "flash-attn-4"}
 
 
-def _attention_self_check(impl: str, device: str = "cuda") -> dict:
+def _attention_self_check(impl: str, sliding_window: int, device: str = "cuda") -> dict:
     """Builds (flex: compiles, fa4: JIT-compiles) the attention's forward and backward kernels for head_dim 256 on
     this card (a 24 GB card's shared memory can be too small for them) and checks them against eager attention on
     one packed row of three samples, the layout the recipe's padding-free collator makes."""
@@ -314,15 +319,18 @@ def _attention_self_check(impl: str, device: str = "cuda") -> dict:
     from transformers import Gemma2Config, Gemma2ForCausalLM
 
     cfg = Gemma2Config(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-                       num_attention_heads=2, num_key_value_heads=1, head_dim=256, sliding_window=64,
+                       num_attention_heads=2, num_key_value_heads=1, head_dim=256, sliding_window=sliding_window,
                        max_position_embeddings=1024, pad_token_id=0, eos_token_id=1, bos_token_id=2)
     torch.manual_seed(0)
     model = Gemma2ForCausalLM(cfg).to(device=device, dtype=torch.bfloat16).train()
     ids = torch.randint(3, 512, (1, 512), generator=torch.Generator().manual_seed(0)).to(device)
-    positions = torch.cat([torch.arange(100), torch.arange(156), torch.arange(256)])[None].to(device)
+    lengths = (100, 156, 256)
+    positions = torch.cat([torch.arange(n) for n in lengths])[None].to(device)
     results = {}
     for name in ("eager", impl):
         model.set_attn_implementation(name)
+        if name == "flash_attention_4":
+            drop_unbinding_window(model, max(lengths))
         embeds = model.get_input_embeddings()(ids).detach().requires_grad_(True)
         with torch.autocast(device_type=device, dtype=torch.bfloat16):
             loss = model(inputs_embeds=embeds, position_ids=positions, labels=ids).loss
@@ -335,12 +343,15 @@ def _attention_self_check(impl: str, device: str = "cuda") -> dict:
             "loss": lx}
 
 
-def fa4_unusable(device_kind: str) -> str | None:
+def fa4_unusable(device_kind: str, window_binds: int | None = None) -> str | None:
     """Why FlashAttention 4 (flash-attn-4, the CuTe DSL kernels) cannot train here, or None. Its backward runs on
     Hopper and datacenter Blackwell (compute capability 9.x, 10.x, 11.x); consumer Blackwell (12.x) has no soft-cap
-    backward, Ada and Ampere (an RTX 4090, an A100) none at all."""
+    backward, Ada and Ampere (an RTX 4090, an A100) none at all. A sliding window that can bind is not trusted to it."""
     if device_kind != "cuda":
         return "no CUDA GPU"
+    if window_binds:
+        return (f"samples can be longer than the model's sliding window ({window_binds} tokens), and FlashAttention "
+                "4's windowed kernel is not exact; max_seq_length <= the window lets it run")
     from importlib.metadata import PackageNotFoundError, version
 
     try:
@@ -358,6 +369,23 @@ def fa4_unusable(device_kind: str) -> str | None:
     return None
 
 
+def drop_unbinding_window(model, max_seq_length: int) -> int:
+    """For FlashAttention 4: the attention layers' sliding window, where no sample (at most max_seq_length tokens,
+    packed rows kept apart by their sequence boundaries) can outgrow it, so that FA4 runs its plain causal kernel
+    (exact) instead of its windowed one (not exact: resolve_attention). The same attention either way. Returns how
+    many layers had a window."""
+    dropped = 0
+    for module in model.modules():
+        window = getattr(module, "sliding_window", None)
+        if isinstance(window, int) and hasattr(module, "q_proj"):
+            if max_seq_length > window:
+                raise BackendError(f"a {window}-token sliding window binds on samples of {max_seq_length} tokens: "
+                                   "FlashAttention 4 cannot run it exactly; use --set attn_implementation=auto")
+            module.sliding_window = None
+            dropped += 1
+    return dropped
+
+
 def use_fa4_kernel_cache() -> None:
     """FA4 compiles its kernels when first called (seconds to a minute each): keep them on disk beside the
     self-check verdicts, so that the self-check's compilation serves the run, and one run the next (the variables
@@ -366,12 +394,16 @@ def use_fa4_kernel_cache() -> None:
     os.environ.setdefault("FLASH_ATTENTION_CUTE_DSL_CACHE_DIR", str(_self_check_cache().parent / "fa4-kernels"))
 
 
-def resolve_attention(requested: str, device_kind: str, self_check=None) -> tuple[str, str]:
+def resolve_attention(requested: str, device_kind: str, self_check=None,
+                      window_binds: int | None = None) -> tuple[str, str]:
     """`auto` on CUDA: FlashAttention 4 where it can train (Hopper, datacenter Blackwell) once its self-check passed
     on this card, else flex attention once its self-check passed, else eager; on the CPU eager. All keep Gemma-2's
-    soft-cap and are exact for packed rows; FA4 and flex never materialise the S x S scores. Verdicts are cached."""
+    soft-cap and are exact for packed rows; FA4 and flex never materialise the S x S scores. Verdicts are cached.
+    `window_binds`: the model's sliding window where a sample can be longer than it. FA4's windowed kernel failed its
+    exactness check on an H100 (flash-attn-4 4.0.0b40, head_dim 256: input gradients 74% off), so FA4 only runs
+    where the window cannot bind, and then without it (load_hf: drop_unbinding_window)."""
     if requested == "flash_attention_4":
-        why_not = fa4_unusable(device_kind)
+        why_not = fa4_unusable(device_kind, window_binds)
         if why_not:
             raise BackendError(f"attn_implementation=flash_attention_4 cannot train here: {why_not}; use "
                                "--set attn_implementation=auto (flex attention on this card)")
@@ -382,7 +414,7 @@ def resolve_attention(requested: str, device_kind: str, self_check=None) -> tupl
         return "eager", "CPU: eager attention (compiling flex attention for the CPU takes minutes)"
     check = self_check or run_self_check
     notes = []
-    why_not = fa4_unusable(device_kind)
+    why_not = fa4_unusable(device_kind, window_binds)
     if why_not is None:
         use_fa4_kernel_cache()
         ok, detail = check("fa4")
@@ -449,6 +481,8 @@ def load_hf(cfg, model_path: str, device):
     except (OSError, ValueError) as exc:
         raise ModelLoadError(explain_load_error(model_path, exc)) from None
     model.config.use_cache = False  # the KV cache is useless in training and conflicts with checkpointing
+    if cfg.attn_implementation == "flash_attention_4":
+        drop_unbinding_window(model, cfg.max_seq_length)
     prepare_for_kbit_training(model, cfg.fp32_norms_and_embeddings)
     lora = LoraConfig(
         r=cfg.lora_r,

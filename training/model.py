@@ -182,3 +182,17 @@ def model_type_of(model_path: str) -> str | None:
         return AutoConfig.from_pretrained(model_path).model_type
     except (OSError, ValueError):
         return None
+
+
+def sliding_window_of(model_path: str) -> int | None:
+    """The attention's sliding window in tokens from config.json (Gemma-2: 4096), or None where no layer uses one."""
+    try:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(model_path)
+    except (OSError, ValueError):
+        return None
+    if getattr(config, "use_sliding_window", True) is False:  # Qwen2 names a window it does not use
+        return None
+    window = getattr(config, "sliding_window", None)
+    return window if isinstance(window, int) and window > 0 else None
