@@ -79,6 +79,14 @@ def test_repl_through_a_pseudo_terminal(tiny_run):
     assert child.exitstatus == 0
 
 
+def test_generation_attention_does_not_inherit_a_training_only_kernel():
+    from training.chat import generation_attention
+
+    assert generation_attention("flash_attention_4", cuda=True) == "flex_attention"  # its window was dropped to train
+    assert generation_attention("flex_attention", cuda=True) == "flex_attention"
+    assert {generation_attention(a, cuda=False) for a in ("flash_attention_4", "flex_attention", "eager")} == {"eager"}
+
+
 def test_history_is_cut_to_the_context_oldest_turns_first(tiny_tokenizer):
     from training.chat import fit_history, prompt_ids
 

@@ -416,6 +416,7 @@ def test_too_little_disk(trained, tmp_path):
 
 
 @pytest.mark.slow
+@needs_llama
 def test_disk_full_during_the_export(trained, tmp_path):
     """A 64 MiB tmpfs as the GGUF folder passes the plan; it is filled as soon as the export's work folder appears:
     exit 2 naming the free space and the fix, nothing partial left; after space is freed the same command works."""

@@ -5,8 +5,8 @@
   training, TRL's SFTTrainer uses its own fused LM head instead; RMSNorm, GeGLU, RoPE),
   FlashAttention 4 on Hopper/Blackwell, else flex attention (`attn_implementation: auto`, each after its own
   self-check), the fused LoRA function
-  (training/fast_lora.py) and bf16 norms/embeddings. Measured as fast as unsloth on the H200
-  (docs/benchmarks.md), Apache-2.0 only, exact for packed rows, and the one that runs on several GPUs.
+  (training/fast_lora.py) and bf16 norms/embeddings. Measured 1.36x unsloth's best setting on an H100 with FA4,
+  1.17x with flex (docs/benchmarks.md); no unsloth code, exact for packed rows, and the one that runs on several GPUs.
 - `unsloth` (optional extra `fast`, only when asked for: `--set backend=unsloth`): unsloth's fused QLoRA kernels,
   after a one-step self-check in a subprocess (so a broken install cannot take the trainer down). One GPU only.
   UNSLOTH_COMPILE_DISABLE=1 is set: its torch.compile path broke on torch 2.11. It cannot pack Gemma-2 rows
@@ -357,7 +357,7 @@ def fa4_unusable(device_kind: str, window_binds: int | None = None) -> str | Non
     try:
         version("flash-attn-4")
     except PackageNotFoundError:
-        return "flash-attn-4 is not installed (the gpu extra installs it)"
+        return "flash-attn-4 is not installed (the fa4 extra and the GPU image install it)"
     import torch
 
     from training.distributed import local_rank

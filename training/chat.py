@@ -48,6 +48,16 @@ class RunModel:
         return next(self.model.parameters()).device
 
 
+def generation_attention(trained: str, cuda: bool) -> str:
+    """The attention to generate with: the run's own, except where it was a training choice that does not carry over.
+    On the CPU eager (flex compiles for minutes there; sdpa would drop Gemma-2's soft-cap). FlashAttention 4 -> flex:
+    the recipe trains with it only after dropping a sliding window that cannot bind (training/backends.py), which a
+    long conversation can outgrow, and its windowed kernel is not exact; nor does this card need to have it."""
+    if not cuda:
+        return "eager"
+    return "flex_attention" if trained == "flash_attention_4" else trained
+
+
 def load_run_model(output_dir: Path, run: str | None, merged: bool = False, base: str | None = None) -> RunModel:
     """The run's base (4-bit as trained, or its own precision + merged adapter) with the adapter and tokenizer."""
     import torch
@@ -71,7 +81,7 @@ def load_run_model(output_dir: Path, run: str | None, merged: bool = False, base
         tokenizer.pad_token = tokenizer.eos_token
     cuda = torch.cuda.is_available()
     dtype = (torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float16) if cuda else torch.float32
-    kwargs = dict(dtype=dtype, attn_implementation=cfg.get("attn_implementation", "eager"),
+    kwargs = dict(dtype=dtype, attn_implementation=generation_attention(cfg.get("attn_implementation", "eager"), cuda),
                   device_map={"": 0 if cuda else "cpu"})
     if not merged:
         kwargs["quantization_config"] = BitsAndBytesConfig(
