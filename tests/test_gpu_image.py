@@ -1,6 +1,7 @@
 """The GPU image ships the fast path: on a GPU host `make build` adds docker-compose.gpu.yml, whose build arguments
-install the `gpu` extra (Liger, FlashAttention 4) and, with UNSLOTH=1, `fast` (unsloth); and those dependency sets resolve for the
-GPU image's platform the way the Dockerfile installs them (scripts/check_gpu_deps.py, against the package index)."""
+install the `gpu` extra (Liger) and `fa4` (FlashAttention 4; FA4=0 leaves it out) and, with UNSLOTH=1, `fast`
+(unsloth); and those dependency sets resolve for the GPU image's platform the way the Dockerfile installs them
+(scripts/check_gpu_deps.py, against the package index)."""
 
 from __future__ import annotations
 

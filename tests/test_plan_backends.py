@@ -186,7 +186,8 @@ def test_several_processes_refuse_a_single_gpu_backend_before_any_self_check():
     assert select_backend("auto", "cpu", "gemma2", processes=2).multi_gpu
 
 
-def test_attention_choice():
+def test_attention_choice(monkeypatch):
+    fake_card(monkeypatch, (8, 9), "NVIDIA GeForce RTX 4090")  # the reference card: flex, wherever the test runs
     assert b_resolve("auto", "cpu")[0] == "eager"
     assert b_resolve("auto", "cuda", lambda name: (True, "ok"))[0] == "flex_attention"
     impl, why = b_resolve("auto", "cuda", lambda name: (False, "No valid triton configs"))
@@ -216,9 +217,8 @@ def fake_card(monkeypatch, capability, name, fa4_installed=True):
 
 
 def test_attention_choice_prefers_fa4_on_hopper_after_its_self_check(monkeypatch, tmp_path):
+    monkeypatch.setattr(os, "environ", {k: v for k, v in os.environ.items() if not k.startswith("FLASH_ATTENTION")})
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    monkeypatch.delenv("FLASH_ATTENTION_CUTE_DSL_CACHE_DIR", raising=False)
-    monkeypatch.delenv("FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED", raising=False)
     fake_card(monkeypatch, (9, 0), "NVIDIA H200")
     asked = []
     impl, why = b_resolve("auto", "cuda", lambda name: (asked.append(name) or True, "ok"))
@@ -255,6 +255,21 @@ def test_fa4_is_not_trusted_with_a_sliding_window_that_can_bind(monkeypatch):
         b_resolve("flash_attention_4", "cuda", window_binds=4096)
 
 
+@pytest.mark.parametrize("over,expected", [(0, "flash_attention_4"), (1, "flex_attention")])
+def test_configure_gives_fa4_only_samples_the_window_cannot_bind(monkeypatch, over, expected):
+    """max_seq_length == the window: no sample outgrows it, FA4; one token more: flex (the recipe's prepare() passes
+    the base model's window)."""
+    import training.backends as backends
+
+    fake_card(monkeypatch, (9, 0), "NVIDIA H100 80GB HBM3")
+    monkeypatch.setattr(os, "environ", dict(os.environ))  # FA4's kernel-cache variables stay in this test
+    monkeypatch.setattr(backends, "run_self_check", lambda name: (True, "ok"))
+    cfg = replace(PRESETS["gemma-2b"], max_seq_length=4096 + over)
+    assert HFBackend(False, "test").configure(cfg, "cuda", sliding_window=4096).attn_implementation == expected
+    assert HFBackend(False, "test").configure(cfg, "cuda", sliding_window=None).attn_implementation == \
+        "flash_attention_4"  # no window (Llama): nothing can bind
+
+
 def test_the_unbinding_window_is_dropped_for_fa4_and_a_binding_one_refused(tiny_model_dir):
     from transformers import AutoModelForCausalLM
 
@@ -272,7 +287,7 @@ def test_the_unbinding_window_is_dropped_for_fa4_and_a_binding_one_refused(tiny_
 
 
 def test_sliding_window_of_reads_the_config(tmp_path, tiny_model_dir):
-    from transformers import Qwen2Config
+    from transformers import Gemma3Config, Gemma3TextConfig, Qwen2Config
 
     from training.model import sliding_window_of
 
@@ -280,6 +295,8 @@ def test_sliding_window_of_reads_the_config(tmp_path, tiny_model_dir):
         "sliding_window"]
     Qwen2Config(sliding_window=4096, use_sliding_window=False).save_pretrained(tmp_path / "qwen")
     assert sliding_window_of(str(tmp_path / "qwen")) is None  # named, not used
+    Gemma3Config(text_config=Gemma3TextConfig(sliding_window=512).to_dict()).save_pretrained(tmp_path / "gemma3")
+    assert sliding_window_of(str(tmp_path / "gemma3")) == 512  # a multimodal model's window is its text config's
     assert sliding_window_of(str(tmp_path / "missing")) is None
 
 

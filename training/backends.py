@@ -202,16 +202,19 @@ def _self_check_cache() -> Path:
 
 
 def _self_check_key(backend: str) -> str:
-    """Same backend version, torch, and GPU: same verdict."""
+    """Same check, backend version (and what compiles it), torch, and GPU: same verdict."""
     from importlib.metadata import PackageNotFoundError, version
 
     import torch
 
-    try:
-        backend_version = version(SELF_CHECK_PACKAGE.get(backend, backend))
-    except PackageNotFoundError:
-        backend_version = "missing"
-    return f"{backend}={backend_version} torch={torch.__version__} gpu={torch.cuda.get_device_name(0)}"
+    versions = []
+    for package in SELF_CHECK_PACKAGES.get(backend, (backend,)):
+        try:
+            versions.append(f"{package}={version(package)}")
+        except PackageNotFoundError:
+            versions.append(f"{package}=missing")
+    return (f"{backend} check v{SELF_CHECK_VERSION} {' '.join(versions)} torch={torch.__version__} "
+            f"gpu={torch.cuda.get_device_name(0)}")
 
 
 def run_self_check(backend: str) -> tuple[bool, str]:
@@ -253,7 +256,9 @@ def _run_self_check_subprocess(backend: str) -> tuple[bool, str]:
     if not result:  # it crashed: its last words say why
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
         return False, f"exit {proc.returncode}: {tail[0][:300]}"
-    return bool(result["ok"]) and proc.returncode == 0, result["detail"]
+    if result["ok"] and proc.returncode != 0:  # passed, then crashed (at teardown, say): not a pass
+        return False, f"exit {proc.returncode} after: {result['detail']}"
+    return bool(result["ok"]), result["detail"]
 
 
 def _mini_gemma2(folder: Path) -> Path:
@@ -308,7 +313,8 @@ def self_check_step(backend: str) -> dict:
 # keys the cached verdict. flex is checked with a window that binds (64 tokens, samples up to 256); FA4 as the recipe
 # runs it: a window no sample outgrows (256), dropped (drop_unbinding_window).
 ATTENTION_SELF_CHECKS = {"flex": ("flex_attention", 64), "fa4": ("flash_attention_4", 256)}
-SELF_CHECK_PACKAGE = {"unsloth": "unsloth", "flex": "torch", "fa4": "flash-attn-4"}
+SELF_CHECK_PACKAGES = {"unsloth": ("unsloth",), "flex": ("torch",), "fa4": ("flash-attn-4", "nvidia-cutlass-dsl")}
+SELF_CHECK_VERSION = 2  # bump when a check changes: a cached pass of the old one no longer counts
 
 
 def _attention_self_check(impl: str, sliding_window: int, device: str = "cuda", drop: bool = True) -> dict:
@@ -370,7 +376,7 @@ def fa4_unusable(device_kind: str, window_binds: int | None = None) -> str | Non
     major, minor = torch.cuda.get_device_capability(local_rank())
     if major not in (9, 10, 11):
         return (f"{torch.cuda.get_device_name(local_rank())} (compute capability {major}.{minor}): FlashAttention 4 "
-                "trains on Hopper and datacenter Blackwell only (9.x, 10.x)")
+                "trains on Hopper and datacenter Blackwell only (9.x, 10.x, 11.x)")
     return None
 
 

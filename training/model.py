@@ -185,14 +185,13 @@ def model_type_of(model_path: str) -> str | None:
 
 
 def sliding_window_of(model_path: str) -> int | None:
-    """The attention's sliding window in tokens from config.json (Gemma-2: 4096), or None where no layer uses one."""
+    """The attention's sliding window in tokens from config.json (Gemma-2: 4096; a multimodal model's text config,
+    Gemma-3's), or None where no layer uses one (transformers sets it None where a config names an unused one)."""
     try:
         from transformers import AutoConfig
 
-        config = AutoConfig.from_pretrained(model_path)
+        config = AutoConfig.from_pretrained(model_path).get_text_config()
     except (OSError, ValueError):
-        return None
-    if getattr(config, "use_sliding_window", True) is False:  # Qwen2 names a window it does not use
         return None
     window = getattr(config, "sliding_window", None)
     return window if isinstance(window, int) and window > 0 else None

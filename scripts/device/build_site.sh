@@ -25,7 +25,7 @@ if [ -z "${FA4_ONLY:-}" ]; then
   rm -rf site
 fi
 [ -n "${SITE_ONLY:-}" ] && { ls -la "$REPO"/build/; rm -rf "$WORK"; exit 0; }
-# FA4: the versions of the gpu extra (pyproject.toml); the device has torch 2.11+cu130, cuda-bindings, einops, protobuf
+# FA4: the versions of the fa4 extra (pyproject.toml); the device has torch 2.11+cu130, cuda-bindings, einops, protobuf
 download fa4 --pre flash-attn-4==4.0.0b40 nvidia-cutlass-dsl==4.8.1 nvidia-cutlass-dsl-libs-base==4.8.1 \
   nvidia-cutlass-dsl-libs-core==4.8.1 nvidia-cutlass-dsl-libs-cu13==4.8.1 quack-kernels==0.6.5 \
   apache-tvm-ffi==0.1.15.post2 torch-c-dlpack-ext==0.1.5
