@@ -274,9 +274,9 @@ def test_the_unbinding_window_is_dropped_for_fa4_and_a_binding_one_refused(tiny_
     from transformers import AutoModelForCausalLM
 
     from training.backends import drop_unbinding_window
-    from training.model import sliding_window_of
+    from training.model import load_base_config, sliding_window_of
 
-    window = sliding_window_of(str(tiny_model_dir))
+    window = sliding_window_of(load_base_config(str(tiny_model_dir)))
     model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir))
     windowed = [m for m in model.modules() if getattr(m, "sliding_window", None)]
     assert window and windowed  # Gemma-2 alternates windowed and global layers
@@ -289,15 +289,18 @@ def test_the_unbinding_window_is_dropped_for_fa4_and_a_binding_one_refused(tiny_
 def test_sliding_window_of_reads_the_config(tmp_path, tiny_model_dir):
     from transformers import Gemma3Config, Gemma3TextConfig, Qwen2Config
 
-    from training.model import sliding_window_of
+    from training.model import ModelLoadError, load_base_config, sliding_window_of
 
-    assert sliding_window_of(str(tiny_model_dir)) == json.loads((tiny_model_dir / "config.json").read_text())[
-        "sliding_window"]
+    def window(path):  # what prepare() does: the base model's config, read once, then its window
+        return sliding_window_of(load_base_config(str(path)))
+
+    assert window(tiny_model_dir) == json.loads((tiny_model_dir / "config.json").read_text())["sliding_window"]
     Qwen2Config(sliding_window=4096, use_sliding_window=False).save_pretrained(tmp_path / "qwen")
-    assert sliding_window_of(str(tmp_path / "qwen")) is None  # named, not used
+    assert window(tmp_path / "qwen") is None  # named, not used
     Gemma3Config(text_config=Gemma3TextConfig(sliding_window=512).to_dict()).save_pretrained(tmp_path / "gemma3")
-    assert sliding_window_of(str(tmp_path / "gemma3")) == 512  # a multimodal model's window is its text config's
-    assert sliding_window_of(str(tmp_path / "missing")) is None
+    assert window(tmp_path / "gemma3") == 512  # a multimodal model's window is its text config's
+    with pytest.raises(ModelLoadError, match="does not exist"):  # a missing model stops before any window is read
+        window(tmp_path / "missing")
 
 
 def b_resolve(requested, kind, check=None, window_binds=None):

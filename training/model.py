@@ -52,10 +52,11 @@ def load_base_config(model_path: str):
         raise ModelLoadError(explain_load_error(model_path, exc)) from None
 
 
-def check_base_model(model_path: str) -> None:
-    """Config readable (local or hub), and a local folder's weights and tokenizer all there and whole."""
-    load_base_config(model_path)
+def check_base_model(model_path: str):
+    """Config readable (local or hub), and a local folder's weights and tokenizer all there and whole; the config."""
+    config = load_base_config(model_path)
     check_model_folder(model_path)
+    return config
 
 
 def check_model_folder(model_path: str) -> None:
@@ -174,24 +175,8 @@ def load_tokenizer(model_path: str):
     return tokenizer
 
 
-def model_type_of(model_path: str) -> str | None:
-    """The architecture's model_type from config.json (local folder or the hub's few-KB config), or None."""
-    try:
-        from transformers import AutoConfig
-
-        return AutoConfig.from_pretrained(model_path).model_type
-    except (OSError, ValueError):
-        return None
-
-
-def sliding_window_of(model_path: str) -> int | None:
-    """The attention's sliding window in tokens from config.json (Gemma-2: 4096; a multimodal model's text config,
+def sliding_window_of(config) -> int | None:
+    """The attention's sliding window in tokens of a model config (Gemma-2: 4096; a multimodal model's text config,
     Gemma-3's), or None where no layer uses one (transformers sets it None where a config names an unused one)."""
-    try:
-        from transformers import AutoConfig
-
-        config = AutoConfig.from_pretrained(model_path).get_text_config()
-    except (OSError, ValueError):
-        return None
-    window = getattr(config, "sliding_window", None)
+    window = getattr(config.get_text_config(), "sliding_window", None)
     return window if isinstance(window, int) and window > 0 else None

@@ -10,6 +10,7 @@ Prints one `RESULT {json}` line per row.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import sys
@@ -53,7 +54,7 @@ def fa4_fn(lengths):
     if all(len(r) == 1 for r in lengths):  # flash-attn-4 returns (out, lse)
         return lambda q, k, v: first(flash_attn_func(q, k, v, causal=True, softcap=SOFTCAP))
     flat = [n for r in lengths for n in r]
-    cu = torch.tensor([0] + list(__import__("itertools").accumulate(flat)), dtype=torch.int32, device="cuda")
+    cu = torch.tensor([0] + list(itertools.accumulate(flat)), dtype=torch.int32, device="cuda")
 
     def run(q, k, v):
         b, s = q.shape[:2]
