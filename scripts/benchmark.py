@@ -18,10 +18,16 @@ Variant names: PATH[24]-SHAPE[-mbN][-ckpt0|1][-chat][-sN] (-sN: N timed steps in
   project24: planned for a 24 GiB card (an RTX 4090). -fa4 / -flex force FlashAttention 4 / flex attention.
 - recipe: the whole recipe (`python -m training.qlora_finetune`, SFTTrainer) for a few steps; tokens/s from its
   metrics.jsonl. It checks that the harness loop times what a user's run does.
+- -prof: one more optimizer step under torch.profiler, after the timed ones: device time by kernel category, the
+  costliest kernels, the GPU's busy share of the wall time, and the host-device syncs (`profile` in the JSON).
+- -posids (project, exploratory): packed rows without the sample boundaries TRL's collator computes on the host
+  (trl >= 1.16), so the model derives them from position_ids in every layer, as with trl 1.15.
 - -chat: variable-length chat samples (log-normal lengths, median 350 tokens, capped at 2048; the prompt third
   carries no loss), the same samples for every path. The project packs them into full rows (exact, per-sample
   attention); baseline and unsloth pad each micro-batch to its longest sample, length-grouped (HF's
   group_by_length: their best case). "real tokens" are the loss-bearing ones.
+QLORA_BENCH_PROJECT_SITE=DIR puts DIR first on the project and recipe rows' PYTHONPATH: the packages the project's
+own install resolves to where the peer's pins differ (scripts/device/bench_driver.sh: trl 1.16 against unsloth's 1.15).
 Reported: tokens/s (all tokens in the rows) and real tokens/s, peak GiB (`max_memory_allocated`, first steps
 included) against the planner's prediction, useful-work MFU (forward + input gradients: 4 FLOPs per base parameter
 per real token, plus attention over each sample's own context; no recompute counted) against the card's measured
@@ -72,9 +78,9 @@ def parse_variant(name: str) -> dict:
     path, shape = parts[0], parts[1]
     v = {"name": name, "path": path.removesuffix("24"), "gpu_mem": 24.0 if path.endswith("24") else None,
          "shape": shape, "mb": None, "ckpt": None, "chat": False, "steps": None, "compile": False,
-         "keep": None, "fp8": "", "lm_head": "trl", "attention": "auto"}
+         "keep": None, "fp8": "", "lm_head": "trl", "attention": "auto", "posids": False, "profile": False}
     if v["path"] not in ("baseline", "unsloth", "project", "recipe") or shape not in SHAPES:
-        raise SystemExit(f"error: unknown variant '{name}' (PATH[24]-SHAPE[-mbN][-ckpt0|1][-chat][-sN][-kN][-fa4|-flex][-fp8|-fp8all][-ligerhead][-compile]; "
+        raise SystemExit(f"error: unknown variant '{name}' (PATH[24]-SHAPE[-mbN][-ckpt0|1][-chat][-sN][-kN][-fa4|-flex][-fp8|-fp8all][-ligerhead][-posids][-compile][-prof]; "
                          f"paths baseline, unsloth, project, recipe; shapes {', '.join(SHAPES)})")
     for p in parts[2:]:
         if p.startswith("mb"):
@@ -91,6 +97,10 @@ def parse_variant(name: str) -> dict:
             v["lm_head"] = "liger"  # lm_head=liger: Liger's fused cross-entropy on the labelled positions
         elif p in ("fp8", "fp8all") and v["path"] == "project":
             v["fp8"] = "backward" if p == "fp8" else "all"  # fp8_backward; fp8all: the forward too (exploratory)
+        elif p == "posids" and v["path"] == "project":
+            v["posids"] = True  # exploratory: packed rows without the collator's varlen boundaries (trl < 1.16)
+        elif p == "prof":
+            v["profile"] = True  # one more optimizer step under torch.profiler (not timed): where the time goes
         elif p == "compile" and v["path"] == "project":
             v["compile"] = True  # exploratory lever: torch.compile of each decoder layer
         elif p.startswith("s") and p[1:].isdigit():
@@ -248,10 +258,12 @@ def step_batches(step: int, v: dict, micro_batch: int, packed: bool, vocab: int)
                 for i in range(0, ROWS_PER_STEP, micro_batch)]
     lengths = chat_lengths(CHAT_SAMPLES_PER_STEP, seed=step)
     samples = [_sample(n, vocab, 1000 * step + i) for i, n in enumerate(lengths)]
-    if packed:  # as the recipe's collator (TRL, packing + padding-free): a micro-batch's rows as one row, no padding
+    if packed:  # as the recipe's trainer collates them: a micro-batch's rows as one row, no padding
         rows = pack_rows(samples)
-        return [{k: [[x for r in rows[i:i + micro_batch] for x in r[k]]] for k in rows[0]}
-                for i in range(0, len(rows), micro_batch)]
+        batches = [collate(rows[i:i + micro_batch]) for i in range(0, len(rows), micro_batch)]
+        if v.get("posids"):  # exploratory: boundaries from position_ids only, as trl < 1.16 leaves them
+            batches = [{k: b[k] for k in ("input_ids", "labels", "position_ids")} for b in batches]
+        return batches
     samples.sort(key=lambda s: -len(s[0]))  # group_by_length: similar lengths share a micro-batch
     out = []
     for i in range(0, len(samples), micro_batch):
@@ -265,19 +277,29 @@ def step_batches(step: int, v: dict, micro_batch: int, packed: bool, vocab: int)
 
 def pack_rows(samples: list[tuple[list[int], int]]) -> list[dict]:
     """TRL's best-fit-decreasing packing (what the recipe's SFTTrainer does with packing=true): rows of at most SEQ
-    tokens, position_ids restarting at each sample, no loss on a sample's first token (its previous token belongs
-    to another sample) nor on its prompt. No padding: the collator lays a micro-batch's rows end to end."""
+    tokens, each with its samples' lengths; no loss on a sample's prompt."""
     from datasets import Dataset
     from trl.data_utils import pack_dataset
 
     ds = Dataset.from_dict({"input_ids": [ids for ids, _ in samples],
-                            "loss_mask": [[0] * start + [1] * (len(ids) - start) for ids, start in samples]})
-    rows = []
-    for row in pack_dataset(ds, SEQ, strategy="bfd"):
-        positions = [p for n in row["seq_lengths"] for p in range(n)]
-        labels = [t if m and p > 0 else -100 for t, m, p in zip(row["input_ids"], row["loss_mask"], positions)]
-        rows.append({"input_ids": row["input_ids"], "labels": labels, "position_ids": positions})
-    return rows
+                            "labels": [[-100] * start + ids[start:] for ids, start in samples]})
+    return [{"input_ids": row["input_ids"], "labels": row["labels"], "seq_lengths": row["seq_lengths"]}
+            for row in pack_dataset(ds, SEQ, strategy="bfd")]
+
+
+VARLEN_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "seq_idx")
+
+
+def collate(rows: list[dict]) -> dict:
+    """A packed micro-batch exactly as the recipe's SFTTrainer collates it: TRL's DataCollatorForLanguageModeling,
+    padding-free, lays the rows end to end in one row, position_ids restarting at each sample, no loss on a sample's
+    first token (its previous token belongs to another sample). From trl 1.16 it also hands the model the samples'
+    boundaries (VARLEN_KEYS, computed on the host); before, the model derived them from position_ids in every layer,
+    with host-device syncs. input_ids, labels and position_ids come back as lists (the accounting reads them)."""
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    out = DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True)(rows)
+    return {k: val.tolist() if k in ("input_ids", "labels", "position_ids") else val for k, val in out.items()}
 
 
 # ------------------------------------------------------------------------------------------------ accounting
@@ -336,6 +358,50 @@ def matmul_tflops(device: str) -> float:
     return 2 * 8192**3 * 20 / (time.perf_counter() - t) / 1e12
 
 
+# ------------------------------------------------------------------------------------------------ profile
+
+# kernel-name fragments -> category, first match wins, any case (CUDA kernels of one profiled optimizer step)
+CATEGORIES = (
+    ("loss (TRL's fused head)", ("trl:",)),  # TRL's kernels are named _forward_kernel/_backward_kernel: see below
+    ("attention", ("flex", "triton_tem", "flash", "fmha", "attention")),
+    ("gemm", ("gemm", "xmma", "cutlass", "nvjet", "cublas", "sm90_", "sm80_", "ampere_")),
+    ("nf4 dequant", ("kDequantize", "dequantize")),
+    ("8-bit optimizer", ("Optimizer", "optimizer")),
+    ("loss (Liger)", ("cross_entropy", "fused_linear")),
+    ("norm/act/rope (Liger)", ("rms_norm", "geglu", "rope", "swiglu")),
+)
+# host-side ops that wait for the GPU (a `.item()`, a `bool(tensor)`, a nonzero) and the runtime's own waits
+SYNC_OPS = ("aten::_local_scalar_dense", "aten::nonzero", "cudaStreamSynchronize", "cudaDeviceSynchronize")
+
+
+def profile_step(model, params, opt, batches, dev) -> dict:
+    """One more optimizer step under torch.profiler: device time by kernel category, the 12 costliest kernels, the
+    share of the wall time the GPU was busy (the rest: launch gaps, host work, waits), and the host-device syncs."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        _, wall = optimizer_step(model, params, opt, batches, dev)
+    kernels: dict[str, float] = {}
+    syncs = dict.fromkeys(SYNC_OPS, 0)
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            kernels[e.name] = kernels.get(e.name, 0.0) + e.device_time / 1e6  # seconds
+        elif e.name in syncs:
+            syncs[e.name] += 1
+    busy = sum(kernels.values())
+    cats: dict[str, float] = {}
+    for name, sec in kernels.items():
+        key = f"trl:{name}" if name in ("_forward_kernel", "_backward_kernel") else name  # exact: Liger has *_kernel
+        cat = next((c for c, frags in CATEGORIES if any(f.lower() in key.lower() for f in frags)), "other")
+        cats[cat] = cats.get(cat, 0.0) + sec
+    top = sorted(kernels.items(), key=lambda kv: -kv[1])[:12]
+    return {"wall_s": round(wall, 3), "gpu_busy_s": round(busy, 3), "host_syncs": syncs,
+            "by_category_s": {c: round(sec, 3) for c, sec in sorted(cats.items(), key=lambda kv: -kv[1])},
+            "top_kernels": [[n[:110], round(sec, 4)] for n, sec in top]}
+
+
 # ------------------------------------------------------------------------------------------------ one variant
 
 def optimizer_step(model, params, opt, batches: list[dict], dev) -> tuple[float, float]:
@@ -348,7 +414,8 @@ def optimizer_step(model, params, opt, batches: list[dict], dev) -> tuple[float,
     from training.lm_head import labelled_positions_loss
 
     head = getattr(model, "sft_head", None)  # the project path: use_sft_head
-    tensors = [{k: torch.tensor(val, device=dev) for k, val in b.items()} for b in batches]
+    tensors = [{k: torch.tensor(val, device=dev) if isinstance(val, list) else
+                val.to(dev) if torch.is_tensor(val) else val for k, val in b.items()} for b in batches]
     if cuda:
         torch.cuda.synchronize()
     t = time.perf_counter()
@@ -405,6 +472,7 @@ def run_variant(name: str, root: Path, steps: int, warmup: int, device: str) -> 
         alls.append(all_tokens(batches))
         flops.append(sum(useful_flops(arch, b) for b in batches))
         print(f"step {step}: loss {total:.4f} {times[-1]:.2f}s", file=sys.stderr, flush=True)
+    profiled = profile_step(m, params, opt, batches, dev) if v["profile"] else None
     timed = slice(warmup, None)
     t_sum = sum(times[timed])
     rate = matmul_tflops(device)
@@ -416,7 +484,8 @@ def run_variant(name: str, root: Path, steps: int, warmup: int, device: str) -> 
                 predicted_peak_gib=predicted, useful_tflops=round(useful, 1),
                 mfu=round(useful / rate, 3) if rate == rate else None, matmul_tflops=round(rate) if rate == rate else None,
                 losses=losses, load_s=round(load_s, 1), first_step_s=round(times[0], 1),
-                gpu=torch.cuda.get_device_name() if cuda else "CPU")
+                gpu=torch.cuda.get_device_name() if cuda else "CPU", versions=versions(),
+                **({"profile": profiled} if profiled else {}))
 
 
 def run_recipe(name: str, root: Path, steps: int, device: str) -> dict:
@@ -528,15 +597,21 @@ def main(argv: list[str] | None = None) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         print("error: the benchmark needs a CUDA GPU (it measures GPU speed and memory)", file=sys.stderr)
         return 2
+    # Packages the project's own install resolves to where they differ from the peer's (the device's site: unsloth
+    # pins trl <= 1.15, the default GPU image gets the newest trl): put first for the project and recipe rows only
+    project_site = os.environ.get("QLORA_BENCH_PROJECT_SITE", "")
     results = []
     env = {**os.environ, "UNSLOTH_COMPILE_DISABLE": "1", "PYTHONUNBUFFERED": "1"}
     for name in names:
         print(f"== {name}", flush=True)
+        run_env = dict(env)
+        if project_site and parse_variant(name)["path"] in ("project", "recipe"):
+            run_env["PYTHONPATH"] = os.pathsep.join(filter(None, (project_site, env.get("PYTHONPATH"))))
         t = time.perf_counter()
         try:
             proc = subprocess.run([sys.executable, __file__, "--one", name, "--steps", str(args.steps), "--warmup",
                                    str(args.warmup), "--models-dir", str(root), "--device", args.device,
-                                   "--variants", name], capture_output=True, text=True, env=env,
+                                   "--variants", name], capture_output=True, text=True, env=run_env,
                                   timeout=args.variant_timeout)
         except subprocess.TimeoutExpired as exc:
             text = [x.decode() if isinstance(x, bytes) else (x or "") for x in (exc.stdout, exc.stderr)]

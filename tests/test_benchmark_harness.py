@@ -3,6 +3,7 @@ packs chat samples, and that every path sees the same samples. The speed itself 
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 
@@ -75,3 +76,40 @@ def test_packed_and_padded_steps_hold_the_same_samples(monkeypatch):
     assert bench.step_batches(0, v, 2, False, 512)[0]["input_ids"] == padded[0]["input_ids"][:2]
     full = bench.step_batches(1, bench.parse_variant("baseline-tiny"), 4, False, 512)
     assert len(full) == bench.ROWS_PER_STEP // 4 and bench.real_tokens(full) == bench.ROWS_PER_STEP * bench.SEQ
+
+
+def test_packed_micro_batches_are_what_the_recipes_collator_makes(monkeypatch):
+    """A packed micro-batch is TRL's padding-free collation, as SFTTrainer's: from trl 1.16 it carries the samples'
+    boundaries, computed on the host, which must match the position_ids (else the varlen kernels would attend
+    across samples); -posids drops them (the trl 1.15 path, the model deriving them in every layer)."""
+    from importlib.metadata import version
+
+    monkeypatch.setattr(bench, "CHAT_SAMPLES_PER_STEP", 24)
+    v = bench.parse_variant("project-tiny-chat")
+    batches = bench.step_batches(0, v, 4, True, 512)
+    trl_has_boundaries = tuple(int(x) for x in version("trl").split(".")[:2]) >= (1, 16)
+    for b in batches:
+        (pos,) = b["position_ids"]
+        starts = [i for i, p in enumerate(pos) if p == 0]
+        if trl_has_boundaries:
+            assert b["cu_seq_lens_q"].tolist() == b["cu_seq_lens_k"].tolist() == starts + [len(pos)]
+            assert b["max_length_q"] == max(bench.sample_lengths(b, 0))
+    assert trl_has_boundaries == ("cu_seq_lens_q" in batches[0])
+    plain = bench.step_batches(0, bench.parse_variant("project-tiny-chat-posids"), 4, True, 512)
+    assert [set(b) for b in plain] == [{"input_ids", "labels", "position_ids"}] * len(batches)
+    assert [b["labels"] for b in plain] == [b["labels"] for b in batches]
+
+
+def test_a_profiled_project_step_runs_the_recipes_path_on_the_cpu(monkeypatch, tmp_path):
+    """The project path end to end on the tiny model (the recipe's prepare() and loader, TRL's head, collated packed
+    chat rows), with one more step profiled: the losses fall, and the profile counts the host's waits (at least the
+    loss read after each micro-batch)."""
+    monkeypatch.setattr(bench, "CHAT_SAMPLES_PER_STEP", 8)
+    monkeypatch.setattr(bench, "SEQ", 256)
+    r = bench.run_variant("project-tiny-chat-prof", tmp_path, 2, 0, "cpu")
+    assert r["packed"] and r["accumulation"] >= 1 and len(r["losses"]) == 2
+    assert all(math.isfinite(x) for x in r["losses"]) and r["losses"][1] < r["losses"][0]
+    prof = r["profile"]
+    assert prof["wall_s"] > 0 and prof["host_syncs"]["aten::_local_scalar_dense"] >= r["accumulation"]
+    assert r["versions"]["trl"] != "-"
+    assert bench.parse_variant("project-2b-chat-prof")["profile"] and not bench.parse_variant("project-2b")["profile"]

@@ -12,6 +12,7 @@ SRC=$(cd "$(dirname "$0")/../.." && pwd)
 rm -rf /tmp/repo && mkdir -p /tmp/repo /tmp/bench-out && cp -r "$SRC"/training "$SRC"/scripts "$SRC"/datasets "$SRC"/pyproject.toml /tmp/repo/
 bash "$SRC/scripts/device/unpack.sh"
 export PYTHONPATH=$(bash "$SRC/scripts/device/unpack.sh" --path):/tmp/repo UNSLOTH_COMPILE_DISABLE=1 TOKENIZERS_PARALLELISM=false
+export QLORA_BENCH_PROJECT_SITE=/tmp/site-project  # the project's rows run the trl the default GPU image installs
 export FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED=1  # FA4's compiled kernels are shared by the benchmark's processes
 cd /tmp/repo
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > /tmp/bench-out/gpu.txt

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Build what the GPU device lacks (see ../shared/docs/ENVIRONMENT.md), unpacked into one folder `site` and packed:
-#   build/site.tgz        bitsandbytes, trl, datasets, liger-kernel, unsloth, ... (18.7 MB)
+#   build/site.tgz        bitsandbytes, trl, datasets, liger-kernel, unsloth, ... (18.7 MB), and site-project
 #   build/fa4.part-*      FlashAttention 4 (flash-attn-4) and the CUTLASS DSL it compiles with, xz-compressed and
 #                         split into parts under 40 MB: one call carries at most 64 MiB (the DSL alone is ~70 MB)
 # scripts/device/unpack.sh puts them together in /tmp/site on the device; `FA4_ONLY=1` / `SITE_ONLY=1` build one of the two.
@@ -21,8 +21,12 @@ if [ -z "${FA4_ONLY:-}" ]; then
   for w in whl/*.whl; do unzip -q -o "$w" -d site; done
   rm -f site/bitsandbytes/libbitsandbytes_cuda1{18,21,24,26,28,32}.so site/bitsandbytes/libbitsandbytes_rocm*.so
   rm -rf site/studio
-  tar -czf "$REPO/build/site.tgz" site
-  rm -rf site
+  # site-project: what the default GPU image resolves to and unsloth's pins forbid (trl 1.16: its collator hands the
+  # model packed samples' boundaries); scripts/benchmark.py puts it first for the project and recipe rows only
+  download whl-project trl==1.16.0
+  for w in whl-project/*.whl; do unzip -q -o "$w" -d site-project; done
+  tar -czf "$REPO/build/site.tgz" site site-project
+  rm -rf site site-project
 fi
 [ -n "${SITE_ONLY:-}" ] && { ls -la "$REPO"/build/; rm -rf "$WORK"; exit 0; }
 # FA4: the versions of the fa4 extra (pyproject.toml); the device has torch 2.11+cu130, cuda-bindings, einops, protobuf

@@ -91,46 +91,6 @@ def inject_kernel_options(model, options: dict | None) -> list:
     return handles
 
 
-# kernel-name fragments -> category, first match wins (CUDA kernels of one profiled optimizer step)
-CATEGORIES = (
-    ("loss (TRL's fused head)", ("trl:",)),  # TRL's kernels are named _forward_kernel/_backward_kernel: see below
-    ("attention", ("flex", "triton_tem", "flash", "fmha", "attention")),
-    ("gemm", ("gemm", "xmma", "cutlass", "nvjet", "cublas", "sm90_", "sm80_", "ampere_")),
-    ("nf4 dequant", ("kDequantize", "dequantize")),
-    ("8-bit optimizer", ("Optimizer", "optimizer")),
-    ("loss (Liger)", ("cross_entropy", "fused_linear")),
-    ("norm/act/rope (Liger)", ("rms_norm", "geglu", "rope", "swiglu")),
-)
-
-
-def profile_step(model, params, opt, batches, dev, bench) -> dict:
-    """One more optimizer step under torch.profiler: device time by kernel category, the 12 costliest kernels, and
-    the share of the wall time the GPU was busy (the rest: launch gaps, host work)."""
-    import time
-
-    import torch
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        t = time.perf_counter()
-        bench.optimizer_step(model, params, opt, batches, dev)
-        wall = time.perf_counter() - t
-    kernels: dict[str, float] = {}
-    for e in prof.events():
-        if e.device_type == torch.autograd.DeviceType.CUDA:
-            kernels[e.name] = kernels.get(e.name, 0.0) + e.device_time / 1e6  # seconds
-    busy = sum(kernels.values())
-    cats: dict[str, float] = {}
-    for name, sec in kernels.items():
-        key = f"trl:{name}" if name in ("_forward_kernel", "_backward_kernel") else name  # exact: Liger has *_kernel
-        cat = next((c for c, frags in CATEGORIES if any(f in key for f in frags)), "other")
-        cats[cat] = cats.get(cat, 0.0) + sec
-    top = sorted(kernels.items(), key=lambda kv: -kv[1])[:12]
-    return {"wall_s": round(wall, 3), "gpu_busy_s": round(busy, 3),
-            "by_category_s": {c: round(sec, 3) for c, sec in sorted(cats.items(), key=lambda kv: -kv[1])},
-            "top_kernels": [[n[:110], round(sec, 4)] for n, sec in top]}
-
-
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=4)
@@ -185,7 +145,7 @@ def main() -> int:
             row.update(tokens_per_s=round(bench.ROWS_PER_STEP * bench.SEQ / step_s), first_step_s=round(times[0], 1),
                        peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None, losses=losses)
             if args.profile and (args.profile == "all" or name in args.profile.split(",")):
-                row["profile"] = profile_step(model, params, opt, batches, torch.device(args.device), bench)
+                row["profile"] = bench.profile_step(model, params, opt, batches, torch.device(args.device))
             del opt
         except Exception as exc:  # noqa: BLE001 - an exploratory row that fails says why and the next one runs
             row["error"] = f"{type(exc).__name__}: {str(exc)[:400]}"
