@@ -483,7 +483,7 @@ def run_variant(name: str, root: Path, steps: int, warmup: int, device: str) -> 
                 peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
                 predicted_peak_gib=predicted, useful_tflops=round(useful, 1),
                 mfu=round(useful / rate, 3) if rate == rate else None, matmul_tflops=round(rate) if rate == rate else None,
-                losses=losses, load_s=round(load_s, 1), first_step_s=round(times[0], 1),
+                losses=losses, step_times=[round(t, 3) for t in times], load_s=round(load_s, 1), first_step_s=round(times[0], 1),
                 gpu=torch.cuda.get_device_name() if cuda else "CPU", versions=versions(),
                 **({"profile": profiled} if profiled else {}))
 

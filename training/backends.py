@@ -317,7 +317,8 @@ SELF_CHECK_PACKAGES = {"unsloth": ("unsloth",), "flex": ("torch",), "fa4": ("fla
 SELF_CHECK_VERSION = 2  # bump when a check changes: a cached pass of the old one no longer counts
 
 
-def _attention_self_check(impl: str, sliding_window: int, device: str = "cuda", drop: bool = True) -> dict:
+def _attention_self_check(impl: str, sliding_window: int, device: str = "cuda", drop: bool = True,
+                          heads: tuple[int, int] = (2, 1)) -> dict:
     """Builds (flex: compiles, fa4: JIT-compiles) the attention's forward and backward kernels for head_dim 256 on
     this card (a 24 GB card's shared memory can be too small for them) and checks them against eager attention on
     one packed row of three samples, the layout the recipe's padding-free collator makes. It catches masks and
@@ -330,7 +331,8 @@ def _attention_self_check(impl: str, sliding_window: int, device: str = "cuda", 
     from transformers import Gemma2Config, Gemma2ForCausalLM
 
     cfg = Gemma2Config(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-                       num_attention_heads=2, num_key_value_heads=1, head_dim=256, sliding_window=sliding_window,
+                       num_attention_heads=heads[0], num_key_value_heads=heads[1], head_dim=256,
+                       sliding_window=sliding_window,
                        max_position_embeddings=1024, pad_token_id=0, eos_token_id=1, bos_token_id=2)
     torch.manual_seed(0)
     model = Gemma2ForCausalLM(cfg).to(device=device, dtype=torch.bfloat16).train()
