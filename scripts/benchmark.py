@@ -291,14 +291,12 @@ VARLEN_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k",
 
 
 def collate(rows: list[dict]) -> dict:
-    """A packed micro-batch exactly as the recipe's SFTTrainer collates it: TRL's DataCollatorForLanguageModeling,
-    padding-free, lays the rows end to end in one row, position_ids restarting at each sample, no loss on a sample's
-    first token (its previous token belongs to another sample). From trl 1.16 it also hands the model the samples'
-    boundaries (VARLEN_KEYS, computed on the host); before, the model derived them from position_ids in every layer,
-    with host-device syncs. input_ids, labels and position_ids come back as lists (the accounting reads them)."""
-    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+    """A packed micro-batch as the recipe's trainer collates it (training.data.collate_packed; from trl 1.16 with the
+    samples' boundaries, VARLEN_KEYS). input_ids, labels and position_ids come back as lists (the accounting reads
+    them)."""
+    from training.data import collate_packed
 
-    out = DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True)(rows)
+    out = collate_packed(rows)
     return {k: val.tolist() if k in ("input_ids", "labels", "position_ids") else val for k, val in out.items()}
 
 

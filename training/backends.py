@@ -313,20 +313,24 @@ def self_check_step(backend: str) -> dict:
 # keys the cached verdict. flex is checked with a window that binds (64 tokens, samples up to 256); FA4 as the recipe
 # runs it: a window no sample outgrows (256), dropped (drop_unbinding_window).
 ATTENTION_SELF_CHECKS = {"flex": ("flex_attention", 64), "fa4": ("flash_attention_4", 256)}
-SELF_CHECK_PACKAGES = {"unsloth": ("unsloth",), "flex": ("torch",), "fa4": ("flash-attn-4", "nvidia-cutlass-dsl")}
-SELF_CHECK_VERSION = 2  # bump when a check changes: a cached pass of the old one no longer counts
+# trl: its collator decides what the attention is handed (the samples' boundaries from trl 1.16)
+SELF_CHECK_PACKAGES = {"unsloth": ("unsloth",), "flex": ("torch", "trl"),
+                       "fa4": ("flash-attn-4", "nvidia-cutlass-dsl", "trl")}
+SELF_CHECK_VERSION = 3  # bump when a check changes: a cached pass of the old one no longer counts
 
 
 def _attention_self_check(impl: str, sliding_window: int, device: str = "cuda", drop: bool = True,
-                          heads: tuple[int, int] = (2, 1)) -> dict:
+                          heads: tuple[int, int] = (2, 1), boundaries: bool = True) -> dict:
     """Builds (flex: compiles, fa4: JIT-compiles) the attention's forward and backward kernels for head_dim 256 on
     this card (a 24 GB card's shared memory can be too small for them) and checks them against eager attention on
-    one packed row of three samples, the layout the recipe's padding-free collator makes. It catches masks and
-    windows (it caught FA4's windowed kernel), not the soft-cap: at random init the scores are ~0.1, where the soft-cap
-    is the identity, and scaled into its range bf16 eager itself drifts as far as a missing soft-cap would (CPU:
-    input gradients 0.52 off an fp32 reference at q, k x16, against 3.26 without the soft-cap). The soft-cap is checked
-    at the kernel level instead, on the card: scripts/device/explore_fa4.py, FA4 and flex against an fp32 reference
-    with scores in its range."""
+    one packed row of three samples, collated as the recipe's trainer collates it (training.data.collate_packed, so
+    the attention gets what training hands it). It catches masks, windows and samples attending across their
+    boundaries (input gradients ~40-100% off on the CPU: tests), not the soft-cap: at random init the scores are
+    ~0.1, where the soft-cap is the identity, and scaled into its range bf16 eager itself drifts as far as a missing
+    soft-cap would (CPU: input gradients 0.52 off an fp32 reference at q, k x16, against 3.26 without the soft-cap).
+    The soft-cap is checked at the kernel level instead, on the card: scripts/device/explore_fa4.py, FA4 and flex
+    against an fp32 reference with scores in its range. `boundaries=False` drops the collator's sample boundaries
+    (trl < 1.16 hands the model position_ids only); `heads`, `drop`: explore_fa4.py's variants."""
     import torch
     from transformers import Gemma2Config, Gemma2ForCausalLM
 
@@ -336,17 +340,23 @@ def _attention_self_check(impl: str, sliding_window: int, device: str = "cuda", 
                        max_position_embeddings=1024, pad_token_id=0, eos_token_id=1, bos_token_id=2)
     torch.manual_seed(0)
     model = Gemma2ForCausalLM(cfg).to(device=device, dtype=torch.bfloat16).train()
-    ids = torch.randint(3, 512, (1, 512), generator=torch.Generator().manual_seed(0)).to(device)
+    from training.data import collate_packed
+
+    ids = torch.randint(3, 512, (512,), generator=torch.Generator().manual_seed(0)).tolist()
     lengths = (100, 156, 256)
-    positions = torch.cat([torch.arange(n) for n in lengths])[None].to(device)
+    # one packed row of three samples, collated as the recipe's trainer does (with the installed trl's boundaries)
+    batch = collate_packed([{"input_ids": ids, "labels": ids, "seq_lengths": list(lengths)}])
+    batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()
+             if boundaries or k in ("input_ids", "labels", "position_ids")}  # boundaries=False: as trl < 1.16
+    input_ids = batch.pop("input_ids")
     results = {}
     for name in ("eager", impl):
         model.set_attn_implementation(name)
         if name == "flash_attention_4" and drop:  # as load_hf does (drop=False: scripts/device/explore_fa4.py)
             drop_unbinding_window(model, max(lengths))
-        embeds = model.get_input_embeddings()(ids).detach().requires_grad_(True)
+        embeds = model.get_input_embeddings()(input_ids).detach().requires_grad_(True)
         with torch.autocast(device_type=device, dtype=torch.bfloat16):
-            loss = model(inputs_embeds=embeds, position_ids=positions, labels=ids).loss
+            loss = model(inputs_embeds=embeds, **batch).loss
         loss.backward()
         results[name] = (float(loss.detach()), embeds.grad.float())
     (le, ge), (lx, gx) = results["eager"], results[impl]
@@ -364,7 +374,7 @@ def fa4_unusable(device_kind: str, window_binds: int | None = None) -> str | Non
         return "no CUDA GPU"
     if window_binds:
         return (f"samples can be longer than the model's sliding window ({window_binds} tokens), and FlashAttention "
-                "4's windowed kernel is not exact; max_seq_length <= the window lets it run")
+                "4's windowed kernel is untrusted; max_seq_length <= the window lets it run")
     from importlib.metadata import PackageNotFoundError, version
 
     try:
@@ -385,15 +395,15 @@ def fa4_unusable(device_kind: str, window_binds: int | None = None) -> str | Non
 def drop_unbinding_window(model, max_seq_length: int) -> int:
     """For FlashAttention 4: the attention layers' sliding window, where no sample (at most max_seq_length tokens,
     packed rows kept apart by their sequence boundaries) can outgrow it, so that FA4 runs its plain causal kernel
-    (exact) instead of its windowed one (not exact: resolve_attention). The same attention either way. Returns how
-    many layers had a window."""
+    (exact at the kernel level on an H100) instead of its windowed one (untrusted: resolve_attention). The same
+    attention either way. Returns how many layers had a window."""
     dropped = 0
     for module in model.modules():
         window = getattr(module, "sliding_window", None)
         if isinstance(window, int) and hasattr(module, "q_proj"):
             if max_seq_length > window:
                 raise BackendError(f"a {window}-token sliding window binds on samples of {max_seq_length} tokens: "
-                                   "FlashAttention 4 cannot run it exactly; use --set attn_implementation=auto")
+                                   "FlashAttention 4's windowed kernel is untrusted; use --set attn_implementation=auto")
             module.sliding_window = None
             dropped += 1
     return dropped
@@ -409,37 +419,37 @@ def use_fa4_kernel_cache() -> None:
 
 def resolve_attention(requested: str, device_kind: str, self_check=None,
                       window_binds: int | None = None) -> tuple[str, str]:
-    """`auto` on CUDA: FlashAttention 4 where it can train (Hopper, datacenter Blackwell) once its self-check passed
-    on this card, else flex attention once its self-check passed, else eager; on the CPU eager. All keep Gemma-2's
-    soft-cap and are exact for packed rows; FA4 and flex never materialise the S x S scores. Verdicts are cached.
-    `window_binds`: the model's sliding window where a sample can be longer than it. FA4's windowed kernel failed its
-    exactness check on an H100 (flash-attn-4 4.0.0b40, head_dim 256: input gradients 74% off), so FA4 only runs
-    where the window cannot bind, and then without it (load_hf: drop_unbinding_window)."""
+    """`auto` on CUDA: flex attention once its self-check passed on this card, else eager; on the CPU eager. Both keep
+    Gemma-2's soft-cap and are exact for packed rows; flex never materialises the S x S scores. Verdicts are cached.
+    FlashAttention 4 (Hopper, datacenter Blackwell) runs only when asked for by name, for two measured reasons
+    (docs/benchmarks.md, 2026-12-06): on an H100 its recipe self-check failed while its kernel alone was exact, and
+    on packed chat rows it ran slower than flex (21-25k against 30k tokens/s) though faster on full rows.
+    FA4 or flex asked for by name on CUDA runs the same self-check, and a failure is refused: training on wrong
+    attention loses the run. `window_binds`: the model's sliding window where a sample can be longer than it; FA4's
+    windowed kernel is not trusted (no check of it has passed on a card), so FA4 only runs where the window cannot
+    bind, and then without it (load_hf: drop_unbinding_window)."""
+    check = self_check or run_self_check
     if requested == "flash_attention_4":
         why_not = fa4_unusable(device_kind, window_binds)
         if why_not:
             raise BackendError(f"attn_implementation=flash_attention_4 cannot train here: {why_not}; use "
                                "--set attn_implementation=auto (flex attention on this card)")
         use_fa4_kernel_cache()
+    if requested in ("flash_attention_4", "flex_attention") and device_kind == "cuda":
+        ok, detail = check("fa4" if requested == "flash_attention_4" else "flex")
+        if not ok:
+            raise BackendError(f"attn_implementation={requested} failed its self-check on this card ({detail}): it "
+                               "would train on wrong attention; use --set attn_implementation=auto, which falls back "
+                               "to an attention that passes")
+        return requested, f"attn_implementation={requested} asked for; it passed its self-check ({detail})"
     if requested != "auto":
         return requested, f"attn_implementation={requested} asked for"
     if device_kind != "cuda":
         return "eager", "CPU: eager attention (compiling flex attention for the CPU takes minutes)"
-    check = self_check or run_self_check
-    notes = []
-    why_not = fa4_unusable(device_kind, window_binds)
-    if why_not is None:
-        use_fa4_kernel_cache()
-        ok, detail = check("fa4")
-        if ok:
-            return "flash_attention_4", f"FlashAttention 4 passed its self-check ({detail})"
-        why_not = f"its self-check failed ({detail})"
-    notes.append(f"not FlashAttention 4: {why_not}")
     ok, detail = check("flex")
     if ok:
-        return "flex_attention", f"flex attention passed its self-check ({detail}); " + "; ".join(notes)
-    return "eager", (f"flex attention failed its self-check ({detail}); eager attention instead (exact, slower); "
-                     + "; ".join(notes))
+        return "flex_attention", f"flex attention passed its self-check ({detail})"
+    return "eager", f"flex attention failed its self-check ({detail}); eager attention instead (exact, slower)"
 
 
 # ------------------------------------------------------------------------------------------------ loading

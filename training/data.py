@@ -441,6 +441,19 @@ def build_datasets(data_path: str, tokenizer, max_seq_length: int, eval_fraction
     return Dataset.from_dict(train_cols), eval_ds, stats
 
 
+def collate_packed(rows: list[dict], pad_token_id: int = 0) -> dict:
+    """A packed micro-batch exactly as the recipe's trainer collates it (SFTTrainer with packing: TRL's
+    DataCollatorForLanguageModeling, padding-free). `rows`: packed rows, each {"input_ids", "labels", "seq_lengths"}.
+    They are laid end to end in one row; position_ids restart at each sample; a sample's first token carries no loss.
+    From trl 1.16 the batch also holds the samples' boundaries for the varlen attention kernels (cu_seq_lens_q/k,
+    max_length_q/k as ints, seq_idx), computed on the host; before, the model derived them from position_ids in every
+    layer. The attention self-check (training/backends.py) and the benchmark (scripts/benchmark.py) use it so that
+    they run what training runs."""
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    return DataCollatorForLanguageModeling(pad_token_id=pad_token_id, padding_free=True)(rows)
+
+
 # ------------------------------------------------------------------------------------------------------- CLI
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,7 +6,8 @@
 # SKIP_SMOKE=1 skips the smoke run, SKIP_OOM=1 the OOM check, SKIP_BENCH=1 the benchmark; EXPLORE_FLEX=1 first
 # runs scripts/device/explore_flex.py (flex attention's kernel options and autotuning; FLEX_ROWS= picks rows,
 # FLEX_PROFILE= the rows to profile one step of); EXPLORE_FA4=1 first runs scripts/device/explore_fa4.py
-# (FlashAttention 4 against flex and sdpa: exactness and kernel speed; FA4_ONLY_ROWS=exact,speed,selfcheck).
+# (FlashAttention 4 against flex and sdpa: exactness and kernel speed; FA4_ONLY_ROWS=exact,speed,selfcheck,paths,shapes;
+# it runs the project's trl, as the recipe's self-check does).
 set -u
 SRC=$(cd "$(dirname "$0")/../.." && pwd)
 rm -rf /tmp/repo && mkdir -p /tmp/repo /tmp/bench-out && cp -r "$SRC"/training "$SRC"/scripts "$SRC"/datasets "$SRC"/pyproject.toml /tmp/repo/
@@ -26,7 +27,7 @@ fi
 if [ $rc != 0 ] || [ -f /tmp/bench-out/STOP ]; then echo "all done (smoke failed) $(date -u +%T)" >> /tmp/bench-out/progress.txt; exit 0; fi
 if [ -n "${EXPLORE_FA4:-}" ]; then
   echo "fa4 $(date -u +%T)" >> /tmp/bench-out/progress.txt
-  timeout 300 python scripts/device/explore_fa4.py ${FA4_ONLY_ROWS:+--only "$FA4_ONLY_ROWS"} > /tmp/bench-out/fa4.log 2>&1
+  PYTHONPATH=$QLORA_BENCH_PROJECT_SITE:$PYTHONPATH timeout 300 python scripts/device/explore_fa4.py ${FA4_ONLY_ROWS:+--only "$FA4_ONLY_ROWS"} > /tmp/bench-out/fa4.log 2>&1
   echo "fa4 rc=$? $(date -u +%T)" >> /tmp/bench-out/progress.txt
 fi
 if [ -n "${EXPLORE_FLEX:-}" ]; then

@@ -46,7 +46,7 @@ def first(out):
     return out[0] if isinstance(out, tuple) else out
 
 
-def fa4_fn(lengths):
+def fa4_fn(lengths, tensor_max: bool = False):
     from flash_attn.cute import flash_attn_func, flash_attn_varlen_func
 
     import torch
@@ -56,11 +56,14 @@ def fa4_fn(lengths):
     flat = [n for r in lengths for n in r]
     cu = torch.tensor([0] + list(itertools.accumulate(flat)), dtype=torch.int32, device="cuda")
 
+    # tensor_max: the longest sample as a 0-dim CUDA tensor, as transformers derives it from position_ids
+    longest = torch.tensor(max(flat), device="cuda") if tensor_max else max(flat)
+
     def run(q, k, v):
         b, s = q.shape[:2]
         out = flash_attn_varlen_func(q.reshape(b * s, *q.shape[2:]), k.reshape(b * s, *k.shape[2:]),
                                      v.reshape(b * s, *v.shape[2:]), cu_seqlens_q=cu, cu_seqlens_k=cu,
-                                     max_seqlen_q=max(flat), max_seqlen_k=max(flat), causal=True, softcap=SOFTCAP)
+                                     max_seqlen_q=longest, max_seqlen_k=longest, causal=True, softcap=SOFTCAP)
         return first(out).reshape(q.shape)
     return run
 
@@ -161,7 +164,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shape", default="2b", choices=SHAPES)
     p.add_argument("--iters", type=int, default=10)
-    p.add_argument("--only", default="exact,speed,selfcheck")
+    p.add_argument("--only", default="exact,speed,selfcheck", help="rows: exact,speed,selfcheck,paths,shapes")
     args = p.parse_args()
     import torch
 
@@ -214,6 +217,17 @@ def main() -> int:
         # FA4 given a window that binds (64 tokens, samples up to 256): failed on the H100 on 2026-12-06
         guarded("selfcheck-fa4-binding-window", lambda: {"row": "selfcheck-fa4-binding-window",
                                                          **_attention_self_check("flash_attention_4", 64, drop=False)})
+    if "paths" in only:  # the integrated failure of 2026-12-06: which path transformers hands FA4 matters?
+        from training.backends import _attention_self_check
+
+        guarded("exact-fa4-packed-tensor-max", lambda: exactness(
+            "fa4-packed-tensor-max", lambda ls: fa4_fn(ls, tensor_max=True), [[100, 156, 256]], heads, kv, dim))
+        for boundaries in (True, False):  # collator's host boundaries (trl >= 1.16) / position_ids only (trl 1.15)
+            tag = "boundaries" if boundaries else "position-ids"
+            guarded(f"selfcheck-fa4-{tag}", lambda: {"row": f"selfcheck-fa4-{tag}", **_attention_self_check(
+                "flash_attention_4", 256, boundaries=boundaries)})
+            guarded(f"selfcheck-flex-{tag}", lambda: {"row": f"selfcheck-flex-{tag}", **_attention_self_check(
+                "flex_attention", 64, boundaries=boundaries)})
     if "shapes" in only:  # which head layout FA4's failure needs (2026-12-06: it failed with 2 heads, 1 kv head)
         from training.backends import _attention_self_check
 
