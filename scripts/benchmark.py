@@ -15,7 +15,9 @@ Variant names: PATH[24]-SHAPE[-mbN][-ckpt0|1][-chat][-sN] (-sN: N timed steps in
   materialised, gradient checkpointing, LoRA dropout 0.05, micro-batch 4 x 4 on 2B, 2 x 8 on 9B).
 - unsloth: unsloth's FastLanguageModel standalone (its kernels, its checkpointing when ckpt1), micro-batch N.
 - project: the recipe's own functions (backend auto, attention auto, the planner), planned for this card;
-  project24: planned for a 24 GiB card (an RTX 4090). -fa4 / -flex force FlashAttention 4 / flex attention.
+  project24: planned for a 24 GiB card (an RTX 4090). -fa4 / -flex ask for FlashAttention 4 / flex attention by
+  name. The recipe refuses one that fails its self-check; the benchmark runs it anyway, for its speed, and the
+  row's description carries the check's verdict.
 - recipe: the whole recipe (`python -m training.qlora_finetune`, SFTTrainer) for a few steps; tokens/s from its
   metrics.jsonl. It checks that the harness loop times what a user's run does.
 - -prof: one more optimizer step under torch.profiler, after the timed ones: device time by kernel category, the
@@ -63,7 +65,7 @@ ROWS_PER_STEP = 16  # full rows: 16 x 2048 = 32,768 tokens per optimizer step, a
 CHAT_MEDIAN, CHAT_SIGMA, CHAT_PROMPT_SHARE = 350, 0.9, 1 / 3
 CHAT_SAMPLES_PER_STEP = 96  # about 46k tokens: every path sees the same samples per optimizer step
 LORA_R = 32
-ATTENTION_PARTS = {"fa4": "flash_attention_4", "flex": "flex_attention"}  # -fa4 / -flex: force the project's attention
+ATTENTION_PARTS = {"fa4": "flash_attention_4", "flex": "flex_attention"}  # -fa4 / -flex: the attention by name
 DEFAULT_VARIANTS = ",".join([  # most telling first: a call cut short by the device's time limit keeps those
     "project-2b-s18", "unsloth-2b-mb16-ckpt0-s18", "baseline-2b-s18", "unsloth-2b-mb8-ckpt0", "unsloth-2b-mb4-ckpt0",
     "unsloth-2b-mb16-ckpt1", "unsloth-2b-mb4-ckpt1", "project24-2b", "project-2b-chat", "unsloth-2b-mb16-ckpt0-chat",
@@ -92,14 +94,14 @@ def parse_variant(name: str) -> dict:
         elif p.startswith("k") and p[1:].isdigit() and v["path"] == "project":
             v["keep"] = int(p[1:])  # exploratory: this many layers keep their activations (the rest recompute)
         elif p in ATTENTION_PARTS and v["path"] == "project":
-            v["attention"] = ATTENTION_PARTS[p]  # the attention forced instead of the recipe's auto choice
+            v["attention"] = ATTENTION_PARTS[p]  # by name instead of the recipe's auto choice
         elif p == "ligerhead" and v["path"] == "project":
             v["lm_head"] = "liger"  # lm_head=liger: Liger's fused cross-entropy on the labelled positions
         elif p in ("fp8", "fp8all") and v["path"] == "project":
             v["fp8"] = "backward" if p == "fp8" else "all"  # fp8_backward; fp8all: the forward too (exploratory)
         elif p == "posids" and v["path"] == "project":
             v["posids"] = True  # exploratory: packed rows without the collator's varlen boundaries (trl < 1.16)
-        elif p == "prof":
+        elif p == "prof" and v["path"] != "recipe":
             v["profile"] = True  # one more optimizer step under torch.profiler (not timed): where the time goes
         elif p == "compile" and v["path"] == "project":
             v["compile"] = True  # exploratory lever: torch.compile of each decoder layer
@@ -198,12 +200,24 @@ def load_project(v: dict, path: Path, device: str, arch) -> tuple:
     from training.runfiles import RunPaths
 
     preset = "gemma-9b" if v["shape"] == "9b" else "gemma-2b"
+    verdicts = []
+    if v["attention"] != "auto":  # timed even where the recipe would refuse it: the check's verdict goes in the row
+        import training.backends as backends
+
+        real_check = backends.run_self_check
+
+        def noting_check(name):
+            ok, detail = real_check(name)
+            verdicts.append(f"{name} self-check {'passed' if ok else 'FAILED'} ({detail})")
+            return True, detail
+        backends.run_self_check = noting_check
     # lm_head and fp8_backward are set before prepare(): the backend checks them there, as in the recipe
     cfg = replace(PRESETS[preset], model_name_or_path=str(path), gpu_mem_gib=v["gpu_mem"] or 0.0, max_seq_length=SEQ,
                   device=device, allow_cpu=True, min_gpu_mem_gib=0.0, lora_r=LORA_R, disk_check=False,
                   lm_head=v["lm_head"], fp8_backward=bool(v["fp8"]), attn_implementation=v["attention"])
     setup = prepare(cfg, preset, RunPaths.of(v["name"], path.parent / "runs" / v["name"]), resume="never")
     cfg, line = setup.cfg, setup.plan_line
+    line += "".join(f"; {x}" for x in verdicts)
     if v["mb"]:
         cfg = replace(cfg, per_device_train_batch_size=v["mb"])
     if cfg.lm_head != "trl":

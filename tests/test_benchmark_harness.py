@@ -82,18 +82,25 @@ def test_packed_micro_batches_are_what_the_recipes_collator_makes(monkeypatch):
     """A packed micro-batch is TRL's padding-free collation, as SFTTrainer's: from trl 1.16 it carries the samples'
     boundaries, computed on the host, which must match the position_ids (else the varlen kernels would attend
     across samples); -posids drops them (the trl 1.15 path, the model deriving them in every layer)."""
+    import itertools
     from importlib.metadata import version
+
+    from packaging.version import Version
 
     monkeypatch.setattr(bench, "CHAT_SAMPLES_PER_STEP", 24)
     v = bench.parse_variant("project-tiny-chat")
     batches = bench.step_batches(0, v, 4, True, 512)
-    trl_has_boundaries = tuple(int(x) for x in version("trl").split(".")[:2]) >= (1, 16)
-    for b in batches:
+    trl_has_boundaries = Version(version("trl")) >= Version("1.16")
+    samples = bench.chat_lengths(24, seed=0)
+    rows = bench.pack_rows([([3] * n, 1) for n in samples])  # the packer's own lengths, independent of the collator
+    for i, b in enumerate(batches):
+        lengths = [n for r in rows[4 * i:4 * i + 4] for n in r["seq_lengths"]]
         (pos,) = b["position_ids"]
-        starts = [i for i, p in enumerate(pos) if p == 0]
+        assert [i for i, p in enumerate(pos) if p == 0] == list(itertools.accumulate([0] + lengths[:-1]))
         if trl_has_boundaries:
-            assert b["cu_seq_lens_q"].tolist() == b["cu_seq_lens_k"].tolist() == starts + [len(pos)]
-            assert b["max_length_q"] == max(bench.sample_lengths(b, 0))
+            bounds = [0] + list(itertools.accumulate(lengths))
+            assert b["cu_seq_lens_q"].tolist() == b["cu_seq_lens_k"].tolist() == bounds
+            assert b["max_length_q"] == b["max_length_k"] == max(lengths)
     assert trl_has_boundaries == ("cu_seq_lens_q" in batches[0])
     plain = bench.step_batches(0, bench.parse_variant("project-tiny-chat-posids"), 4, True, 512)
     assert [set(b) for b in plain] == [{"input_ids", "labels", "position_ids"}] * len(batches)

@@ -69,8 +69,9 @@ class HFBackend:
         return self.liger
 
     def configure(self, cfg, device_kind: str, sliding_window: int | None = None):
-        """The config this backend trains with: the attention that will run (FA4 or flex after its self-check on
-        CUDA). `sliding_window`: the base model's, which FA4 is trusted with only where it cannot bind."""
+        """The config this backend trains with: the attention that will run (auto: flex after its self-check on CUDA;
+        FA4 or flex by name: self-checked, refused if the check fails). `sliding_window`: the base model's, which FA4
+        is trusted with only where it cannot bind."""
         binds = sliding_window is not None and cfg.max_seq_length > sliding_window
         attention, why = resolve_attention(cfg.attn_implementation, device_kind,
                                            window_binds=sliding_window if binds else None)
@@ -313,9 +314,10 @@ def self_check_step(backend: str) -> dict:
 # keys the cached verdict. flex is checked with a window that binds (64 tokens, samples up to 256); FA4 as the recipe
 # runs it: a window no sample outgrows (256), dropped (drop_unbinding_window).
 ATTENTION_SELF_CHECKS = {"flex": ("flex_attention", 64), "fa4": ("flash_attention_4", 256)}
-# trl: its collator decides what the attention is handed (the samples' boundaries from trl 1.16)
-SELF_CHECK_PACKAGES = {"unsloth": ("unsloth",), "flex": ("torch", "trl"),
-                       "fa4": ("flash-attn-4", "nvidia-cutlass-dsl", "trl")}
+# trl: its collator decides what the attention is handed (the samples' boundaries from trl 1.16); transformers
+# builds the masks and calls the kernels
+SELF_CHECK_PACKAGES = {"unsloth": ("unsloth",), "flex": ("torch", "transformers", "trl"),
+                       "fa4": ("flash-attn-4", "nvidia-cutlass-dsl", "transformers", "trl")}
 SELF_CHECK_VERSION = 3  # bump when a check changes: a cached pass of the old one no longer counts
 
 
