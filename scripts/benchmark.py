@@ -20,8 +20,8 @@ Variant names: PATH[24]-SHAPE[-mbN][-ckpt0|1][-chat][-sN] (-sN: N timed steps in
   row's description carries the check's verdict.
 - recipe: the whole recipe (`python -m training.qlora_finetune`, SFTTrainer) for a few steps; tokens/s from its
   metrics.jsonl. It checks that the harness loop times what a user's run does.
-- -prof: one more optimizer step under torch.profiler, after the timed ones: device time by kernel category, the
-  costliest kernels, the GPU's busy share of the wall time, and the host-device syncs (`profile` in the JSON).
+- -prof: the slowest timed step once more, under torch.profiler: device time by kernel category, the costliest
+  kernels, the GPU's busy share of the wall time, and the host-device syncs with the ops that waited (`profile`).
 - -posids (project, exploratory): packed rows without the sample boundaries TRL's collator computes on the host
   (trl >= 1.16), so the model derives them from position_ids in every layer, as with trl 1.15.
 - -chat: variable-length chat samples (log-normal lengths, median 350 tokens, capped at 2048; the prompt third
@@ -397,11 +397,18 @@ def profile_step(model, params, opt, batches, dev) -> dict:
         _, wall = optimizer_step(model, params, opt, batches, dev)
     kernels: dict[str, float] = {}
     syncs = dict.fromkeys(SYNC_OPS, 0)
+    sources: dict[str, int] = {}  # who waited: the outermost and the innermost op around each sync
     for e in prof.events():
         if e.device_type == torch.autograd.DeviceType.CUDA:
             kernels[e.name] = kernels.get(e.name, 0.0) + e.device_time / 1e6  # seconds
         elif e.name in syncs:
             syncs[e.name] += 1
+            chain, parent = [], getattr(e, "cpu_parent", None)
+            while parent is not None:
+                chain.append(parent.name)
+                parent = getattr(parent, "cpu_parent", None)
+            where = f"{chain[-1]} > {chain[0]}" if len(chain) > 1 else (chain[0] if chain else "(top level)")
+            sources[f"{e.name} in {where}"[:160]] = sources.get(f"{e.name} in {where}"[:160], 0) + 1
     busy = sum(kernels.values())
     cats: dict[str, float] = {}
     for name, sec in kernels.items():
@@ -410,6 +417,7 @@ def profile_step(model, params, opt, batches, dev) -> dict:
         cats[cat] = cats.get(cat, 0.0) + sec
     top = sorted(kernels.items(), key=lambda kv: -kv[1])[:12]
     return {"wall_s": round(wall, 3), "gpu_busy_s": round(busy, 3), "host_syncs": syncs,
+            "sync_sources": dict(sorted(sources.items(), key=lambda kv: -kv[1])[:8]),
             "by_category_s": {c: round(sec, 3) for c, sec in sorted(cats.items(), key=lambda kv: -kv[1])},
             "top_kernels": [[n[:110], round(sec, 4)] for n, sec in top]}
 
@@ -484,7 +492,11 @@ def run_variant(name: str, root: Path, steps: int, warmup: int, device: str) -> 
         alls.append(all_tokens(batches))
         flops.append(sum(useful_flops(arch, b) for b in batches))
         print(f"step {step}: loss {total:.4f} {times[-1]:.2f}s", file=sys.stderr, flush=True)
-    profiled = profile_step(m, params, opt, batches, dev) if v["profile"] else None
+    profiled = None
+    if v["profile"]:  # the slowest timed step again: where a step's time goes when it goes wrong
+        slowest = max(range(warmup, len(times)), key=times.__getitem__, default=len(times) - 1)
+        profiled = {"step": slowest, **profile_step(m, params, opt, step_batches(slowest, v, bs, packed, arch.vocab),
+                                                      dev)}
     timed = slice(warmup, None)
     t_sum = sum(times[timed])
     rate = matmul_tflops(device)

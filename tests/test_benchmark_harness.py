@@ -118,5 +118,7 @@ def test_a_profiled_project_step_runs_the_recipes_path_on_the_cpu(monkeypatch, t
     assert all(math.isfinite(x) for x in r["losses"]) and r["losses"][1] < r["losses"][0]
     prof = r["profile"]
     assert prof["wall_s"] > 0 and prof["host_syncs"]["aten::_local_scalar_dense"] >= r["accumulation"]
+    assert prof["step"] == max(range(2), key=r["step_times"].__getitem__)  # the slowest timed step, again
+    assert any("aten::item" in where for where in prof["sync_sources"])  # the loss read after each micro-batch
     assert r["versions"]["trl"] != "-"
     assert bench.parse_variant("project-2b-chat-prof")["profile"] and not bench.parse_variant("project-2b")["profile"]
