@@ -276,7 +276,9 @@ def step_batches(step: int, v: dict, micro_batch: int, packed: bool, vocab: int)
         rows = pack_rows(samples)
         batches = [collate(rows[i:i + micro_batch]) for i in range(0, len(rows), micro_batch)]
         if v.get("posids"):  # exploratory: boundaries from position_ids only, as trl < 1.16 leaves them
-            batches = [{k: b[k] for k in ("input_ids", "labels", "position_ids")} for b in batches]
+            from training.data import without_boundaries
+
+            batches = [without_boundaries(b) for b in batches]
         return batches
     samples.sort(key=lambda s: -len(s[0]))  # group_by_length: similar lengths share a micro-batch
     out = []
@@ -301,17 +303,13 @@ def pack_rows(samples: list[tuple[list[int], int]]) -> list[dict]:
             for row in pack_dataset(ds, SEQ, strategy="bfd")]
 
 
-VARLEN_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "seq_idx")
-
-
 def collate(rows: list[dict]) -> dict:
     """A packed micro-batch as the recipe's trainer collates it (training.data.collate_packed; from trl 1.16 with the
-    samples' boundaries, VARLEN_KEYS). input_ids, labels and position_ids come back as lists (the accounting reads
-    them)."""
-    from training.data import collate_packed
+    samples' boundaries). Its PACKED_KEYS come back as lists (the accounting reads them)."""
+    from training.data import PACKED_KEYS, collate_packed
 
     out = collate_packed(rows)
-    return {k: val.tolist() if k in ("input_ids", "labels", "position_ids") else val for k, val in out.items()}
+    return {k: val.tolist() if k in PACKED_KEYS else val for k, val in out.items()}
 
 
 # ------------------------------------------------------------------------------------------------ accounting
@@ -408,7 +406,8 @@ def profile_step(model, params, opt, batches, dev) -> dict:
                 chain.append(parent.name)
                 parent = getattr(parent, "cpu_parent", None)
             where = f"{chain[-1]} > {chain[0]}" if len(chain) > 1 else (chain[0] if chain else "(top level)")
-            sources[f"{e.name} in {where}"[:160]] = sources.get(f"{e.name} in {where}"[:160], 0) + 1
+            source = f"{e.name} in {where}"[:160]
+            sources[source] = sources.get(source, 0) + 1
     busy = sum(kernels.values())
     cats: dict[str, float] = {}
     for name, sec in kernels.items():

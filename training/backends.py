@@ -3,10 +3,10 @@
 - `hf` (what `auto` picks): transformers + peft + bitsandbytes, with Liger kernels on CUDA when installed (fused
   linear cross-entropy with the final soft-cap, never materialising the 256k-vocab logits, for plain forwards; in
   training, TRL's SFTTrainer uses its own fused LM head instead; RMSNorm, GeGLU, RoPE),
-  FlashAttention 4 on Hopper/Blackwell, else flex attention (`attn_implementation: auto`, each after its own
-  self-check), the fused LoRA function
-  (training/fast_lora.py) and bf16 norms/embeddings. Measured 1.36x unsloth's best setting on an H100 with FA4,
-  1.17x with flex (docs/benchmarks.md); no unsloth code, exact for packed rows, and the one that runs on several GPUs.
+  flex attention (`attn_implementation: auto`, after its self-check; FlashAttention 4 on Hopper/Blackwell by name
+  only), the fused LoRA function (training/fast_lora.py) and bf16 norms/embeddings. Measured 1.12x unsloth's best
+  setting on full rows and 2.23x its real tokens/s on chat data on an H100 (docs/benchmarks.md); no unsloth code,
+  exact for packed rows, and the one that runs on several GPUs.
 - `unsloth` (optional extra `fast`, only when asked for: `--set backend=unsloth`): unsloth's fused QLoRA kernels,
   after a one-step self-check in a subprocess (so a broken install cannot take the trainer down). One GPU only.
   UNSLOTH_COMPILE_DISABLE=1 is set: its torch.compile path broke on torch 2.11. It cannot pack Gemma-2 rows
@@ -336,20 +336,21 @@ def _attention_self_check(impl: str, sliding_window: int, device: str = "cuda", 
     import torch
     from transformers import Gemma2Config, Gemma2ForCausalLM
 
+    from training.data import collate_packed, without_boundaries
+
     cfg = Gemma2Config(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
                        num_attention_heads=heads[0], num_key_value_heads=heads[1], head_dim=256,
                        sliding_window=sliding_window,
                        max_position_embeddings=1024, pad_token_id=0, eos_token_id=1, bos_token_id=2)
     torch.manual_seed(0)
     model = Gemma2ForCausalLM(cfg).to(device=device, dtype=torch.bfloat16).train()
-    from training.data import collate_packed
-
     ids = torch.randint(3, 512, (512,), generator=torch.Generator().manual_seed(0)).tolist()
     lengths = (100, 156, 256)
     # one packed row of three samples, collated as the recipe's trainer does (with the installed trl's boundaries)
     batch = collate_packed([{"input_ids": ids, "labels": ids, "seq_lengths": list(lengths)}])
-    batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()
-             if boundaries or k in ("input_ids", "labels", "position_ids")}  # boundaries=False: as trl < 1.16
+    if not boundaries:
+        batch = without_boundaries(batch)
+    batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
     input_ids = batch.pop("input_ids")
     results = {}
     for name in ("eager", impl):

@@ -441,6 +441,15 @@ def build_datasets(data_path: str, tokenizer, max_seq_length: int, eval_fraction
     return Dataset.from_dict(train_cols), eval_ds, stats
 
 
+PACKED_KEYS = ("input_ids", "labels", "position_ids")  # what every trl's padding-free collator hands the model
+
+
+def without_boundaries(batch: dict) -> dict:
+    """A collated packed batch as trl < 1.16 left it: PACKED_KEYS only, the model deriving the samples' boundaries
+    from position_ids in every layer (the self-check's and the benchmark's comparison case)."""
+    return {k: batch[k] for k in PACKED_KEYS}
+
+
 def collate_packed(rows: list[dict], pad_token_id: int = 0) -> dict:
     """A packed micro-batch exactly as the recipe's trainer collates it (SFTTrainer with packing: TRL's
     DataCollatorForLanguageModeling, padding-free). `rows`: packed rows, each {"input_ids", "labels", "seq_lengths"}.
