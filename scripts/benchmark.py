@@ -93,7 +93,7 @@ def parse_variant(name: str) -> dict:
             v["chat"] = True
         elif p.startswith("k") and p[1:].isdigit() and v["path"] == "project":
             v["keep"] = int(p[1:])  # exploratory: this many layers keep their activations (the rest recompute)
-        elif p in ATTENTION_PARTS and v["path"] == "project":
+        elif p in ATTENTION_PARTS and v["path"] in ("project", "recipe"):
             v["attention"] = ATTENTION_PARTS[p]  # by name instead of the recipe's auto choice
         elif p == "ligerhead" and v["path"] == "project":
             v["lm_head"] = "liger"  # lm_head=liger: Liger's fused cross-entropy on the labelled positions
@@ -529,6 +529,8 @@ def run_recipe(name: str, root: Path, steps: int, device: str) -> dict:
            "--data", str(data), "--run-name", name, "--output-dir", str(work / "out"), "--logs-dir", str(work / "logs"),
            "--resume", "never", "--max-steps", str(steps + 2), "--set", "logging_steps=1", "--set", "save_steps=1000",
            "--set", "eval_fraction=0", "--set", "report_to=none", "--set", f"gpu_mem_gib={v['gpu_mem'] or 0}"]
+    if v["attention"] != "auto":  # -fa4 / -flex: by name, as a user asks for it (the recipe refuses one that fails its check)
+        cmd += ["--set", f"attn_implementation={v['attention']}"]
     t = time.perf_counter()
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -639,6 +641,10 @@ def main(argv: list[str] | None = None) -> int:
         except subprocess.TimeoutExpired as exc:
             text = [x.decode() if isinstance(x, bytes) else (x or "") for x in (exc.stdout, exc.stderr)]
             proc = subprocess.CompletedProcess(exc.cmd, -9, text[0], text[1] + f"\ntimed out after {exc.timeout}s")
+        if args.json_out:  # each row's own log (warnings, TORCH_LOGS=recompiles), beside the rows
+            logs = Path(args.json_out).with_suffix(".logs")
+            logs.mkdir(parents=True, exist_ok=True)
+            (logs / f"{name}.stderr").write_text(proc.stderr or "")
         line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
         if line:
             results.append(json.loads(line[7:]))

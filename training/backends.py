@@ -318,7 +318,7 @@ ATTENTION_SELF_CHECKS = {"flex": ("flex_attention", 64), "fa4": ("flash_attentio
 # builds the masks and calls the kernels
 SELF_CHECK_PACKAGES = {"unsloth": ("unsloth",), "flex": ("torch", "transformers", "trl"),
                        "fa4": ("flash-attn-4", "nvidia-cutlass-dsl", "transformers", "trl")}
-SELF_CHECK_VERSION = 3  # bump when a check changes: a cached pass of the old one no longer counts
+SELF_CHECK_VERSION = 4  # bump when a check changes: a cached pass of the old one no longer counts
 
 
 def _attention_self_check(impl: str, sliding_window: int, device: str = "cuda", drop: bool = True,
@@ -355,8 +355,10 @@ def _attention_self_check(impl: str, sliding_window: int, device: str = "cuda", 
     results = {}
     for name in ("eager", impl):
         model.set_attn_implementation(name)
-        if name == "flash_attention_4" and drop:  # as load_hf does (drop=False: scripts/device/explore_fa4.py)
-            drop_unbinding_window(model, max(lengths))
+        if name == "flash_attention_4":  # as load_hf does (drop=False: scripts/device/explore_fa4.py)
+            use_token_major_fa4()
+            if drop:
+                drop_unbinding_window(model, max(lengths))
         embeds = model.get_input_embeddings()(input_ids).detach().requires_grad_(True)
         with torch.autocast(device_type=device, dtype=torch.bfloat16):
             loss = model(inputs_embeds=embeds, **batch).loss
@@ -410,6 +412,22 @@ def drop_unbinding_window(model, max_seq_length: int) -> int:
             module.sliding_window = None
             dropped += 1
     return dropped
+
+
+def use_token_major_fa4() -> None:
+    """Hands FlashAttention 4 its q, k, v token-major in memory ([batch, seq, heads, dim] contiguous), as its own tests
+    and kernels run them. transformers passes its flash-attention functions [batch, seq, heads, dim] *views* of
+    head-major tensors (q and k after RoPE), which FA4's CuTe kernels take as they are, strides and all; the suspect
+    of its failed self-checks (2026-12-06, H100), where the kernel alone on contiguous inputs was exact. The copies
+    cost a few percent of the attention. Registered for the whole process, before the model's first forward."""
+    from transformers import AttentionInterface
+    from transformers.integrations.flash_attention import flash_attention_forward
+
+    def fa4_token_major(module, query, key, value, *args, **kwargs):
+        query, key, value = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (query, key, value))
+        return flash_attention_forward(module, query, key, value, *args, **kwargs)
+
+    AttentionInterface.register("flash_attention_4", fa4_token_major)
 
 
 def use_fa4_kernel_cache() -> None:
@@ -508,6 +526,7 @@ def load_hf(cfg, model_path: str, device):
         raise ModelLoadError(explain_load_error(model_path, exc)) from None
     model.config.use_cache = False  # the KV cache is useless in training and conflicts with checkpointing
     if cfg.attn_implementation == "flash_attention_4":
+        use_token_major_fa4()
         drop_unbinding_window(model, cfg.max_seq_length)
     prepare_for_kbit_training(model, cfg.fp32_norms_and_embeddings)
     lora = LoraConfig(
