@@ -482,9 +482,19 @@ def run_variant(name: str, root: Path, steps: int, warmup: int, device: str) -> 
     opt = bnb.optim.AdamW8bit(params, lr=2e-4)  # the recipe's optim: adamw_8bit
     dev = next(p.device for p in params)
     losses, times, reals, alls, flops = [], [], [], [], []
+    # the caching allocator per step: cudaMalloc calls, and retries (every cached block freed, then cudaMalloc again:
+    # a stall) when a step needs more than the cache holds; variable-length chat batches are where it can bite
+    allocator = {"retries": [], "cuda_mallocs": []}
+    def counts():
+        stats = torch.cuda.memory_stats() if cuda else {}
+        return stats.get("num_alloc_retries", 0), stats.get("num_device_alloc", 0)
     for step in range(warmup + steps):
         batches = step_batches(step, v, bs, packed, arch.vocab)
+        before = counts()
         total, seconds = optimizer_step(m, params, opt, batches, dev)
+        after = counts()
+        allocator["retries"].append(after[0] - before[0])
+        allocator["cuda_mallocs"].append(after[1] - before[1])
         times.append(seconds)
         losses.append(round(total, 5))
         reals.append(real_tokens(batches))
@@ -508,6 +518,7 @@ def run_variant(name: str, root: Path, steps: int, warmup: int, device: str) -> 
                 mfu=round(useful / rate, 3) if rate == rate else None, matmul_tflops=round(rate) if rate == rate else None,
                 losses=losses, step_times=[round(t, 3) for t in times], load_s=round(load_s, 1), first_step_s=round(times[0], 1),
                 gpu=torch.cuda.get_device_name() if cuda else "CPU", versions=versions(),
+                **({"allocator": allocator} if cuda else {}),
                 **({"profile": profiled} if profiled else {}))
 
 

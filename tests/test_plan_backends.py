@@ -337,6 +337,33 @@ def test_the_unbinding_window_is_dropped_for_fa4_and_a_binding_one_refused(tiny_
     assert not any(getattr(m, "sliding_window", None) for m in model.modules())
 
 
+def test_fa4_is_handed_token_major_copies_of_what_transformers_passes(monkeypatch):
+    """transformers hands its flash-attention functions q, k as [batch, seq, heads, dim] views of head-major memory
+    (after RoPE); FA4 gets token-major (contiguous) copies, same values, same arguments. FA4's kernel cannot run on
+    a CPU: a recorder stands in for transformers' flash_attention_forward; the card's self-check runs the real one."""
+    import transformers.integrations.flash_attention as fa
+    from transformers import AttentionInterface
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    from training.backends import use_token_major_fa4
+
+    seen = {}
+
+    def recorder(module, query, key, value, attention_mask, **kwargs):
+        seen.update(query=query, key=key, value=value, kwargs=kwargs)
+        return query.transpose(1, 2), None
+
+    monkeypatch.setattr(fa, "flash_attention_forward", recorder)
+    monkeypatch.setitem(AttentionInterface._global_mapping, "flash_attention_4", fa.flash_attention_forward)
+    use_token_major_fa4()
+    q, k, v = (torch.randn(1, h, 8, 4) for h in (2, 1, 1))  # [batch, heads, seq, dim], as the attention layer has them
+    assert not q.transpose(1, 2).is_contiguous()  # what transformers' flash path would hand the kernel
+    ALL_ATTENTION_FUNCTIONS["flash_attention_4"](None, q, k, v, None, scaling=0.5, softcap=50.0)
+    for name, t in (("query", q), ("key", k), ("value", v)):
+        assert torch.equal(seen[name], t) and seen[name].transpose(1, 2).is_contiguous(), name
+    assert seen["kwargs"] == {"scaling": 0.5, "softcap": 50.0}
+
+
 def test_sliding_window_of_reads_the_config(tmp_path, tiny_model_dir):
     from transformers import Gemma3Config, Gemma3TextConfig, Qwen2Config
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # On the device (one call, carrying build/site.tgz): the default path's packed chat row (flex attention) twice, with
 # the caching allocator's defaults and with expandable segments (the GPU image's setting), results in $OUT.
-# 2026-12-06: 30,049 against 30,020 tokens/s: the allocator is not what made chat rows slow (docs/benchmarks.md).
+# 2026-12-06: 30,049 against 30,020 tokens/s: the allocator setting changed nothing there. The same row ran 17,982 in
+# a driver call of the next lease (docs/benchmarks.md, third lease): what made the difference is not isolated yet.
 set -u
 bash scripts/device/unpack.sh >/dev/null
 export PYTHONPATH=/tmp/site:$PWD UNSLOTH_COMPILE_DISABLE=1 TOKENIZERS_PARALLELISM=false QLORA_BENCH_PROJECT_SITE=/tmp/site-project
