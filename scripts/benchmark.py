@@ -22,6 +22,9 @@ Variant names: PATH[24]-SHAPE[-mbN][-ckpt0|1][-chat][-sN] (-sN: N timed steps in
   metrics.jsonl. It checks that the harness loop times what a user's run does.
 - -prof: the slowest timed step once more, under torch.profiler: device time by kernel category, the costliest
   kernels, the GPU's busy share of the wall time, and the host-device syncs with the ops that waited (`profile`).
+- -nosync (project, exploratory): bitsandbytes' 8-bit AdamW (0.50) calls torch.cuda.synchronize() after every
+  parameter's update, 364 times a 2B step; this row skips those syncs (its updates run on the default stream, as
+  the rest of the step does, so they stay ordered). Its losses must match the row without it.
 - -posids (project, exploratory): packed rows without the sample boundaries TRL's collator computes on the host
   (trl >= 1.16), so the model derives them from position_ids in every layer, as with trl 1.15.
 - -chat: variable-length chat samples (log-normal lengths, median 350 tokens, capped at 2048; the prompt third
@@ -80,9 +83,10 @@ def parse_variant(name: str) -> dict:
     path, shape = parts[0], parts[1]
     v = {"name": name, "path": path.removesuffix("24"), "gpu_mem": 24.0 if path.endswith("24") else None,
          "shape": shape, "mb": None, "ckpt": None, "chat": False, "steps": None, "compile": False,
-         "keep": None, "fp8": "", "lm_head": "trl", "attention": "auto", "posids": False, "profile": False}
+         "keep": None, "fp8": "", "lm_head": "trl", "attention": "auto", "posids": False, "profile": False,
+         "nosync": False}
     if v["path"] not in ("baseline", "unsloth", "project", "recipe") or shape not in SHAPES:
-        raise SystemExit(f"error: unknown variant '{name}' (PATH[24]-SHAPE[-mbN][-ckpt0|1][-chat][-sN][-kN][-fa4|-flex][-fp8|-fp8all][-ligerhead][-posids][-compile][-prof]; "
+        raise SystemExit(f"error: unknown variant '{name}' (PATH[24]-SHAPE[-mbN][-ckpt0|1][-chat][-sN][-kN][-fa4|-flex][-fp8|-fp8all][-ligerhead][-posids][-nosync][-compile][-prof]; "
                          f"paths baseline, unsloth, project, recipe; shapes {', '.join(SHAPES)})")
     for p in parts[2:]:
         if p.startswith("mb"):
@@ -103,6 +107,8 @@ def parse_variant(name: str) -> dict:
             v["posids"] = True  # exploratory: packed rows without the collator's varlen boundaries (trl < 1.16)
         elif p == "prof" and v["path"] != "recipe":
             v["profile"] = True  # one more optimizer step under torch.profiler (not timed): where the time goes
+        elif p == "nosync" and v["path"] == "project":
+            v["nosync"] = True  # exploratory: bitsandbytes' 8-bit AdamW without its sync after every parameter
         elif p == "compile" and v["path"] == "project":
             v["compile"] = True  # exploratory lever: torch.compile of each decoder layer
         elif p.startswith("s") and p[1:].isdigit():
@@ -480,6 +486,11 @@ def run_variant(name: str, root: Path, steps: int, warmup: int, device: str) -> 
         torch.cuda.reset_peak_memory_stats()  # the peak a user hits includes the first steps
     params = [p for p in m.parameters() if p.requires_grad]
     opt = bnb.optim.AdamW8bit(params, lr=2e-4)  # the recipe's optim: adamw_8bit
+    if v["nosync"]:  # its non-paged updates run on the default stream, as the whole step does here: ordered anyway
+        import bitsandbytes.optim.optimizer as bnb_optimizer
+
+        bnb_optimizer.sync_gpu = lambda t: None
+        desc += "; 8-bit AdamW without its per-parameter torch.cuda.synchronize()"
     dev = next(p.device for p in params)
     losses, times, reals, alls, flops = [], [], [], [], []
     # the caching allocator per step: cudaMalloc calls, and retries (every cached block freed, then cudaMalloc again:
