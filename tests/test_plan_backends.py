@@ -216,17 +216,20 @@ def fake_card(monkeypatch, capability, name, fa4_installed=True):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
 
 
-def test_auto_gives_flex_even_on_hopper_and_fa4_by_name_after_its_self_check(monkeypatch, tmp_path):
-    """auto never tries FA4 (its recipe self-check failed on an H100, and it ran packed chat rows slower than flex:
-    docs/benchmarks.md); by name on a Hopper card it runs after its own self-check, its kernels cached on disk."""
+def test_auto_tries_fa4_first_on_hopper_then_flex_and_fa4_by_name_after_its_self_check(monkeypatch, tmp_path):
+    """auto on a Hopper card with flash-attn-4: FA4 after its self-check; where that check fails, flex after its own,
+    and the log line says why not FA4. By name FA4 runs after its self-check too; its kernels are cached on disk."""
     monkeypatch.setattr(os, "environ", {k: v for k, v in os.environ.items() if not k.startswith("FLASH_ATTENTION")})
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     fake_card(monkeypatch, (9, 0), "NVIDIA H200")
     asked = []
     impl, why = b_resolve("auto", "cuda", lambda name: (asked.append(name) or True, "ok"))
-    assert impl == "flex_attention" and asked == ["flex"] and "flex attention passed" in why
+    assert impl == "flash_attention_4" and asked == ["fa4"] and "FlashAttention 4 passed" in why
+    impl, why = b_resolve("auto", "cuda", lambda name: (asked.append(name) or name != "fa4", "grad error 0.9"))
+    assert impl == "flex_attention" and asked == ["fa4", "fa4", "flex"]
+    assert "not FlashAttention 4: its self-check failed (grad error 0.9)" in why
     impl, why = b_resolve("flash_attention_4", "cuda", lambda name: (asked.append(name) or True, "ok"))
-    assert impl == "flash_attention_4" and asked == ["flex", "fa4"] and "passed its self-check" in why
+    assert impl == "flash_attention_4" and asked[-1] == "fa4" and "passed its self-check" in why
     # its compiled kernels are kept on disk for the run and the next ones
     assert os.environ["FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED"] == "1"
     assert os.environ["FLASH_ATTENTION_CUTE_DSL_CACHE_DIR"].startswith(str(tmp_path))
@@ -254,6 +257,8 @@ def test_fa4_is_not_trusted_with_a_sliding_window_that_can_bind(monkeypatch):
     with pytest.raises(BackendError, match="sliding window \\(4096 tokens\\).*max_seq_length <= the window"):
         b_resolve("flash_attention_4", "cuda", lambda n: asked.append(n), window_binds=4096)
     assert asked == []  # refused before its self-check
+    impl, why = b_resolve("auto", "cuda", lambda n: (asked.append(n) or True, "ok"), window_binds=4096)
+    assert impl == "flex_attention" and asked == ["flex"] and "sliding window (4096 tokens)" in why
 
 
 def test_an_attention_asked_for_by_name_on_a_gpu_must_pass_its_self_check(monkeypatch):
@@ -303,6 +308,36 @@ def test_the_attention_self_check_catches_samples_attending_across_their_boundar
     assert _attention_self_check("test_exact", 64, device="cpu", boundaries=False)["ok"]
 
 
+def test_the_self_checks_reference_keeps_packed_samples_apart():
+    """The reference the self-check compares against is eager attention over each packed sample alone: an attention
+    written here from the samples' lengths (causal within each sample, soft-capped as eager does) passes, with and
+    without the collator's boundaries, and with a window that cannot bind. Before check v5 the reference attended
+    across the samples (the check's model kept its KV cache, and with one transformers builds no per-sample mask),
+    so this attention failed, as FA4 did on the H100."""
+    import torch
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+    from transformers.models.gemma2.modeling_gemma2 import eager_attention_forward
+
+    from training.backends import _attention_self_check
+
+    lengths = (100, 156, 256)  # the check's packed row
+
+    def per_sample(module, q, k, v, attention_mask, **kw):
+        sample = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+        pos = torch.arange(q.shape[2])
+        keep = (sample[:, None] == sample[None, :]) & (pos[:, None] >= pos[None, :])
+        mask = torch.zeros(keep.shape, dtype=q.dtype).masked_fill(~keep, float("-inf"))[None, None]
+        kw.pop("sliding_window", None)  # 256 tokens: cannot bind on samples of at most 256
+        return eager_attention_forward(module, q, k, v, mask, **kw)
+
+    AttentionInterface.register("test_per_sample", per_sample)
+    AttentionMaskInterface.register("test_per_sample", ALL_MASK_ATTENTION_FUNCTIONS["eager"])
+    for boundaries in (True, False):
+        result = _attention_self_check("test_per_sample", 256, device="cpu", boundaries=boundaries)
+        assert result["ok"], result["detail"]
+
+
 def test_configure_gives_fa4_only_samples_the_window_cannot_bind(monkeypatch):
     """FA4 by name: max_seq_length == the window, no sample outgrows it, FA4 runs; one token more is refused (the
     recipe's prepare() passes the base model's window); a model without a window (Llama) has nothing to bind."""
@@ -335,33 +370,6 @@ def test_the_unbinding_window_is_dropped_for_fa4_and_a_binding_one_refused(tiny_
         drop_unbinding_window(model, window + 1)
     assert drop_unbinding_window(model, window) == len(windowed)
     assert not any(getattr(m, "sliding_window", None) for m in model.modules())
-
-
-def test_fa4_is_handed_token_major_copies_of_what_transformers_passes(monkeypatch):
-    """transformers hands its flash-attention functions q, k as [batch, seq, heads, dim] views of head-major memory
-    (after RoPE); FA4 gets token-major (contiguous) copies, same values, same arguments. FA4's kernel cannot run on
-    a CPU: a recorder stands in for transformers' flash_attention_forward; the card's self-check runs the real one."""
-    import transformers.integrations.flash_attention as fa
-    from transformers import AttentionInterface
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
-    from training.backends import use_token_major_fa4
-
-    seen = {}
-
-    def recorder(module, query, key, value, attention_mask, **kwargs):
-        seen.update(query=query, key=key, value=value, kwargs=kwargs)
-        return query.transpose(1, 2), None
-
-    monkeypatch.setattr(fa, "flash_attention_forward", recorder)
-    monkeypatch.setitem(AttentionInterface._global_mapping, "flash_attention_4", fa.flash_attention_forward)
-    use_token_major_fa4()
-    q, k, v = (torch.randn(1, h, 8, 4) for h in (2, 1, 1))  # [batch, heads, seq, dim], as the attention layer has them
-    assert not q.transpose(1, 2).is_contiguous()  # what transformers' flash path would hand the kernel
-    ALL_ATTENTION_FUNCTIONS["flash_attention_4"](None, q, k, v, None, scaling=0.5, softcap=50.0)
-    for name, t in (("query", q), ("key", k), ("value", v)):
-        assert torch.equal(seen[name], t) and seen[name].transpose(1, 2).is_contiguous(), name
-    assert seen["kwargs"] == {"scaling": 0.5, "softcap": 50.0}
 
 
 def test_sliding_window_of_reads_the_config(tmp_path, tiny_model_dir):

@@ -3,10 +3,11 @@
 - `hf` (what `auto` picks): transformers + peft + bitsandbytes, with Liger kernels on CUDA when installed (fused
   linear cross-entropy with the final soft-cap, never materialising the 256k-vocab logits, for plain forwards; in
   training, TRL's SFTTrainer uses its own fused LM head instead; RMSNorm, GeGLU, RoPE),
-  flex attention (`attn_implementation: auto`, after its self-check; FlashAttention 4 on Hopper/Blackwell by name
-  only), the fused LoRA function (training/fast_lora.py) and bf16 norms/embeddings. Measured 1.12x unsloth's best
-  setting on full rows and 2.23x its real tokens/s on chat data on an H100 (docs/benchmarks.md); no unsloth code,
-  exact for packed rows, and the one that runs on several GPUs.
+  `attn_implementation: auto` (FlashAttention 4 on Hopper/datacenter Blackwell, else flex attention, each after
+  its self-check), the fused LoRA function (training/fast_lora.py) and bf16 norms/embeddings. With flex, measured
+  1.18x unsloth's best setting on full rows and 1.52x its real tokens/s on chat data on an H100, in one call; with
+  FA4 1.36x on full rows (docs/benchmarks.md); no unsloth code, exact for packed rows, and the one that runs on
+  several GPUs.
 - `unsloth` (optional extra `fast`, only when asked for: `--set backend=unsloth`): unsloth's fused QLoRA kernels,
   after a one-step self-check in a subprocess (so a broken install cannot take the trainer down). One GPU only.
   UNSLOTH_COMPILE_DISABLE=1 is set: its torch.compile path broke on torch 2.11. It cannot pack Gemma-2 rows
@@ -69,9 +70,9 @@ class HFBackend:
         return self.liger
 
     def configure(self, cfg, device_kind: str, sliding_window: int | None = None):
-        """The config this backend trains with: the attention that will run (auto: flex after its self-check on CUDA;
-        FA4 or flex by name: self-checked, refused if the check fails). `sliding_window`: the base model's, which FA4
-        is trusted with only where it cannot bind."""
+        """The config this backend trains with: the attention that will run (auto on CUDA: FA4 where it can train,
+        else flex, after their self-checks; FA4 or flex by name: self-checked, refused if the check fails).
+        `sliding_window`: the base model's, which FA4 is trusted with only where it cannot bind."""
         binds = sliding_window is not None and cfg.max_seq_length > sliding_window
         attention, why = resolve_attention(cfg.attn_implementation, device_kind,
                                            window_binds=sliding_window if binds else None)
@@ -318,7 +319,7 @@ ATTENTION_SELF_CHECKS = {"flex": ("flex_attention", 64), "fa4": ("flash_attentio
 # builds the masks and calls the kernels
 SELF_CHECK_PACKAGES = {"unsloth": ("unsloth",), "flex": ("torch", "transformers", "trl"),
                        "fa4": ("flash-attn-4", "nvidia-cutlass-dsl", "transformers", "trl")}
-SELF_CHECK_VERSION = 4  # bump when a check changes: a cached pass of the old one no longer counts
+SELF_CHECK_VERSION = 5  # bump when a check changes: a cached pass of the old one no longer counts
 
 
 def _attention_self_check(impl: str, sliding_window: int, device: str = "cuda", drop: bool = True,
@@ -344,6 +345,11 @@ def _attention_self_check(impl: str, sliding_window: int, device: str = "cuda", 
                        max_position_embeddings=1024, pad_token_id=0, eos_token_id=1, bos_token_id=2)
     torch.manual_seed(0)
     model = Gemma2ForCausalLM(cfg).to(device=device, dtype=torch.bfloat16).train()
+    # As load_hf does, and not for speed: with a KV cache, transformers builds no per-sample mask from position_ids,
+    # and eager (and flex) attend across the packed samples. Until v5 this check compared against that reference,
+    # and failed FA4, which kept the samples apart (its loss and input gradients on the H100 are those of a
+    # per-sample causal attention computed on the CPU: docs/benchmarks.md, 2026-12-06, third lease).
+    model.config.use_cache = False
     ids = torch.randint(3, 512, (512,), generator=torch.Generator().manual_seed(0)).tolist()
     lengths = (100, 156, 256)
     # one packed row of three samples, collated as the recipe's trainer does (with the installed trl's boundaries)
@@ -355,10 +361,8 @@ def _attention_self_check(impl: str, sliding_window: int, device: str = "cuda", 
     results = {}
     for name in ("eager", impl):
         model.set_attn_implementation(name)
-        if name == "flash_attention_4":  # as load_hf does (drop=False: scripts/device/explore_fa4.py)
-            use_token_major_fa4()
-            if drop:
-                drop_unbinding_window(model, max(lengths))
+        if name == "flash_attention_4" and drop:  # as load_hf does (drop=False: scripts/device/explore_fa4.py)
+            drop_unbinding_window(model, max(lengths))
         embeds = model.get_input_embeddings()(input_ids).detach().requires_grad_(True)
         with torch.autocast(device_type=device, dtype=torch.bfloat16):
             loss = model(inputs_embeds=embeds, **batch).loss
@@ -414,22 +418,6 @@ def drop_unbinding_window(model, max_seq_length: int) -> int:
     return dropped
 
 
-def use_token_major_fa4() -> None:
-    """Hands FlashAttention 4 its q, k, v token-major in memory ([batch, seq, heads, dim] contiguous), as its own tests
-    and kernels run them. transformers passes its flash-attention functions [batch, seq, heads, dim] *views* of
-    head-major tensors (q and k after RoPE), which FA4's CuTe kernels take as they are, strides and all; the suspect
-    of its failed self-checks (2026-12-06, H100), where the kernel alone on contiguous inputs was exact. The copies
-    cost a few percent of the attention. Registered for the whole process, before the model's first forward."""
-    from transformers import AttentionInterface
-    from transformers.integrations.flash_attention import flash_attention_forward
-
-    def fa4_token_major(module, query, key, value, *args, **kwargs):
-        query, key, value = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (query, key, value))
-        return flash_attention_forward(module, query, key, value, *args, **kwargs)
-
-    AttentionInterface.register("flash_attention_4", fa4_token_major)
-
-
 def use_fa4_kernel_cache() -> None:
     """FA4 compiles its kernels when first called (seconds to a minute each): keep them on disk beside the
     self-check verdicts, so that the self-check's compilation serves the run, and one run the next (the variables
@@ -440,15 +428,15 @@ def use_fa4_kernel_cache() -> None:
 
 def resolve_attention(requested: str, device_kind: str, self_check=None,
                       window_binds: int | None = None) -> tuple[str, str]:
-    """`auto` on CUDA: flex attention once its self-check passed on this card, else eager; on the CPU eager. Both keep
-    Gemma-2's soft-cap and are exact for packed rows; flex never materialises the S x S scores. Verdicts are cached.
-    FlashAttention 4 (Hopper, datacenter Blackwell) runs only when asked for by name, for two measured reasons
-    (docs/benchmarks.md, 2026-12-06): on an H100 its recipe self-check failed while its kernel alone was exact, and
-    on packed chat rows it ran slower than flex (21-25k against 30k tokens/s) though faster on full rows.
+    """`auto` on CUDA: FlashAttention 4 where it can train (Hopper, datacenter Blackwell, flash-attn-4 installed, no
+    sliding window that can bind) once its self-check passed on this card, else flex attention once its self-check
+    passed, else eager; on the CPU eager. All keep Gemma-2's soft-cap and are exact for packed rows; FA4 and flex never
+    materialise the S x S scores. Verdicts are cached. On an H100 FA4 ran full rows 1.36x unsloth's best setting
+    where flex ran 1.18x (docs/benchmarks.md, 2026-12-06).
     FA4 or flex asked for by name on CUDA runs the same self-check, and a failure is refused: training on wrong
     attention loses the run. `window_binds`: the model's sliding window where a sample can be longer than it; FA4's
-    windowed kernel is not trusted (no check of it has passed on a card), so FA4 only runs where the window cannot
-    bind, and then without it (load_hf: drop_unbinding_window)."""
+    windowed kernel has passed no check on a card, so FA4 only runs where the window cannot bind, and then without
+    it (load_hf: drop_unbinding_window)."""
     check = self_check or run_self_check
     if requested == "flash_attention_4":
         why_not = fa4_unusable(device_kind, window_binds)
@@ -467,10 +455,18 @@ def resolve_attention(requested: str, device_kind: str, self_check=None,
         return requested, f"attn_implementation={requested} asked for"
     if device_kind != "cuda":
         return "eager", "CPU: eager attention (compiling flex attention for the CPU takes minutes)"
+    why_not = fa4_unusable(device_kind, window_binds)
+    if why_not is None:
+        use_fa4_kernel_cache()
+        ok, detail = check("fa4")
+        if ok:
+            return "flash_attention_4", f"FlashAttention 4 passed its self-check ({detail})"
+        why_not = f"its self-check failed ({detail})"
     ok, detail = check("flex")
     if ok:
-        return "flex_attention", f"flex attention passed its self-check ({detail})"
-    return "eager", f"flex attention failed its self-check ({detail}); eager attention instead (exact, slower)"
+        return "flex_attention", f"flex attention passed its self-check ({detail}); not FlashAttention 4: {why_not}"
+    return "eager", (f"flex attention failed its self-check ({detail}); eager attention instead (exact, slower); "
+                     f"not FlashAttention 4: {why_not}")
 
 
 # ------------------------------------------------------------------------------------------------ loading
@@ -526,7 +522,6 @@ def load_hf(cfg, model_path: str, device):
         raise ModelLoadError(explain_load_error(model_path, exc)) from None
     model.config.use_cache = False  # the KV cache is useless in training and conflicts with checkpointing
     if cfg.attn_implementation == "flash_attention_4":
-        use_token_major_fa4()
         drop_unbinding_window(model, cfg.max_seq_length)
     prepare_for_kbit_training(model, cfg.fp32_norms_and_embeddings)
     lora = LoraConfig(

@@ -24,7 +24,7 @@ class ConfigError(UserError, ValueError):
 class QLoRAConfig:
     # --- model ---
     model_name_or_path: str = ""  # HF hub id or local folder of the base model
-    attn_implementation: str = "auto"  # auto: flex_attention on CUDA after its self-check, else eager; flash_attention_4 (Hopper/Blackwell) by name, self-checked too; sdpa drops Gemma-2's soft-cap
+    attn_implementation: str = "auto"  # auto on CUDA: flash_attention_4 (Hopper/datacenter Blackwell), else flex_attention, each after its self-check, else eager; by name they are self-checked too; sdpa drops Gemma-2's soft-cap
     backend: str = "auto"  # auto: unsloth on CUDA if installed and its self-check passes, else hf (+ Liger kernels)
     plan_memory: bool = True  # on CUDA the VRAM planner picks micro-batch and checkpointing, keeping tokens per step
     gpu_mem_gib: float = 0.0  # plan for this much GPU memory (0: the card's); e.g. 24 to plan a 4090 run on an H100

@@ -6,7 +6,7 @@
 # SKIP_SMOKE=1 skips the smoke run, SKIP_OOM=1 the OOM check, SKIP_BENCH=1 the benchmark; EXPLORE_FLEX=1 first
 # runs scripts/device/explore_flex.py (flex attention's kernel options and autotuning; FLEX_ROWS= picks rows,
 # FLEX_PROFILE= the rows to profile one step of); EXPLORE_FA4=1 first runs scripts/device/explore_fa4.py
-# (FlashAttention 4 against flex and sdpa: exactness and kernel speed; FA4_ONLY_ROWS=exact,speed,selfcheck,paths,shapes,layout;
+# (FlashAttention 4 against flex and sdpa: exactness and kernel speed; FA4_ONLY_ROWS=exact,speed,selfcheck,paths,shapes;
 # it runs the project's trl, as the recipe's self-check does).
 set -u
 SRC=$(cd "$(dirname "$0")/../.." && pwd)
