@@ -25,7 +25,7 @@ class QLoRAConfig:
     # --- model ---
     model_name_or_path: str = ""  # HF hub id or local folder of the base model
     attn_implementation: str = "auto"  # auto on CUDA: flash_attention_4 (Hopper/datacenter Blackwell), else flex_attention, each after its self-check, else eager; by name they are self-checked too; sdpa drops Gemma-2's soft-cap
-    backend: str = "auto"  # auto: unsloth on CUDA if installed and its self-check passes, else hf (+ Liger kernels)
+    backend: str = "auto"  # auto = hf: transformers + peft + bitsandbytes (+ Liger kernels on CUDA); unsloth only by name (the fast extra)
     plan_memory: bool = True  # on CUDA the VRAM planner picks micro-batch and checkpointing, keeping tokens per step
     gpu_mem_gib: float = 0.0  # plan for this much GPU memory (0: the card's); e.g. 24 to plan a 4090 run on an H100
     max_micro_batch: int = 16  # the planner never goes above this micro-batch

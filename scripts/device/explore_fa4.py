@@ -214,10 +214,11 @@ def main() -> int:
 
         for name in ("fa4", "flex"):  # what the recipe runs before choosing them
             guarded(f"selfcheck-{name}", lambda: {"row": f"selfcheck-{name}", **self_check_step(name)})
-        # FA4 given a window that binds (64 tokens, samples up to 256): failed on the H100 on 2026-12-06
+        # FA4 given a window that binds (64 tokens, samples up to 256): its windowed kernel, never checked against a
+        # right reference (the check's reference attended across samples until v5)
         guarded("selfcheck-fa4-binding-window", lambda: {"row": "selfcheck-fa4-binding-window",
                                                          **_attention_self_check("flash_attention_4", 64, drop=False)})
-    if "paths" in only:  # the integrated failure of 2026-12-06: which path transformers hands FA4 matters?
+    if "paths" in only:  # the boundaries as the collator hands them (trl >= 1.16) or from position_ids (trl 1.15)
         from training.backends import _attention_self_check
 
         guarded("exact-fa4-packed-tensor-max", lambda: exactness(
