@@ -16,8 +16,8 @@ Variant names: PATH[24]-SHAPE[-mbN][-ckpt0|1][-chat][-sN] (-sN: N timed steps in
 - unsloth: unsloth's FastLanguageModel standalone (its kernels, its checkpointing when ckpt1), micro-batch N.
 - project: the recipe's own functions (backend auto, attention auto, the planner), planned for this card;
   project24: planned for a 24 GiB card (an RTX 4090). -fa4 / -flex ask for FlashAttention 4 / flex attention by
-  name. The recipe refuses one that fails its self-check; the benchmark runs it anyway, for its speed, and the
-  row's description carries the check's verdict.
+  name. The recipe refuses one that fails its self-check; a project row runs it anyway, for its speed, and the
+  row's description carries the check's verdict (a recipe row with it is refused, as a user's run would be).
 - recipe: the whole recipe (`python -m training.qlora_finetune`, SFTTrainer) for a few steps; tokens/s from its
   metrics.jsonl. It checks that the harness loop times what a user's run does.
 - -prof: the slowest timed step once more, under torch.profiler: device time by kernel category, the costliest
@@ -493,8 +493,9 @@ def run_variant(name: str, root: Path, steps: int, warmup: int, device: str) -> 
         desc += "; 8-bit AdamW without its per-parameter torch.cuda.synchronize()"
     dev = next(p.device for p in params)
     losses, times, reals, alls, flops = [], [], [], [], []
-    # the caching allocator per step: cudaMalloc calls, and retries (every cached block freed, then cudaMalloc again:
-    # a stall) when a step needs more than the cache holds; variable-length chat batches are where it can bite
+    # the caching allocator per step (the batch's copies to the card included): cudaMalloc calls, and retries (every
+    # cached block freed, then cudaMalloc again: a stall) when a step needs more than the cache holds; variable-length
+    # chat batches are where it can bite
     allocator = {"retries": [], "cuda_mallocs": []}
     def counts():
         stats = torch.cuda.memory_stats() if cuda else {}
@@ -555,6 +556,7 @@ def run_recipe(name: str, root: Path, steps: int, device: str) -> dict:
         cmd += ["--set", f"attn_implementation={v['attention']}"]
     t = time.perf_counter()
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    sys.stderr.write(proc.stderr)  # the recipe's own log (attention choice, self-checks) goes into the row's log
     if proc.returncode != 0:
         raise RuntimeError(f"recipe exit {proc.returncode}: {proc.stderr.strip().splitlines()[-1:]}")
     rows = [json.loads(x) for x in (work / "logs" / name / "metrics.jsonl").read_text().splitlines() if x.strip()]
@@ -649,7 +651,7 @@ def main(argv: list[str] | None = None) -> int:
     project_site = os.environ.get("QLORA_BENCH_PROJECT_SITE", "")
     results = []
     env = {**os.environ, "UNSLOTH_COMPILE_DISABLE": "1", "PYTHONUNBUFFERED": "1"}
-    for name in names:
+    for i, name in enumerate(names):
         print(f"== {name}", flush=True)
         run_env = dict(env)
         if project_site and parse_variant(name)["path"] in ("project", "recipe"):
@@ -666,7 +668,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.json_out:  # each row's own log (warnings, TORCH_LOGS=recompiles), beside the rows
             logs = Path(args.json_out).with_suffix(".logs")
             logs.mkdir(parents=True, exist_ok=True)
-            (logs / f"{name}.stderr").write_text(proc.stderr or "")
+            (logs / f"{i:02d}-{name}.stderr").write_text(proc.stderr or "")
         line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
         if line:
             results.append(json.loads(line[7:]))

@@ -225,14 +225,16 @@ def test_auto_tries_fa4_first_on_hopper_then_flex_and_fa4_by_name_after_its_self
     asked = []
     impl, why = b_resolve("auto", "cuda", lambda name: (asked.append(name) or True, "ok"))
     assert impl == "flash_attention_4" and asked == ["fa4"] and "FlashAttention 4 passed" in why
+    # its compiled kernels are kept on disk for the run and the next ones
+    assert os.environ["FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED"] == "1"
+    assert os.environ["FLASH_ATTENTION_CUTE_DSL_CACHE_DIR"].startswith(str(tmp_path))
     impl, why = b_resolve("auto", "cuda", lambda name: (asked.append(name) or name != "fa4", "grad error 0.9"))
     assert impl == "flex_attention" and asked == ["fa4", "fa4", "flex"]
     assert "not FlashAttention 4: its self-check failed (grad error 0.9)" in why
     impl, why = b_resolve("flash_attention_4", "cuda", lambda name: (asked.append(name) or True, "ok"))
     assert impl == "flash_attention_4" and asked[-1] == "fa4" and "passed its self-check" in why
-    # its compiled kernels are kept on disk for the run and the next ones
-    assert os.environ["FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED"] == "1"
-    assert os.environ["FLASH_ATTENTION_CUTE_DSL_CACHE_DIR"].startswith(str(tmp_path))
+    impl, why = b_resolve("auto", "cuda", lambda name: (False, f"{name} failed"))  # nothing passes: eager, and why
+    assert impl == "eager" and "flex failed" in why and "not FlashAttention 4: its self-check failed (fa4 failed)" in why
 
 
 @pytest.mark.parametrize("capability,name,installed,reason", [
@@ -249,6 +251,17 @@ def test_fa4_by_name_is_refused_where_it_cannot_train(monkeypatch, capability, n
     with pytest.raises(BackendError, match=f"flash_attention_4 cannot train here.*{reason}.*attn_implementation=auto"):
         b_resolve("flash_attention_4", "cuda", lambda n: asked.append(n))
     assert asked == ["flex"]  # refused before FA4's self-check
+
+
+def test_why_not_fa4_names_the_card_before_the_window(monkeypatch):
+    """On an RTX 4090 with samples longer than the window, FA4 is out because of the card: shortening the samples
+    would not let it run, so the log must not suggest it."""
+    from training.backends import fa4_unusable
+
+    fake_card(monkeypatch, (8, 9), "NVIDIA GeForce RTX 4090")
+    assert "compute capability 8.9" in fa4_unusable("cuda", window_binds=4096)
+    fake_card(monkeypatch, (9, 0), "NVIDIA H100 80GB HBM3", fa4_installed=False)
+    assert "not installed" in fa4_unusable("cuda", window_binds=4096)
 
 
 def test_fa4_is_not_trusted_with_a_sliding_window_that_can_bind(monkeypatch):

@@ -5,9 +5,9 @@
   training, TRL's SFTTrainer uses its own fused LM head instead; RMSNorm, GeGLU, RoPE),
   `attn_implementation: auto` (FlashAttention 4 on Hopper/datacenter Blackwell, else flex attention, each after
   its self-check), the fused LoRA function (training/fast_lora.py) and bf16 norms/embeddings. With flex, measured
-  1.18x unsloth's best setting on full rows and 1.52x its real tokens/s on chat data on an H100, in one call; with
-  FA4 1.36x on full rows (docs/benchmarks.md); no unsloth code, exact for packed rows, and the one that runs on
-  several GPUs.
+  1.18x unsloth's best setting on full rows and 1.52x its real tokens/s on chat data on an H100, in one benchmark
+  run; with FA4 1.36x on full rows (docs/benchmarks.md); no unsloth code, exact for packed rows, and the one that
+  runs on several GPUs.
 - `unsloth` (optional extra `fast`, only when asked for: `--set backend=unsloth`): unsloth's fused QLoRA kernels,
   after a one-step self-check in a subprocess (so a broken install cannot take the trainer down). One GPU only.
   UNSLOTH_COMPILE_DISABLE=1 is set: its torch.compile path broke on torch 2.11. It cannot pack Gemma-2 rows
@@ -378,18 +378,10 @@ def _attention_self_check(impl: str, sliding_window: int, device: str = "cuda", 
 def fa4_unusable(device_kind: str, window_binds: int | None = None) -> str | None:
     """Why FlashAttention 4 (flash-attn-4, the CuTe DSL kernels) cannot train here, or None. Its backward runs on
     Hopper and datacenter Blackwell (compute capability 9.x, 10.x, 11.x); consumer Blackwell (12.x) has no soft-cap
-    backward, Ada and Ampere (an RTX 4090, an A100) none at all. A sliding window that can bind is not trusted to it."""
+    backward, Ada and Ampere (an RTX 4090, an A100) none at all. A sliding window that can bind is not trusted to it.
+    The card first, then the install, then the window: the reason given is one the user can act on."""
     if device_kind != "cuda":
         return "no CUDA GPU"
-    if window_binds:
-        return (f"samples can be longer than the model's sliding window ({window_binds} tokens), and FlashAttention "
-                "4's windowed kernel is untrusted; max_seq_length <= the window lets it run")
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        version("flash-attn-4")
-    except PackageNotFoundError:
-        return "flash-attn-4 is not installed (the fa4 extra and the GPU image install it)"
     import torch
 
     from training.distributed import local_rank
@@ -398,6 +390,15 @@ def fa4_unusable(device_kind: str, window_binds: int | None = None) -> str | Non
     if major not in (9, 10, 11):
         return (f"{torch.cuda.get_device_name(local_rank())} (compute capability {major}.{minor}): FlashAttention 4 "
                 "trains on Hopper and datacenter Blackwell only (9.x, 10.x, 11.x)")
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        version("flash-attn-4")
+    except PackageNotFoundError:
+        return "flash-attn-4 is not installed (the fa4 extra and the GPU image install it)"
+    if window_binds:
+        return (f"samples can be longer than the model's sliding window ({window_binds} tokens), and FlashAttention "
+                "4's windowed kernel is untrusted; max_seq_length <= the window lets it run")
     return None
 
 
@@ -431,7 +432,7 @@ def resolve_attention(requested: str, device_kind: str, self_check=None,
     """`auto` on CUDA: FlashAttention 4 where it can train (Hopper, datacenter Blackwell, flash-attn-4 installed, no
     sliding window that can bind) once its self-check passed on this card, else flex attention once its self-check
     passed, else eager; on the CPU eager. All keep Gemma-2's soft-cap and are exact for packed rows; FA4 and flex never
-    materialise the S x S scores. Verdicts are cached. On an H100 FA4 ran full rows 1.36x unsloth's best setting
+    materialise the S x S scores. Passes are cached (a failure is checked again next run). On an H100 FA4 ran full rows 1.36x unsloth's best setting
     where flex ran 1.18x (docs/benchmarks.md, 2026-12-06).
     FA4 or flex asked for by name on CUDA runs the same self-check, and a failure is refused: training on wrong
     attention loses the run. `window_binds`: the model's sliding window where a sample can be longer than it; FA4's
@@ -461,6 +462,8 @@ def resolve_attention(requested: str, device_kind: str, self_check=None,
         ok, detail = check("fa4")
         if ok:
             return "flash_attention_4", f"FlashAttention 4 passed its self-check ({detail})"
+        log.warning("FlashAttention 4 could train on this card but failed its self-check (%s): flex attention "
+                    "instead, slower; the check runs again next time", detail)
         why_not = f"its self-check failed ({detail})"
     ok, detail = check("flex")
     if ok:
@@ -617,6 +620,9 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available():
         result = {"ok": False, "detail": "no CUDA GPU visible"}
     else:
+        from training.distributed import local_rank
+
+        torch.cuda.set_device(local_rank())  # under DDP each rank checks its own card (LOCAL_RANK is inherited)
         try:
             result = self_check_step(args.backend)
         except Exception as exc:  # the point of the self-check: any failure means "do not use it"
