@@ -497,6 +497,7 @@ def run_variant(name: str, root: Path, steps: int, warmup: int, device: str) -> 
     # cached block freed, then cudaMalloc again: a stall) when a step needs more than the cache holds; variable-length
     # chat batches are where it can bite
     allocator = {"retries": [], "cuda_mallocs": []}
+
     def counts():
         stats = torch.cuda.memory_stats() if cuda else {}
         return stats.get("num_alloc_retries", 0), stats.get("num_device_alloc", 0)
@@ -651,6 +652,9 @@ def main(argv: list[str] | None = None) -> int:
     project_site = os.environ.get("QLORA_BENCH_PROJECT_SITE", "")
     results = []
     env = {**os.environ, "UNSLOTH_COMPILE_DISABLE": "1", "PYTHONUNBUFFERED": "1"}
+    logs = Path(args.json_out).with_suffix(".logs") if args.json_out else None  # each row's own log, beside the rows
+    if logs:
+        logs.mkdir(parents=True, exist_ok=True)
     for i, name in enumerate(names):
         print(f"== {name}", flush=True)
         run_env = dict(env)
@@ -665,9 +669,7 @@ def main(argv: list[str] | None = None) -> int:
         except subprocess.TimeoutExpired as exc:
             text = [x.decode() if isinstance(x, bytes) else (x or "") for x in (exc.stdout, exc.stderr)]
             proc = subprocess.CompletedProcess(exc.cmd, -9, text[0], text[1] + f"\ntimed out after {exc.timeout}s")
-        if args.json_out:  # each row's own log (warnings, TORCH_LOGS=recompiles), beside the rows
-            logs = Path(args.json_out).with_suffix(".logs")
-            logs.mkdir(parents=True, exist_ok=True)
+        if logs:  # warnings, the recipe's own log, TORCH_LOGS=recompiles
             (logs / f"{i:02d}-{name}.stderr").write_text(proc.stderr or "")
         line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
         if line:

@@ -432,8 +432,8 @@ def resolve_attention(requested: str, device_kind: str, self_check=None,
     """`auto` on CUDA: FlashAttention 4 where it can train (Hopper, datacenter Blackwell, flash-attn-4 installed, no
     sliding window that can bind) once its self-check passed on this card, else flex attention once its self-check
     passed, else eager; on the CPU eager. All keep Gemma-2's soft-cap and are exact for packed rows; FA4 and flex never
-    materialise the S x S scores. Passes are cached (a failure is checked again next run). On an H100 FA4 ran full rows 1.36x unsloth's best setting
-    where flex ran 1.18x (docs/benchmarks.md, 2026-12-06).
+    materialise the S x S scores. Passes are cached (a failure is checked again next run). On an H100 FA4 ran full
+    rows 1.36x unsloth's best setting where flex ran 1.18x (docs/benchmarks.md, 2026-12-06).
     FA4 or flex asked for by name on CUDA runs the same self-check, and a failure is refused: training on wrong
     attention loses the run. `window_binds`: the model's sliding window where a sample can be longer than it; FA4's
     windowed kernel has passed no check on a card, so FA4 only runs where the window cannot bind, and then without
