@@ -20,6 +20,9 @@ Variant names: PATH[24]-SHAPE[-mbN][-ckpt0|1][-chat][-sN] (-sN: N timed steps in
   row's description carries the check's verdict (a recipe row with it is refused, as a user's run would be).
 - recipe: the whole recipe (`python -m training.qlora_finetune`, SFTTrainer) for a few steps; tokens/s from its
   metrics.jsonl. It checks that the harness loop times what a user's run does.
+- -wN (recipe): the base model's sliding window set to N tokens (its weights linked). Below 2048 the rows outgrow
+  it, so the recipe checks and runs FlashAttention 4's windowed kernel (the `fa4-window` self-check), as a Gemma-2
+  run past 4,096 tokens does.
 - -prof: the slowest timed step once more, under torch.profiler: device time by kernel category, the costliest
   kernels, the GPU's busy share of the wall time, and the host-device syncs with the ops that waited (`profile`).
 - -nosync (project, exploratory): bitsandbytes' 8-bit AdamW (0.50) calls torch.cuda.synchronize() after every
@@ -84,9 +87,9 @@ def parse_variant(name: str) -> dict:
     v = {"name": name, "path": path.removesuffix("24"), "gpu_mem": 24.0 if path.endswith("24") else None,
          "shape": shape, "mb": None, "ckpt": None, "chat": False, "steps": None, "compile": False,
          "keep": None, "fp8": "", "lm_head": "trl", "attention": "auto", "posids": False, "profile": False,
-         "nosync": False}
+         "nosync": False, "window": None}
     if v["path"] not in ("baseline", "unsloth", "project", "recipe") or shape not in SHAPES:
-        raise SystemExit(f"error: unknown variant '{name}' (PATH[24]-SHAPE[-mbN][-ckpt0|1][-chat][-sN][-kN][-fa4|-flex][-fp8|-fp8all][-ligerhead][-posids][-nosync][-compile][-prof]; "
+        raise SystemExit(f"error: unknown variant '{name}' (PATH[24]-SHAPE[-mbN][-ckpt0|1][-chat][-sN][-kN][-wN][-fa4|-flex][-fp8|-fp8all][-ligerhead][-posids][-nosync][-compile][-prof]; "
                          f"paths baseline, unsloth, project, recipe; shapes {', '.join(SHAPES)})")
     for p in parts[2:]:
         if p.startswith("mb"):
@@ -97,6 +100,8 @@ def parse_variant(name: str) -> dict:
             v["chat"] = True
         elif p.startswith("k") and p[1:].isdigit() and v["path"] == "project":
             v["keep"] = int(p[1:])  # exploratory: this many layers keep their activations (the rest recompute)
+        elif p.startswith("w") and p[1:].isdigit() and v["path"] == "recipe":
+            v["window"] = int(p[1:])  # the base model's sliding window; below 2048 it binds: FA4's windowed kernel
         elif p in ATTENTION_PARTS and v["path"] in ("project", "recipe"):
             v["attention"] = ATTENTION_PARTS[p]  # by name instead of the recipe's auto choice
         elif p == "ligerhead" and v["path"] == "project":
@@ -143,6 +148,19 @@ def model_dir(shape: str, root: Path, device: str = "cuda") -> Path:
         if f.name.startswith("tokenizer") or f.name in ("chat_template.jinja", "special_tokens_map.json"):
             (path / f.name).write_bytes(f.read_bytes())
     return path
+
+
+def with_window(path: Path, window: int) -> Path:
+    """The same model with its sliding window set to `window` tokens (its weights linked, not copied)."""
+    out = path.parent / f"{path.name}-w{window}"
+    if not (out / "config.json").is_file():
+        out.mkdir(parents=True, exist_ok=True)
+        for f in path.iterdir():
+            if f.name != "config.json" and not (out / f.name).exists():
+                (out / f.name).symlink_to(f.resolve())
+        cfg = json.loads((path / "config.json").read_text())
+        (out / "config.json").write_text(json.dumps({**cfg, "sliding_window": window}, indent=1))
+    return out
 
 
 def load_baseline(path: Path, device: str):
@@ -540,6 +558,8 @@ def run_recipe(name: str, root: Path, steps: int, device: str) -> dict:
     metrics.jsonl (median of the steps after the first two)."""
     v = parse_variant(name)
     path = model_dir(v["shape"], root, device)
+    if v["window"]:  # -wN: a window the 2048-token rows outgrow, so the recipe checks and runs FA4's windowed kernel
+        path = with_window(path, v["window"])
     work = root / f"recipe-{v['shape']}"
     data = work / "rows.jsonl"
     data.parent.mkdir(parents=True, exist_ok=True)

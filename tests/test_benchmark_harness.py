@@ -26,12 +26,27 @@ def test_variant_names_are_parsed_and_typos_refused():
     assert bench.parse_variant("project-2b-chat-ligerhead")["lm_head"] == "liger"
     assert [bench.parse_variant(f"project-2b{p}")["attention"] for p in ("", "-fa4", "-flex")] == \
         ["auto", "flash_attention_4", "flex_attention"]
+    assert bench.parse_variant("recipe-2b-w1024")["window"] == 1024 and bench.parse_variant("recipe-2b")["window"] is None
     for bad in ("unsloth-2b", "projekt-2b", "project-3b", "project-2b-fast", "unsloth-2b-mb16-ckpt0-compile",
-                "unsloth-2b-mb16-ckpt0-fp8", "baseline-2b-fa4"):
+                "unsloth-2b-mb16-ckpt0-fp8", "baseline-2b-fa4", "project-2b-w1024"):
         with pytest.raises(SystemExit, match="variant"):
             bench.parse_variant(bad)
     for name in bench.DEFAULT_VARIANTS.split(","):
         bench.parse_variant(name)
+
+
+def test_a_window_variant_is_the_same_model_with_a_window_its_rows_outgrow(tmp_path):
+    """recipe-2b-w1024: the same weights (linked, not copied), the config's sliding window changed, read back by the
+    recipe's own reader, so the recipe sees a window that binds on 2048-token rows."""
+    from training.model import load_base_config, sliding_window_of
+
+    src = bench.model_dir("tiny", tmp_path, device="cpu")
+    out = bench.with_window(src, 8)
+    assert sliding_window_of(load_base_config(str(out))) == 8
+    assert sliding_window_of(load_base_config(str(src))) != 8  # the original is untouched
+    weights = [f for f in out.iterdir() if f.name.endswith(".safetensors")]
+    assert weights and all(f.is_symlink() and f.resolve().parent == src.resolve() for f in weights)
+    assert bench.with_window(src, 8) == out  # made once
 
 
 def test_useful_flops_by_hand():

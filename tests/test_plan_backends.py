@@ -253,25 +253,34 @@ def test_fa4_by_name_is_refused_where_it_cannot_train(monkeypatch, capability, n
     assert asked == ["flex"]  # refused before FA4's self-check
 
 
-def test_why_not_fa4_names_the_card_before_the_window(monkeypatch):
-    """On an RTX 4090 with samples longer than the window, FA4 is out because of the card: shortening the samples
-    would not let it run, so the log must not suggest it."""
-    from training.backends import fa4_unusable
-
-    fake_card(monkeypatch, (8, 9), "NVIDIA GeForce RTX 4090")
-    assert "compute capability 8.9" in fa4_unusable("cuda", window_binds=4096)
-    fake_card(monkeypatch, (9, 0), "NVIDIA H100 80GB HBM3", fa4_installed=False)
-    assert "not installed" in fa4_unusable("cuda", window_binds=4096)
-
-
-def test_fa4_is_not_trusted_with_a_sliding_window_that_can_bind(monkeypatch):
+def test_a_sliding_window_that_can_bind_gets_fa4s_windowed_kernel_checked(monkeypatch):
+    """Samples longer than the model's window (Gemma-2 past 4096 tokens, Gemma-3's local layers): FA4 runs its
+    windowed kernel, so that is the check it must pass ("fa4-window"), by name and under auto; where it fails, auto
+    falls back to flex and says why. Samples within the window: the plain kernel's check ("fa4")."""
     fake_card(monkeypatch, (9, 0), "NVIDIA H100 80GB HBM3")
     asked = []
-    with pytest.raises(BackendError, match="sliding window \\(4096 tokens\\).*max_seq_length <= the window"):
-        b_resolve("flash_attention_4", "cuda", lambda n: asked.append(n), window_binds=4096)
-    assert asked == []  # refused before its self-check
     impl, why = b_resolve("auto", "cuda", lambda n: (asked.append(n) or True, "ok"), window_binds=4096)
-    assert impl == "flex_attention" and asked == ["flex"] and "sliding window (4096 tokens)" in why
+    assert impl == "flash_attention_4" and asked == ["fa4-window"]
+    impl, _ = b_resolve("flash_attention_4", "cuda", lambda n: (asked.append(n) or True, "ok"), window_binds=4096)
+    assert impl == "flash_attention_4" and asked[-1] == "fa4-window"
+    impl, why = b_resolve("auto", "cuda", lambda n: (asked.append(n) or n == "flex", "window off"), window_binds=4096)
+    assert impl == "flex_attention" and asked[-2:] == ["fa4-window", "flex"] and "self-check failed (window off)" in why
+    with pytest.raises(BackendError, match="flash_attention_4 failed its self-check.*window off"):
+        b_resolve("flash_attention_4", "cuda", lambda n: (asked.append(n) or False, "window off"), window_binds=4096)
+    b_resolve("auto", "cuda", lambda n: (asked.append(n) or True, "ok"))
+    assert asked[-1] == "fa4"
+
+
+def test_the_fa4_checks_are_cached_apart(monkeypatch):
+    """A pass of the plain kernel's check must not stand for the windowed kernel's: each has its own verdict."""
+    import torch
+
+    from training.backends import ATTENTION_SELF_CHECKS, _self_check_key
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
+    assert _self_check_key("fa4") != _self_check_key("fa4-window")
+    assert ATTENTION_SELF_CHECKS["fa4"][0] == ATTENTION_SELF_CHECKS["fa4-window"][0] == "flash_attention_4"
+    assert ATTENTION_SELF_CHECKS["fa4-window"][1] < 256 <= ATTENTION_SELF_CHECKS["fa4"][1]  # binds / cannot bind
 
 
 def test_an_attention_asked_for_by_name_on_a_gpu_must_pass_its_self_check(monkeypatch):
@@ -351,25 +360,25 @@ def test_the_self_checks_reference_keeps_packed_samples_apart():
         assert result["ok"], result["detail"]
 
 
-def test_configure_gives_fa4_only_samples_the_window_cannot_bind(monkeypatch):
-    """FA4 by name: max_seq_length == the window, no sample outgrows it, FA4 runs; one token more is refused (the
-    recipe's prepare() passes the base model's window); a model without a window (Llama) has nothing to bind."""
+def test_configure_checks_the_fa4_kernel_the_window_calls_for(monkeypatch):
+    """FA4 by name: max_seq_length == the window, no sample outgrows it: the plain kernel's check; one token more and
+    the window can bind: the windowed kernel's check (the recipe's prepare() passes the base model's window); a model
+    without a window (Llama) has nothing to bind."""
     import training.backends as backends
 
     fake_card(monkeypatch, (9, 0), "NVIDIA H100 80GB HBM3")
     monkeypatch.setattr(os, "environ", dict(os.environ))  # FA4's kernel-cache variables stay in this test
-    monkeypatch.setattr(backends, "run_self_check", lambda name: (True, "ok"))
+    asked = []
+    monkeypatch.setattr(backends, "run_self_check", lambda name: (asked.append(name) or True, "ok"))
     cfg = replace(PRESETS["gemma-2b"], max_seq_length=4096, attn_implementation="flash_attention_4")
-    assert HFBackend(False, "test").configure(cfg, "cuda", sliding_window=4096).attn_implementation == \
-        "flash_attention_4"
     longer = replace(cfg, max_seq_length=4097)
-    with pytest.raises(BackendError, match="4096 tokens"):
-        HFBackend(False, "test").configure(longer, "cuda", sliding_window=4096)
-    assert HFBackend(False, "test").configure(longer, "cuda", sliding_window=None).attn_implementation == \
-        "flash_attention_4"
+    for c, window in ((cfg, 4096), (longer, 4096), (longer, None)):
+        assert HFBackend(False, "test").configure(c, "cuda", sliding_window=window).attn_implementation == \
+            "flash_attention_4"
+    assert asked == ["fa4", "fa4-window", "fa4"]
 
 
-def test_the_unbinding_window_is_dropped_for_fa4_and_a_binding_one_refused(tiny_model_dir):
+def test_fa4_drops_only_a_window_its_samples_cannot_outgrow(tiny_model_dir):
     from transformers import AutoModelForCausalLM
 
     from training.backends import drop_unbinding_window
@@ -379,8 +388,8 @@ def test_the_unbinding_window_is_dropped_for_fa4_and_a_binding_one_refused(tiny_
     model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir))
     windowed = [m for m in model.modules() if getattr(m, "sliding_window", None)]
     assert window and windowed  # Gemma-2 alternates windowed and global layers
-    with pytest.raises(BackendError, match=f"{window}-token sliding window binds"):
-        drop_unbinding_window(model, window + 1)
+    assert drop_unbinding_window(model, window + 1) == 0  # it can bind: kept, FA4's windowed kernel runs
+    assert all(m.sliding_window == window for m in windowed)
     assert drop_unbinding_window(model, window) == len(windowed)
     assert not any(getattr(m, "sliding_window", None) for m in model.modules())
 

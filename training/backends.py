@@ -72,7 +72,7 @@ class HFBackend:
     def configure(self, cfg, device_kind: str, sliding_window: int | None = None):
         """The config this backend trains with: the attention that will run (auto on CUDA: FA4 where it can train,
         else flex, after their self-checks; FA4 or flex by name: self-checked, refused if the check fails).
-        `sliding_window`: the base model's, which FA4 is trusted with only where it cannot bind."""
+        `sliding_window`: the base model's; where a sample can outgrow it, FA4's windowed kernel is what is checked."""
         binds = sliding_window is not None and cfg.max_seq_length > sliding_window
         attention, why = resolve_attention(cfg.attn_implementation, device_kind,
                                            window_binds=sliding_window if binds else None)
@@ -312,13 +312,17 @@ def self_check_step(backend: str) -> dict:
 
 
 # self-check name -> (transformers' attn_implementation, the mini model's sliding window); the package whose version
-# keys the cached verdict. flex is checked with a window that binds (64 tokens, samples up to 256); FA4 as the recipe
-# runs it: a window no sample outgrows (256), dropped (drop_unbinding_window).
-ATTENTION_SELF_CHECKS = {"flex": ("flex_attention", 64), "fa4": ("flash_attention_4", 256)}
+# keys the cached verdict. Samples are up to 256 tokens. flex is checked with a window that binds (64 tokens). FA4 is
+# checked with the kernel the run will use: "fa4" with a window no sample outgrows (256), dropped as load_hf drops it
+# (its plain causal kernel: Gemma-2 at 2048 tokens), "fa4-window" with one that binds (64: its windowed kernel, for
+# samples longer than the model's window). Both passed on an H100 (docs/benchmarks.md, 2026-12-06, fourth lease).
+ATTENTION_SELF_CHECKS = {"flex": ("flex_attention", 64), "fa4": ("flash_attention_4", 256),
+                         "fa4-window": ("flash_attention_4", 64)}
 # trl: its collator decides what the attention is handed (the samples' boundaries from trl 1.16); transformers
 # builds the masks and calls the kernels
+_FA4_PACKAGES = ("flash-attn-4", "nvidia-cutlass-dsl", "transformers", "trl")
 SELF_CHECK_PACKAGES = {"unsloth": ("unsloth",), "flex": ("torch", "transformers", "trl"),
-                       "fa4": ("flash-attn-4", "nvidia-cutlass-dsl", "transformers", "trl")}
+                       "fa4": _FA4_PACKAGES, "fa4-window": _FA4_PACKAGES}
 SELF_CHECK_VERSION = 5  # bump when a check changes: a cached pass of the old one no longer counts
 
 
@@ -375,11 +379,11 @@ def _attention_self_check(impl: str, sliding_window: int, device: str = "cuda", 
             "loss": lx}
 
 
-def fa4_unusable(device_kind: str, window_binds: int | None = None) -> str | None:
+def fa4_unusable(device_kind: str) -> str | None:
     """Why FlashAttention 4 (flash-attn-4, the CuTe DSL kernels) cannot train here, or None. Its backward runs on
     Hopper and datacenter Blackwell (compute capability 9.x, 10.x, 11.x); consumer Blackwell (12.x) has no soft-cap
-    backward, Ada and Ampere (an RTX 4090, an A100) none at all. A sliding window that can bind is not trusted to it.
-    The card first, then the install, then the window: the reason given is one the user can act on."""
+    backward, Ada and Ampere (an RTX 4090, an A100) none at all. The card first, then the install: the reason given
+    is one the user can act on."""
     if device_kind != "cuda":
         return "no CUDA GPU"
     import torch
@@ -396,24 +400,19 @@ def fa4_unusable(device_kind: str, window_binds: int | None = None) -> str | Non
         version("flash-attn-4")
     except PackageNotFoundError:
         return "flash-attn-4 is not installed (the fa4 extra and the GPU image install it)"
-    if window_binds:
-        return (f"samples can be longer than the model's sliding window ({window_binds} tokens), and FlashAttention "
-                "4's windowed kernel is untrusted; max_seq_length <= the window lets it run")
     return None
 
 
 def drop_unbinding_window(model, max_seq_length: int) -> int:
     """For FlashAttention 4: the attention layers' sliding window, where no sample (at most max_seq_length tokens,
-    packed rows kept apart by their sequence boundaries) can outgrow it, so that FA4 runs its plain causal kernel
-    (exact at the kernel level on an H100) instead of its windowed one (untrusted: resolve_attention). The same
-    attention either way. Returns how many layers had a window."""
+    packed rows kept apart by their sequence boundaries) can outgrow it, so that FA4 runs its plain causal kernel,
+    the one its "fa4" self-check checks and the one measured (docs/benchmarks.md), instead of its windowed one. The
+    same attention either way. A window that can bind is kept (the "fa4-window" check). Returns how many layers had
+    their window dropped."""
     dropped = 0
     for module in model.modules():
         window = getattr(module, "sliding_window", None)
-        if isinstance(window, int) and hasattr(module, "q_proj"):
-            if max_seq_length > window:
-                raise BackendError(f"a {window}-token sliding window binds on samples of {max_seq_length} tokens: "
-                                   "FlashAttention 4's windowed kernel is untrusted; use --set attn_implementation=auto")
+        if isinstance(window, int) and hasattr(module, "q_proj") and max_seq_length <= window:
             module.sliding_window = None
             dropped += 1
     return dropped
@@ -429,24 +428,25 @@ def use_fa4_kernel_cache() -> None:
 
 def resolve_attention(requested: str, device_kind: str, self_check=None,
                       window_binds: int | None = None) -> tuple[str, str]:
-    """`auto` on CUDA: FlashAttention 4 where it can train (Hopper, datacenter Blackwell, flash-attn-4 installed, no
-    sliding window that can bind) once its self-check passed on this card, else flex attention once its self-check
-    passed, else eager; on the CPU eager. All keep Gemma-2's soft-cap and are exact for packed rows; FA4 and flex never
-    materialise the S x S scores. Passes are cached (a failure is checked again next run). On an H100 FA4 ran full
-    rows 1.36x unsloth's best setting where flex ran 1.18x (docs/benchmarks.md, 2026-12-06).
+    """`auto` on CUDA: FlashAttention 4 where it can train (Hopper, datacenter Blackwell, flash-attn-4 installed) once
+    its self-check passed on this card, else flex attention once its self-check passed, else eager; on the CPU eager.
+    All keep Gemma-2's soft-cap and are exact for packed rows; FA4 and flex never materialise the S x S scores. Passes
+    are cached (a failure is checked again next run). On an H100 the recipe with FA4 ran full rows 1.32x unsloth's
+    best setting, flex 1.11x (docs/benchmarks.md, 2026-12-06).
     FA4 or flex asked for by name on CUDA runs the same self-check, and a failure is refused: training on wrong
-    attention loses the run. `window_binds`: the model's sliding window where a sample can be longer than it; FA4's
-    windowed kernel has passed no check on a card, so FA4 only runs where the window cannot bind, and then without
-    it (load_hf: drop_unbinding_window)."""
+    attention loses the run. `window_binds`: the model's sliding window where a sample can be longer than it; FA4 is
+    then checked with its windowed kernel ("fa4-window"), else with its plain causal one, the window dropped (load_hf:
+    drop_unbinding_window)."""
     check = self_check or run_self_check
+    fa4_check = "fa4-window" if window_binds else "fa4"
     if requested == "flash_attention_4":
-        why_not = fa4_unusable(device_kind, window_binds)
+        why_not = fa4_unusable(device_kind)
         if why_not:
             raise BackendError(f"attn_implementation=flash_attention_4 cannot train here: {why_not}; use "
                                "--set attn_implementation=auto (flex attention on this card)")
         use_fa4_kernel_cache()
     if requested in ("flash_attention_4", "flex_attention") and device_kind == "cuda":
-        ok, detail = check("fa4" if requested == "flash_attention_4" else "flex")
+        ok, detail = check(fa4_check if requested == "flash_attention_4" else "flex")
         if not ok:
             raise BackendError(f"attn_implementation={requested} failed its self-check on this card ({detail}): it "
                                "would train on wrong attention; use --set attn_implementation=auto, which falls back "
@@ -456,10 +456,10 @@ def resolve_attention(requested: str, device_kind: str, self_check=None,
         return requested, f"attn_implementation={requested} asked for"
     if device_kind != "cuda":
         return "eager", "CPU: eager attention (compiling flex attention for the CPU takes minutes)"
-    why_not = fa4_unusable(device_kind, window_binds)
+    why_not = fa4_unusable(device_kind)
     if why_not is None:
         use_fa4_kernel_cache()
-        ok, detail = check("fa4")
+        ok, detail = check(fa4_check)
         if ok:
             return "flash_attention_4", f"FlashAttention 4 passed its self-check ({detail})"
         log.warning("FlashAttention 4 could train on this card but failed its self-check (%s): flex attention "

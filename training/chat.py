@@ -51,8 +51,9 @@ class RunModel:
 def generation_attention(trained: str, cuda: bool) -> str:
     """The attention to generate with: the run's own, except where it was a training choice that does not carry over.
     On the CPU eager (flex compiles for minutes there; sdpa would drop Gemma-2's soft-cap). FlashAttention 4 -> flex:
-    the recipe trains with it only after dropping a sliding window that cannot bind (training/backends.py), which a
-    long conversation can outgrow, and its windowed kernel is untrusted; nor does this card need to have it."""
+    its self-checks cover training's path (packed rows, no KV cache), not generation with a cache, and the recipe
+    drops a sliding window that its samples cannot outgrow (training/backends.py), which a long conversation can;
+    nor does this card need to have it."""
     if not cuda:
         return "eager"
     return "flex_attention" if trained == "flash_attention_4" else trained

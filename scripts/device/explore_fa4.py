@@ -210,14 +210,12 @@ def main() -> int:
                 ("flex-packed", lambda: flex_fn(packed, 16 * 2048), (1, 16 * 2048), causal_packed)):
             guarded(f"speed-{label}", lambda: speed(label, fn(), *shape, heads, kv, dim, args.iters, fl))
     if "selfcheck" in only:
-        from training.backends import _attention_self_check, self_check_step
+        from training.backends import self_check_step
 
-        for name in ("fa4", "flex"):  # what the recipe runs before choosing them
+        # what the recipe runs before choosing them; fa4-window: FA4's windowed kernel (a 64-token window that binds),
+        # the row "selfcheck-fa4-binding-window" of 2026-12-06's fourth lease
+        for name in ("fa4", "fa4-window", "flex"):
             guarded(f"selfcheck-{name}", lambda: {"row": f"selfcheck-{name}", **self_check_step(name)})
-        # FA4 given a window that binds (64 tokens, samples up to 256): its windowed kernel, never checked against a
-        # right reference (the check's reference attended across samples until v5)
-        guarded("selfcheck-fa4-binding-window", lambda: {"row": "selfcheck-fa4-binding-window",
-                                                         **_attention_self_check("flash_attention_4", 64, drop=False)})
     if "paths" in only:  # the boundaries as the collator hands them (trl >= 1.16) or from position_ids (trl 1.15)
         from training.backends import _attention_self_check
 
