@@ -4,9 +4,9 @@
   linear cross-entropy with the final soft-cap, never materialising the 256k-vocab logits, for plain forwards; in
   training, TRL's SFTTrainer uses its own fused LM head instead; RMSNorm, GeGLU, RoPE),
   `attn_implementation: auto` (FlashAttention 4 on Hopper/datacenter Blackwell, else flex attention, each after
-  its self-check), the fused LoRA function (training/fast_lora.py) and bf16 norms/embeddings. With flex, measured
-  1.18x unsloth's best setting on full rows and 1.52x its real tokens/s on chat data on an H100, in one benchmark
-  run; with FA4 1.36x on full rows (docs/benchmarks.md); no unsloth code, exact for packed rows, and the one that
+  its self-check), the fused LoRA function (training/fast_lora.py) and bf16 norms/embeddings. On an H100, in one
+  benchmark run, the recipe with FA4 ran 1.32x unsloth's best setting on full rows and 1.68x its real tokens/s on
+  chat data (flex: 1.46x) (docs/benchmarks.md, 2026-12-06); no unsloth code, exact for packed rows, and the one that
   runs on several GPUs.
 - `unsloth` (optional extra `fast`, only when asked for: `--set backend=unsloth`): unsloth's fused QLoRA kernels,
   after a one-step self-check in a subprocess (so a broken install cannot take the trainer down). One GPU only.
@@ -18,7 +18,7 @@ a failed Liger patch is planned as materialised logits, and a smaller micro-batc
 training TRL's fused LM head never materialises them, but the activations of the unfused norms and GeGLU are not
 measured.
 
-    python -m training.backends self-check [--backend unsloth|flex|fa4]   # what the choices run before using them
+    python -m training.backends self-check [--backend unsloth|flex|fa4|fa4-window]   # what the choices run before using them
 """
 
 from __future__ import annotations
