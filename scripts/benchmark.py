@@ -100,7 +100,7 @@ def parse_variant(name: str) -> dict:
             v["chat"] = True
         elif p.startswith("k") and p[1:].isdigit() and v["path"] == "project":
             v["keep"] = int(p[1:])  # exploratory: this many layers keep their activations (the rest recompute)
-        elif p.startswith("w") and p[1:].isdigit() and v["path"] == "recipe":
+        elif p.startswith("w") and p[1:].isdigit() and int(p[1:]) > 0 and v["path"] == "recipe":
             v["window"] = int(p[1:])  # the base model's sliding window; below 2048 it binds: FA4's windowed kernel
         elif p in ATTENTION_PARTS and v["path"] in ("project", "recipe"):
             v["attention"] = ATTENTION_PARTS[p]  # by name instead of the recipe's auto choice
@@ -156,7 +156,7 @@ def with_window(path: Path, window: int) -> Path:
     if not (out / "config.json").is_file():
         out.mkdir(parents=True, exist_ok=True)
         for f in path.iterdir():
-            if f.name != "config.json" and not (out / f.name).exists():
+            if f.name != "config.json" and not (out / f.name).is_symlink():  # a link left by a cut run is kept
                 (out / f.name).symlink_to(f.resolve())
         cfg = json.loads((path / "config.json").read_text())
         (out / "config.json").write_text(json.dumps({**cfg, "sliding_window": window}, indent=1))
@@ -583,7 +583,8 @@ def run_recipe(name: str, root: Path, steps: int, device: str) -> dict:
     rows = [json.loads(x) for x in (work / "logs" / name / "metrics.jsonl").read_text().splitlines() if x.strip()]
     rates = [r["tokens_per_s"] for r in rows if r.get("tokens_per_s") and r.get("step", 0) > 2 and "event" not in r]
     plan = next((ln.split("INFO ", 1)[-1] for ln in proc.stderr.splitlines() if "planner" in ln), "")
-    return dict(variant=name, desc=f"python -m training.qlora_finetune --model-config {preset}: {plan}",
+    attention = next((ln.split("INFO ", 1)[-1] for ln in proc.stderr.splitlines() if "INFO attention " in ln), "")
+    return dict(variant=name, desc=f"python -m training.qlora_finetune --model-config {preset}: {plan}; {attention}",
                 tokens_per_s=round(statistics.median(rates)) if rates else None, wall_s=round(time.perf_counter() - t))
 
 

@@ -28,7 +28,7 @@ def test_variant_names_are_parsed_and_typos_refused():
         ["auto", "flash_attention_4", "flex_attention"]
     assert bench.parse_variant("recipe-2b-w1024")["window"] == 1024 and bench.parse_variant("recipe-2b")["window"] is None
     for bad in ("unsloth-2b", "projekt-2b", "project-3b", "project-2b-fast", "unsloth-2b-mb16-ckpt0-compile",
-                "unsloth-2b-mb16-ckpt0-fp8", "baseline-2b-fa4", "project-2b-w1024"):
+                "unsloth-2b-mb16-ckpt0-fp8", "baseline-2b-fa4", "project-2b-w1024", "recipe-2b-w0"):
         with pytest.raises(SystemExit, match="variant"):
             bench.parse_variant(bad)
     for name in bench.DEFAULT_VARIANTS.split(","):
@@ -46,7 +46,9 @@ def test_a_window_variant_is_the_same_model_with_a_window_its_rows_outgrow(tmp_p
     assert sliding_window_of(load_base_config(str(src))) != 8  # the original is untouched
     weights = [f for f in out.iterdir() if f.name.endswith(".safetensors")]
     assert weights and all(f.is_symlink() and f.resolve().parent == src.resolve() for f in weights)
-    assert bench.with_window(src, 8) == out  # made once
+    (out / "config.json").write_text((out / "config.json").read_text() + "\n")  # made once: kept as it is
+    mark = (out / "config.json").read_text()
+    assert bench.with_window(src, 8) == out and (out / "config.json").read_text() == mark
 
 
 def test_useful_flops_by_hand():

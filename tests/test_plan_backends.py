@@ -230,11 +230,11 @@ def test_auto_tries_fa4_first_on_hopper_then_flex_and_fa4_by_name_after_its_self
     assert os.environ["FLASH_ATTENTION_CUTE_DSL_CACHE_DIR"].startswith(str(tmp_path))
     impl, why = b_resolve("auto", "cuda", lambda name: (asked.append(name) or name != "fa4", "grad error 0.9"))
     assert impl == "flex_attention" and asked == ["fa4", "fa4", "flex"]
-    assert "not FlashAttention 4: its self-check failed (grad error 0.9)" in why
+    assert "not FlashAttention 4: its self-check failed (fa4: grad error 0.9)" in why
     impl, why = b_resolve("flash_attention_4", "cuda", lambda name: (asked.append(name) or True, "ok"))
     assert impl == "flash_attention_4" and asked[-1] == "fa4" and "passed its self-check" in why
     impl, why = b_resolve("auto", "cuda", lambda name: (False, f"{name} failed"))  # nothing passes: eager, and why
-    assert impl == "eager" and "flex failed" in why and "not FlashAttention 4: its self-check failed (fa4 failed)" in why
+    assert impl == "eager" and "flex failed" in why and "not FlashAttention 4: its self-check failed (fa4: fa4 failed)" in why
 
 
 @pytest.mark.parametrize("capability,name,installed,reason", [
@@ -264,23 +264,35 @@ def test_a_sliding_window_that_can_bind_gets_fa4s_windowed_kernel_checked(monkey
     impl, _ = b_resolve("flash_attention_4", "cuda", lambda n: (asked.append(n) or True, "ok"), window_binds=4096)
     assert impl == "flash_attention_4" and asked[-1] == "fa4-window"
     impl, why = b_resolve("auto", "cuda", lambda n: (asked.append(n) or n == "flex", "window off"), window_binds=4096)
-    assert impl == "flex_attention" and asked[-2:] == ["fa4-window", "flex"] and "self-check failed (window off)" in why
-    with pytest.raises(BackendError, match="flash_attention_4 failed its self-check.*window off"):
+    assert impl == "flex_attention" and asked[-2:] == ["fa4-window", "flex"]
+    assert "self-check failed (fa4-window: window off)" in why
+    # by name, the refusal names the check and both fixes: auto, or samples the window cannot outgrow
+    with pytest.raises(BackendError, match="failed its self-check \\(fa4-window\\).*window off.*attn_implementation=auto"
+                                           ".*max_seq_length=4096"):
         b_resolve("flash_attention_4", "cuda", lambda n: (asked.append(n) or False, "window off"), window_binds=4096)
     b_resolve("auto", "cuda", lambda n: (asked.append(n) or True, "ok"))
     assert asked[-1] == "fa4"
 
 
-def test_the_fa4_checks_are_cached_apart(monkeypatch):
-    """A pass of the plain kernel's check must not stand for the windowed kernel's: each has its own verdict."""
+def test_the_fa4_checks_are_cached_apart(monkeypatch, tmp_path):
+    """A cached pass of the plain kernel's check must not stand for the windowed kernel's: each is run on its own,
+    and each pass then serves the next run."""
     import torch
 
-    from training.backends import ATTENTION_SELF_CHECKS, _self_check_key
+    import training.backends as backends
 
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
-    assert _self_check_key("fa4") != _self_check_key("fa4-window")
-    assert ATTENTION_SELF_CHECKS["fa4"][0] == ATTENTION_SELF_CHECKS["fa4-window"][0] == "flash_attention_4"
-    assert ATTENTION_SELF_CHECKS["fa4-window"][1] < 256 <= ATTENTION_SELF_CHECKS["fa4"][1]  # binds / cannot bind
+    ran = []
+    monkeypatch.setattr(backends, "_run_self_check_subprocess", lambda name: (ran.append(name) or True, f"{name} ok"))
+    assert backends.run_self_check("fa4") == (True, "fa4 ok")
+    assert backends.run_self_check("fa4-window") == (True, "fa4-window ok")
+    assert backends.run_self_check("fa4-window") == (True, "fa4-window ok (cached)")
+    assert backends.run_self_check("fa4") == (True, "fa4 ok (cached)")
+    assert ran == ["fa4", "fa4-window"]
+    checks = backends.ATTENTION_SELF_CHECKS
+    assert checks["fa4"][0] == checks["fa4-window"][0] == "flash_attention_4"
+    assert checks["fa4-window"][1] < 256 <= checks["fa4"][1]  # binds / cannot bind on the check's samples (<= 256)
 
 
 def test_an_attention_asked_for_by_name_on_a_gpu_must_pass_its_self_check(monkeypatch):
@@ -292,7 +304,7 @@ def test_an_attention_asked_for_by_name_on_a_gpu_must_pass_its_self_check(monkey
     with pytest.raises(BackendError, match=f"flash_attention_4 failed its self-check.*{bad}.*attn_implementation=auto"):
         b_resolve("flash_attention_4", "cuda", lambda n: (asked.append(n) or False, bad))
     impl, why = b_resolve("flex_attention", "cuda", lambda n: (asked.append(n) or True, "grad error 1e-2"))
-    assert impl == "flex_attention" and "passed its self-check (grad error 1e-2)" in why
+    assert impl == "flex_attention" and "passed its self-check (flex: grad error 1e-2)" in why
     assert b_resolve("eager", "cuda", lambda n: asked.append(n))[0] == "eager"
     assert b_resolve("flex_attention", "cpu", lambda n: asked.append(n))[0] == "flex_attention"
     assert asked == ["fa4", "flex"]
@@ -358,6 +370,37 @@ def test_the_self_checks_reference_keeps_packed_samples_apart():
     for boundaries in (True, False):
         result = _attention_self_check("test_per_sample", 256, device="cpu", boundaries=boundaries)
         assert result["ok"], result["detail"]
+
+
+@pytest.mark.parametrize("window,ok", [(64, True), (None, False), (72, False), (56, False)])
+def test_the_windowed_check_catches_a_wrong_window(window, ok):
+    """The fa4-window check (a 64-token window that binds on samples of up to 256): an attention written here from
+    the samples' lengths, causal within each sample and seeing the last `window` tokens, passes with the model's
+    window and fails with none or one 8 tokens off. The loss alone would not tell (no window: 6.3040 against 6.3026);
+    the input gradients do."""
+    import torch
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+    from transformers.models.gemma2.modeling_gemma2 import eager_attention_forward
+
+    from training.backends import ATTENTION_SELF_CHECKS, _attention_self_check
+
+    lengths = (100, 156, 256)
+
+    def windowed(module, q, k, v, attention_mask, **kw):
+        sample = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+        pos = torch.arange(q.shape[2])
+        keep = (sample[:, None] == sample[None, :]) & (pos[:, None] >= pos[None, :])
+        if kw.pop("sliding_window", None) and window:  # the global layer has none
+            keep &= pos[:, None] - pos[None, :] < window
+        mask = torch.zeros(keep.shape, dtype=q.dtype).masked_fill(~keep, float("-inf"))[None, None]
+        return eager_attention_forward(module, q, k, v, mask, **kw)
+
+    name = f"test_window_{window}"
+    AttentionInterface.register(name, windowed)
+    AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS["eager"])
+    result = _attention_self_check(name, ATTENTION_SELF_CHECKS["fa4-window"][1], device="cpu")
+    assert result["ok"] == ok, result["detail"]
 
 
 def test_configure_checks_the_fa4_kernel_the_window_calls_for(monkeypatch):

@@ -5,9 +5,9 @@
   training, TRL's SFTTrainer uses its own fused LM head instead; RMSNorm, GeGLU, RoPE),
   `attn_implementation: auto` (FlashAttention 4 on Hopper/datacenter Blackwell, else flex attention, each after
   its self-check), the fused LoRA function (training/fast_lora.py) and bf16 norms/embeddings. On an H100, in one
-  benchmark run, the recipe with FA4 ran 1.32x unsloth's best setting on full rows and 1.68x its real tokens/s on
-  chat data (flex: 1.46x) (docs/benchmarks.md, 2026-12-06); no unsloth code, exact for packed rows, and the one that
-  runs on several GPUs.
+  benchmark run, the recipe with FA4 ran 1.32x unsloth's best setting on full rows, and the same path in the
+  benchmark loop 1.68x its real tokens/s on chat data (flex: 1.46x) (docs/benchmarks.md, 2026-12-06); no unsloth
+  code, exact for packed rows, and the one that runs on several GPUs.
 - `unsloth` (optional extra `fast`, only when asked for: `--set backend=unsloth`): unsloth's fused QLoRA kernels,
   after a one-step self-check in a subprocess (so a broken install cannot take the trainer down). One GPU only.
   UNSLOTH_COMPILE_DISABLE=1 is set: its torch.compile path broke on torch 2.11. It cannot pack Gemma-2 rows
@@ -284,8 +284,8 @@ def _mini_gemma2(folder: Path) -> Path:
 
 def self_check_step(backend: str) -> dict:
     """unsloth: one forward/backward step; a finite loss near ln(vocab) (random init) and finite, non-zero LoRA
-    gradients. flex, fa4: that attention against eager attention on a small Gemma-2 with head_dim 256, soft-capping,
-    a sliding window and three packed samples: same loss and input gradients (within bf16 noise)."""
+    gradients. flex, fa4, fa4-window: that attention against eager attention on a small Gemma-2 with head_dim 256,
+    soft-capping, a sliding window and three packed samples: same loss and input gradients (within bf16 noise)."""
     import torch
 
     if backend in ATTENTION_SELF_CHECKS:
@@ -326,7 +326,7 @@ SELF_CHECK_PACKAGES = {"unsloth": ("unsloth",), "flex": ("torch", "transformers"
 SELF_CHECK_VERSION = 5  # bump when a check changes: a cached pass of the old one no longer counts
 
 
-def _attention_self_check(impl: str, sliding_window: int, device: str = "cuda", drop: bool = True,
+def _attention_self_check(impl: str, sliding_window: int, device: str = "cuda",
                           heads: tuple[int, int] = (2, 1), boundaries: bool = True) -> dict:
     """Builds (flex: compiles, fa4: JIT-compiles) the attention's forward and backward kernels for head_dim 256 on
     this card (a 24 GB card's shared memory can be too small for them) and checks them against eager attention on
@@ -337,7 +337,8 @@ def _attention_self_check(impl: str, sliding_window: int, device: str = "cuda", 
     soft-cap would (CPU: input gradients 0.52 off an fp32 reference at q, k x16, against 3.26 without the soft-cap).
     The soft-cap is checked at the kernel level instead, on the card: scripts/device/explore_fa4.py, FA4 and flex
     against an fp32 reference with scores in its range. `boundaries=False` drops the collator's sample boundaries
-    (trl < 1.16 hands the model position_ids only); `heads`, `drop`: explore_fa4.py's variants."""
+    (trl < 1.16 hands the model position_ids only); `heads`: explore_fa4.py's variants. The mini model's two layers
+    are one sliding-window layer and one global layer, so a window that binds checks both of FA4's kernels."""
     import torch
     from transformers import Gemma2Config, Gemma2ForCausalLM
 
@@ -365,7 +366,7 @@ def _attention_self_check(impl: str, sliding_window: int, device: str = "cuda", 
     results = {}
     for name in ("eager", impl):
         model.set_attn_implementation(name)
-        if name == "flash_attention_4" and drop:  # as load_hf does (drop=False: scripts/device/explore_fa4.py)
+        if name == "flash_attention_4":  # as load_hf does: a window no sample outgrows is dropped, one that binds kept
             drop_unbinding_window(model, max(lengths))
         embeds = model.get_input_embeddings()(input_ids).detach().requires_grad_(True)
         with torch.autocast(device_type=device, dtype=torch.bfloat16):
@@ -432,13 +433,16 @@ def resolve_attention(requested: str, device_kind: str, self_check=None,
     its self-check passed on this card, else flex attention once its self-check passed, else eager; on the CPU eager.
     All keep Gemma-2's soft-cap and are exact for packed rows; FA4 and flex never materialise the S x S scores. Passes
     are cached (a failure is checked again next run). On an H100 the recipe with FA4 ran full rows 1.32x unsloth's
-    best setting, flex 1.11x (docs/benchmarks.md, 2026-12-06).
+    best setting (docs/benchmarks.md, 2026-12-06, fourth lease); with flex 1.11x (third lease).
     FA4 or flex asked for by name on CUDA runs the same self-check, and a failure is refused: training on wrong
     attention loses the run. `window_binds`: the model's sliding window where a sample can be longer than it; FA4 is
     then checked with its windowed kernel ("fa4-window"), else with its plain causal one, the window dropped (load_hf:
     drop_unbinding_window)."""
     check = self_check or run_self_check
     fa4_check = "fa4-window" if window_binds else "fa4"
+    # a failed windowed kernel's fix: samples the window cannot outgrow run the plain kernel, a check of its own
+    shorter = (f"; or --set max_seq_length={window_binds} (<= the model's sliding window), which runs FA4's plain "
+               "kernel" if window_binds else "")
     if requested == "flash_attention_4":
         why_not = fa4_unusable(device_kind)
         if why_not:
@@ -446,12 +450,14 @@ def resolve_attention(requested: str, device_kind: str, self_check=None,
                                "--set attn_implementation=auto (flex attention on this card)")
         use_fa4_kernel_cache()
     if requested in ("flash_attention_4", "flex_attention") and device_kind == "cuda":
-        ok, detail = check(fa4_check if requested == "flash_attention_4" else "flex")
+        name = fa4_check if requested == "flash_attention_4" else "flex"
+        ok, detail = check(name)
         if not ok:
-            raise BackendError(f"attn_implementation={requested} failed its self-check on this card ({detail}): it "
-                               "would train on wrong attention; use --set attn_implementation=auto, which falls back "
-                               "to an attention that passes")
-        return requested, f"attn_implementation={requested} asked for; it passed its self-check ({detail})"
+            raise BackendError(f"attn_implementation={requested} failed its self-check ({name}) on this card "
+                               f"({detail}): it would train on wrong attention; use --set attn_implementation=auto, "
+                               "which falls back to an attention that passes"
+                               + (shorter if requested == "flash_attention_4" else ""))
+        return requested, f"attn_implementation={requested} asked for; it passed its self-check ({name}: {detail})"
     if requested != "auto":
         return requested, f"attn_implementation={requested} asked for"
     if device_kind != "cuda":
@@ -461,10 +467,10 @@ def resolve_attention(requested: str, device_kind: str, self_check=None,
         use_fa4_kernel_cache()
         ok, detail = check(fa4_check)
         if ok:
-            return "flash_attention_4", f"FlashAttention 4 passed its self-check ({detail})"
-        log.warning("FlashAttention 4 could train on this card but failed its self-check (%s): flex attention "
-                    "instead, slower; the check runs again next time", detail)
-        why_not = f"its self-check failed ({detail})"
+            return "flash_attention_4", f"FlashAttention 4 passed its self-check ({fa4_check}: {detail})"
+        log.warning("FlashAttention 4 could train on this card but failed its self-check (%s: %s): flex attention "
+                    "instead, slower; the check runs again next time%s", fa4_check, detail, shorter)
+        why_not = f"its self-check failed ({fa4_check}: {detail})"
     ok, detail = check("flex")
     if ok:
         return "flex_attention", f"flex attention passed its self-check ({detail}); not FlashAttention 4: {why_not}"
