@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from typing import ClassVar, Union
 from pathlib import Path
 from training.errors import UserError
+from training.jsonio import write_json_atomic
 
 log = logging.getLogger("training")
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -230,11 +231,10 @@ def run_self_check(backend: str) -> tuple[bool, str]:
     if cached:
         return True, cached + " (cached)"
     ok, detail = _run_self_check_subprocess(backend)
-    if ok:
+    if ok:  # atomically: under GPUS=N every rank checks its own card and writes its pass here at about the same time
         try:
-            cache.parent.mkdir(parents=True, exist_ok=True)
             old = json.loads(cache.read_text()) if cache.is_file() else {}
-            cache.write_text(json.dumps({**old, key: detail}, indent=1))
+            write_json_atomic(cache, {**old, key: detail})
         except (OSError, ValueError):
             pass
     return ok, detail
