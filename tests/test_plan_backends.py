@@ -11,6 +11,7 @@ import torch
 
 from training.backends import BackendError, HFBackend, _run_self_check_subprocess, choose_backend
 from training.device import Device
+from training.model import AttentionShape
 from training.plan import (GIB, KNOWN_ARCHS, LOGIT_BYTES, NF4_BYTES_PER_PARAM, Arch, PlanError, budget_gib,
                            estimate_peak, main, plan, plan_for_run)
 from training.qlora_config import PRESETS
@@ -284,7 +285,8 @@ def test_the_fa4_checks_are_cached_apart(monkeypatch, tmp_path):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
     ran = []
-    monkeypatch.setattr(backends, "_run_self_check_subprocess", lambda name: (ran.append(name) or True, f"{name} ok"))
+    monkeypatch.setattr(backends, "_run_self_check_subprocess", lambda name, shape: (ran.append(name) or True,
+                                                                                       f"{name} ok"))
     assert backends.run_self_check("fa4") == (True, "fa4 ok")
     assert backends.run_self_check("fa4-window") == (True, "fa4-window ok")
     assert backends.run_self_check("fa4-window") == (True, "fa4-window ok (cached)")
@@ -340,6 +342,10 @@ def test_the_attention_self_check_catches_samples_attending_across_their_boundar
         assert not _attention_self_check("test_across", window, device="cpu")["ok"]
         assert not _attention_self_check("test_not_causal", window, device="cpu")["ok"]
     assert _attention_self_check("test_exact", 64, device="cpu", boundaries=False)["ok"]
+    # built with another model's attention (SmolLM2's: head_dim 64, 3 heads per kv head, no soft-cap): the same verdicts
+    llama = AttentionShape(head_dim=64, group=3, softcap=None)
+    assert _attention_self_check("test_exact", 256, device="cpu", shape=llama)["ok"]
+    assert not _attention_self_check("test_across", 256, device="cpu", shape=llama)["ok"]
 
 
 def test_the_self_checks_reference_keeps_packed_samples_apart():
@@ -412,13 +418,56 @@ def test_configure_checks_the_fa4_kernel_the_window_calls_for(monkeypatch):
     fake_card(monkeypatch, (9, 0), "NVIDIA H100 80GB HBM3")
     monkeypatch.setattr(os, "environ", dict(os.environ))  # FA4's kernel-cache variables stay in this test
     asked = []
-    monkeypatch.setattr(backends, "run_self_check", lambda name: (asked.append(name) or True, "ok"))
+    monkeypatch.setattr(backends, "run_self_check", lambda name, shape: (asked.append((name, shape)) or True, "ok"))
     cfg = replace(PRESETS["gemma-2b"], max_seq_length=4096, attn_implementation="flash_attention_4")
     longer = replace(cfg, max_seq_length=4097)
-    for c, window in ((cfg, 4096), (longer, 4096), (longer, None)):
-        assert HFBackend(False, "test").configure(c, "cuda", sliding_window=window).attn_implementation == \
-            "flash_attention_4"
-    assert asked == ["fa4", "fa4-window", "fa4"]
+    llama = AttentionShape(head_dim=64, group=3, softcap=None, sliding_window=None)
+    gemma = AttentionShape(sliding_window=4096)
+    for c, shape in ((cfg, gemma), (longer, gemma), (longer, llama)):
+        assert HFBackend(False, "test").configure(c, "cuda", shape).attn_implementation == "flash_attention_4"
+    # the check for the kernel the window calls for, built with the model's own attention shape
+    assert asked == [("fa4", gemma), ("fa4-window", gemma), ("fa4", llama)]
+
+
+def test_attention_shape_of_reads_the_config(tmp_path, tiny_model_dir):
+    """What the attention self-checks are built with: the base model's head size, grouping, soft-cap and window."""
+    from transformers import Gemma3Config, Gemma3TextConfig, LlamaConfig
+
+    from training.model import attention_shape_of, load_base_config
+
+    tiny = json.loads((tiny_model_dir / "config.json").read_text())
+    assert attention_shape_of(load_base_config(str(tiny_model_dir))) == AttentionShape(
+        head_dim=tiny["head_dim"], group=tiny["num_attention_heads"] // tiny["num_key_value_heads"],
+        softcap=tiny["attn_logit_softcapping"], sliding_window=tiny["sliding_window"])
+    # SmolLM2-135M's shape: no head_dim in its config (576 / 9 heads), no soft-cap, no window
+    LlamaConfig(hidden_size=576, num_attention_heads=9, num_key_value_heads=3).save_pretrained(tmp_path / "llama")
+    assert attention_shape_of(load_base_config(str(tmp_path / "llama"))) == AttentionShape(64, 3, None, None)
+    Gemma3Config(text_config=Gemma3TextConfig(head_dim=128, num_attention_heads=8, num_key_value_heads=4,
+                                              sliding_window=512).to_dict()).save_pretrained(tmp_path / "gemma3")
+    assert attention_shape_of(load_base_config(str(tmp_path / "gemma3"))) == AttentionShape(128, 2, None, 512)
+
+
+def test_the_self_check_subprocess_gets_the_runs_attention_shape(monkeypatch, tmp_path):
+    """The shape travels on the self-check's command line and comes back out of its parser; verdicts are cached per
+    kernel variant, so Gemma-2's pass does not stand for a Llama's."""
+    import training.backends as backends
+
+    llama = AttentionShape(head_dim=64, group=3, softcap=None)
+    for backend, shape in (("fa4", llama), ("flex", AttentionShape()), ("fa4-window", None)):
+        seen = []
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
+        monkeypatch.setattr(backends, "self_check_step", lambda name, s: seen.append((name, s)) or {"ok": True,
+                                                                                                   "detail": "ok"})
+        assert backends.main(backends.self_check_command(backend, shape)[3:]) == 0
+        assert seen == [(backend, shape or AttentionShape())]
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
+    ran = []
+    monkeypatch.setattr(backends, "_run_self_check_subprocess", lambda name, s: (ran.append((name, s)) or True, "ok"))
+    for _ in range(2):
+        assert backends.run_self_check("fa4", AttentionShape())[0] and backends.run_self_check("fa4", llama)[0]
+    assert ran == [("fa4", AttentionShape()), ("fa4", llama)]  # each checked once, then cached
 
 
 def test_fa4_drops_only_a_window_its_samples_cannot_outgrow(tiny_model_dir):

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import importlib.util
 import json
 import logging
@@ -38,6 +39,7 @@ from typing import ClassVar, Union
 from pathlib import Path
 from training.errors import UserError
 from training.jsonio import write_json_atomic
+from training.model import AttentionShape
 
 log = logging.getLogger("training")
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -70,13 +72,16 @@ class HFBackend:
         not measured, so a failed Liger patch is planned conservatively, as materialised logits."""
         return self.liger
 
-    def configure(self, cfg, device_kind: str, sliding_window: int | None = None):
+    def configure(self, cfg, device_kind: str, shape: AttentionShape | None = None):
         """The config this backend trains with: the attention that will run (auto on CUDA: FA4 where it can train,
         else flex, after their self-checks; FA4 or flex by name: self-checked, refused if the check fails).
-        `sliding_window`: the base model's; where a sample can outgrow it, FA4's windowed kernel is what is checked."""
-        binds = sliding_window is not None and cfg.max_seq_length > sliding_window
+        `shape`: the base model's attention (training.model.attention_shape_of), which the self-checks are built
+        with; where a sample can outgrow its sliding window, FA4's windowed kernel is what is checked."""
+        shape = shape or AttentionShape()
+        window = shape.sliding_window
+        binds = window is not None and cfg.max_seq_length > window
         attention, why = resolve_attention(cfg.attn_implementation, device_kind,
-                                           window_binds=sliding_window if binds else None)
+                                           window_binds=window if binds else None, shape=shape)
         log.info("attention %s: %s", attention, why)
         if cfg.fp8_backward:
             check_fp8(device_kind)
@@ -105,7 +110,7 @@ class UnslothBackend:
     multi_gpu: ClassVar[bool] = False  # open-source unsloth is single-GPU
     fused_loss: ClassVar[bool] = True
 
-    def configure(self, cfg, device_kind: str, sliding_window: int | None = None):
+    def configure(self, cfg, device_kind: str, shape: AttentionShape | None = None):
         for key, fixed in UNSLOTH_FIXED.items():
             if getattr(cfg, key) != fixed:
                 log.warning("backend unsloth ignores %s=%s (it uses %s); --set backend=auto honours it",
@@ -204,8 +209,8 @@ def _self_check_cache() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "qlora-stack" / "backend_self_check.json"
 
 
-def _self_check_key(backend: str) -> str:
-    """Same check, backend version (and what compiles it), torch, and GPU: same verdict."""
+def _self_check_key(backend: str, shape: AttentionShape | None = None) -> str:
+    """Same check (and kernel variant), backend version (and what compiles it), torch, and GPU: same verdict."""
     from importlib.metadata import PackageNotFoundError, version
 
     import torch
@@ -216,21 +221,23 @@ def _self_check_key(backend: str) -> str:
             versions.append(f"{package}={version(package)}")
         except PackageNotFoundError:
             versions.append(f"{package}=missing")
-    return (f"{backend} check v{SELF_CHECK_VERSION} {' '.join(versions)} torch={torch.__version__} "
+    variant = f" ({(shape or AttentionShape()).variant})" if backend in ATTENTION_SELF_CHECKS else ""
+    return (f"{backend}{variant} check v{SELF_CHECK_VERSION} {' '.join(versions)} torch={torch.__version__} "
             f"gpu={torch.cuda.get_device_name(0)}")
 
 
-def run_self_check(backend: str) -> tuple[bool, str]:
-    """One QLoRA step of `backend` on a small random Gemma-2 in a subprocess; (passed, detail). A pass is cached
-    per (backend version, torch version, GPU); a failure is retried next time."""
-    cache, key = _self_check_cache(), _self_check_key(backend)
+def run_self_check(backend: str, shape: AttentionShape | None = None) -> tuple[bool, str]:
+    """One QLoRA step of `backend` on a small random Gemma-2 in a subprocess; (passed, detail). An attention check's
+    model has the run's attention `shape`. A pass is cached per (check, kernel variant, versions, GPU); a failure is
+    retried next time."""
+    cache, key = _self_check_cache(), _self_check_key(backend, shape)
     try:
         cached = json.loads(cache.read_text()).get(key)
     except (OSError, ValueError):
         cached = None
     if cached:
         return True, cached + " (cached)"
-    ok, detail = _run_self_check_subprocess(backend)
+    ok, detail = _run_self_check_subprocess(backend, shape)
     if ok:  # atomically: under GPUS=N every rank checks its own card and writes its pass here at about the same time
         try:
             old = json.loads(cache.read_text()) if cache.is_file() else {}
@@ -240,8 +247,17 @@ def run_self_check(backend: str) -> tuple[bool, str]:
     return ok, detail
 
 
-def _run_self_check_subprocess(backend: str) -> tuple[bool, str]:
+def self_check_command(backend: str, shape: AttentionShape | None = None) -> list[str]:
+    """The self-check's command line; an attention check carries the kernel variant (`main` parses it back)."""
     cmd = [sys.executable, "-m", "training.backends", "self-check", "--backend", backend, "--json"]
+    if backend in ATTENTION_SELF_CHECKS:
+        shape = shape or AttentionShape()
+        cmd += ["--head-dim", str(shape.head_dim), "--group", str(shape.group), "--softcap", str(shape.softcap or 0)]
+    return cmd
+
+
+def _run_self_check_subprocess(backend: str, shape: AttentionShape | None = None) -> tuple[bool, str]:
+    cmd = self_check_command(backend, shape)
     env = {**os.environ, "UNSLOTH_COMPILE_DISABLE": "1"}
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=SELF_CHECK_TIMEOUT_S, env=env)
@@ -282,14 +298,15 @@ def _mini_gemma2(folder: Path) -> Path:
     return folder
 
 
-def self_check_step(backend: str) -> dict:
+def self_check_step(backend: str, shape: AttentionShape | None = None) -> dict:
     """unsloth: one forward/backward step; a finite loss near ln(vocab) (random init) and finite, non-zero LoRA
-    gradients. flex, fa4, fa4-window: that attention against eager attention on a small Gemma-2 with head_dim 256,
-    soft-capping, a sliding window and three packed samples: same loss and input gradients (within bf16 noise)."""
+    gradients. flex, fa4, fa4-window: that attention against eager attention on a small Gemma-2 with the run's
+    attention `shape` (head size, grouping, soft-cap; Gemma-2's by default), a sliding window and three packed
+    samples: same loss and input gradients (within bf16 noise)."""
     import torch
 
     if backend in ATTENTION_SELF_CHECKS:
-        return _attention_self_check(*ATTENTION_SELF_CHECKS[backend])
+        return _attention_self_check(*ATTENTION_SELF_CHECKS[backend], shape=shape)
     with tempfile.TemporaryDirectory() as tmp:
         path = _mini_gemma2(Path(tmp) / "mini")
         if backend == "unsloth":
@@ -326,9 +343,10 @@ SELF_CHECK_PACKAGES = {"unsloth": ("unsloth",), "flex": ("torch", "transformers"
 SELF_CHECK_VERSION = 5  # bump when a check changes: a cached pass of the old one no longer counts
 
 
-def _attention_self_check(impl: str, sliding_window: int, device: str = "cuda",
-                          heads: tuple[int, int] = (2, 1), boundaries: bool = True) -> dict:
-    """Builds (flex: compiles, fa4: JIT-compiles) the attention's forward and backward kernels for head_dim 256 on
+def _attention_self_check(impl: str, sliding_window: int, device: str = "cuda", heads: tuple[int, int] | None = None,
+                          boundaries: bool = True, shape: AttentionShape | None = None) -> dict:
+    """Builds (flex: compiles, fa4: JIT-compiles) the attention's forward and backward kernels for the run's head
+    size, grouping and soft-cap (`shape`, by default Gemma-2's: head_dim 256, 2 heads per kv head, soft-cap 50) on
     this card (a 24 GB card's shared memory can be too small for them) and checks them against eager attention on
     one packed row of three samples, collated as the recipe's trainer collates it (training.data.collate_packed, so
     the attention gets what training hands it). It catches masks, windows and samples attending across their
@@ -344,8 +362,13 @@ def _attention_self_check(impl: str, sliding_window: int, device: str = "cuda",
 
     from training.data import collate_packed, without_boundaries
 
-    cfg = Gemma2Config(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-                       num_attention_heads=heads[0], num_key_value_heads=heads[1], head_dim=256,
+    shape = shape or AttentionShape()
+    heads = heads or (shape.group, 1)
+    # Gemma-2's layers with the run's attention: only what the kernel is built for matters here (the scores' scale
+    # 1/sqrt(head_dim), as most models use; the soft-cap where the model has one)
+    cfg = Gemma2Config(vocab_size=512, hidden_size=128 * heads[0], intermediate_size=512, num_hidden_layers=2,
+                       num_attention_heads=heads[0], num_key_value_heads=heads[1], head_dim=shape.head_dim,
+                       query_pre_attn_scalar=shape.head_dim, attn_logit_softcapping=shape.softcap,
                        sliding_window=sliding_window,
                        max_position_embeddings=1024, pad_token_id=0, eos_token_id=1, bos_token_id=2)
     torch.manual_seed(0)
@@ -428,7 +451,7 @@ def use_fa4_kernel_cache() -> None:
 
 
 def resolve_attention(requested: str, device_kind: str, self_check=None,
-                      window_binds: int | None = None) -> tuple[str, str]:
+                      window_binds: int | None = None, shape: AttentionShape | None = None) -> tuple[str, str]:
     """`auto` on CUDA: FlashAttention 4 where it can train (Hopper, datacenter Blackwell, flash-attn-4 installed) once
     its self-check passed on this card, else flex attention once its self-check passed, else eager; on the CPU eager.
     All keep Gemma-2's soft-cap and are exact for packed rows; FA4 and flex never materialise the S x S scores. Passes
@@ -437,8 +460,8 @@ def resolve_attention(requested: str, device_kind: str, self_check=None,
     FA4 or flex asked for by name on CUDA runs the same self-check, and a failure is refused: training on wrong
     attention loses the run. `window_binds`: the model's sliding window where a sample can be longer than it; FA4 is
     then checked with its windowed kernel ("fa4-window"), else with its plain causal one, the window dropped (load_hf:
-    drop_unbinding_window)."""
-    check = self_check or run_self_check
+    drop_unbinding_window). `shape`: the base model's attention, which the checks are built with."""
+    check = self_check or functools.partial(run_self_check, shape=shape)
     fa4_check = "fa4-window" if window_binds else "fa4"
     # a failed windowed kernel's fix: samples the window cannot outgrow run the plain kernel, a check of its own
     shorter = (f"; or --set max_seq_length={window_binds} (<= the model's sliding window), which runs FA4's plain "
@@ -620,7 +643,12 @@ def main(argv: list[str] | None = None) -> int:
     c = sub.add_parser("self-check", help="one training step of a backend on a small random Gemma-2")
     c.add_argument("--backend", default="unsloth", choices=("unsloth", *ATTENTION_SELF_CHECKS))
     c.add_argument("--json", action="store_true")
+    defaults = AttentionShape()  # an attention check's kernel variant (the run's: self_check_command)
+    c.add_argument("--head-dim", type=int, default=defaults.head_dim)
+    c.add_argument("--group", type=int, default=defaults.group, help="query heads per key/value head")
+    c.add_argument("--softcap", type=float, default=defaults.softcap, help="attention logit soft-cap; 0: none")
     args = p.parse_args(argv)
+    shape = AttentionShape(head_dim=args.head_dim, group=args.group, softcap=args.softcap or None)
     import torch
 
     if not torch.cuda.is_available():
@@ -630,7 +658,7 @@ def main(argv: list[str] | None = None) -> int:
 
         torch.cuda.set_device(local_rank())  # under DDP each rank checks its own card (LOCAL_RANK is inherited)
         try:
-            result = self_check_step(args.backend)
+            result = self_check_step(args.backend, shape)
         except Exception as exc:  # the point of the self-check: any failure means "do not use it"
             result = {"ok": False, "detail": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"}
     print(json.dumps(result) if args.json else f"{'PASS' if result['ok'] else 'FAIL'}: {result['detail']}")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 from training.errors import UserError
@@ -173,6 +174,34 @@ def load_tokenizer(model_path: str):
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token  # batches need a pad id; labels mask it anyway
     return tokenizer
+
+
+@dataclass(frozen=True)
+class AttentionShape:
+    """What an attention kernel is built for, read from the base model's config: the attention self-checks
+    (training/backends.py) build their small model with it, so FA4's or flex's kernel is checked for the head size,
+    grouping and soft-cap the run will use. The defaults are Gemma-2's."""
+
+    head_dim: int = 256
+    group: int = 2  # query heads per key/value head
+    softcap: float | None = 50.0  # attention logit soft-cap (Gemma-2), None for most models
+    sliding_window: int | None = None
+
+    @property
+    def variant(self) -> str:
+        """The kernel variant, as the self-check verdicts are keyed (the window is the check's own)."""
+        return f"head_dim {self.head_dim}, {self.group} heads per kv head, soft-cap {self.softcap or 'none'}"
+
+
+def attention_shape_of(config) -> AttentionShape:
+    """The base model's attention shape (a multimodal model's text config's, Gemma-3's)."""
+    text = config.get_text_config()
+    heads = text.num_attention_heads
+    kv = getattr(text, "num_key_value_heads", None) or heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+    softcap = getattr(text, "attn_logit_softcapping", None)
+    return AttentionShape(head_dim=head_dim, group=max(1, heads // kv), softcap=float(softcap) if softcap else None,
+                          sliding_window=sliding_window_of(config))
 
 
 def sliding_window_of(config) -> int | None:

@@ -173,7 +173,7 @@ def prepare(cfg: QLoRAConfig, preset: str, paths: RunPaths, resume: str = "never
     from training.backends import select_backend
     from training.device import pick_device
     from training.disk import preflight_disk, remove_partial_saves
-    from training.model import check_base_model, sliding_window_of
+    from training.model import attention_shape_of, check_base_model
     from training.oom import PlanUsed
     from training.plan import plan_for_run
     from training.secrets import hf_token_source
@@ -189,7 +189,7 @@ def prepare(cfg: QLoRAConfig, preset: str, paths: RunPaths, resume: str = "never
     base_config = check_base_model(model_path)  # config, whole weights, tokenizer: a clear error now, not later
     log.info("run %s: preset %s, base %s, device %s", paths.name, preset, cfg.model_name_or_path, device.describe())
     backend = select_backend(cfg.backend, device.kind, base_config.model_type or "", processes)
-    cfg = backend.configure(cfg, device.kind, sliding_window_of(base_config))  # attention (hf) or unpacked rows (unsloth)
+    cfg = backend.configure(cfg, device.kind, attention_shape_of(base_config))  # attention (hf) or unpacked rows (unsloth)
     cfg, plan_line = plan_for_run(cfg, device, backend)  # micro-batch + checkpointing, from what was applied
     log.info("%s", plan_line)
     planned = PlanUsed(cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps, cfg.gradient_checkpointing,
