@@ -211,11 +211,15 @@ def main() -> int:
             guarded(f"speed-{label}", lambda: speed(label, fn(), *shape, heads, kv, dim, args.iters, fl))
     if "selfcheck" in only:
         from training.backends import self_check_step
+        from training.model import AttentionShape
 
         # what the recipe runs before choosing them; fa4-window: FA4's windowed kernel (a 64-token window that binds),
-        # the row "selfcheck-fa4-binding-window" of 2026-12-06's fourth lease
-        for name in ("fa4", "fa4-window", "flex"):
-            guarded(f"selfcheck-{name}", lambda: {"row": f"selfcheck-{name}", **self_check_step(name)})
+        # the row "selfcheck-fa4-binding-window" of 2026-12-06's fourth lease. Gemma-2's attention shape, then
+        # SmolLM2's (a Llama: head_dim 64, 3 heads per kv head, no soft-cap), each check built with it
+        for tag, shape in (("", AttentionShape()), ("-llama", AttentionShape(head_dim=64, group=3, softcap=None))):
+            for name in ("fa4", "fa4-window", "flex"):
+                guarded(f"selfcheck-{name}{tag}", lambda: {"row": f"selfcheck-{name}{tag}",
+                                                           **self_check_step(name, shape)})
     if "paths" in only:  # the boundaries as the collator hands them (trl >= 1.16) or from position_ids (trl 1.15)
         from training.backends import _attention_self_check
 
