@@ -348,6 +348,36 @@ def test_the_attention_self_check_catches_samples_attending_across_their_boundar
     assert not _attention_self_check("test_across", 256, device="cpu", shape=llama)["ok"]
 
 
+@pytest.mark.parametrize("shape", [AttentionShape(), AttentionShape(head_dim=64, group=3, softcap=None),
+                                   AttentionShape(head_dim=128, group=4, softcap=30.0)])
+def test_the_attention_check_calls_the_kernel_with_the_runs_shape(shape):
+    """What the attention under check is handed: the run's head size and query heads per key/value head, the scale
+    1/sqrt(head_dim), its soft-cap or none, a window on the windowed layer only; Gemma-2's default is the check as it
+    was before it carried shapes (its config, and so its reference losses on the H100, unchanged)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+    from transformers.models.gemma2.modeling_gemma2 import eager_attention_forward
+
+    from training.backends import _attention_self_check
+
+    seen, hidden = [], set()
+
+    def recording(module, q, k, v, attention_mask, **kw):
+        hidden.add(module.config.hidden_size)
+        seen.append((tuple(q.shape), tuple(k.shape), kw.get("scaling"), kw.get("softcap"), kw.get("sliding_window")))
+        return eager_attention_forward(module, q, k, v, attention_mask, **kw)
+
+    AttentionInterface.register("test_recording", recording)
+    AttentionMaskInterface.register("test_recording", ALL_MASK_ATTENTION_FUNCTIONS["eager"])
+    result = _attention_self_check("test_recording", 64, device="cpu", shape=shape)
+    assert result["ok"] and shape.variant in result["detail"]
+    d, g = shape.head_dim, shape.group
+    assert set(seen) == {((1, g, 512, d), (1, 1, 512, d), d ** -0.5, shape.softcap, 64),
+                         ((1, g, 512, d), (1, 1, 512, d), d ** -0.5, shape.softcap, None)}
+    if shape == AttentionShape():  # the check's model before shapes: hidden 256, heads 2/1, head_dim 256, soft-cap 50
+        assert hidden == {256} and (g, d, shape.softcap) == (2, 256, 50.0)
+
+
 def test_the_self_checks_reference_keeps_packed_samples_apart():
     """The reference the self-check compares against is eager attention over each packed sample alone: an attention
     written here from the samples' lengths (causal within each sample, soft-capped as eager does) passes, with and
@@ -431,7 +461,7 @@ def test_configure_checks_the_fa4_kernel_the_window_calls_for(monkeypatch):
 
 def test_attention_shape_of_reads_the_config(tmp_path, tiny_model_dir):
     """What the attention self-checks are built with: the base model's head size, grouping, soft-cap and window."""
-    from transformers import Gemma3Config, Gemma3TextConfig, LlamaConfig
+    from transformers import Gemma3Config, Gemma3TextConfig, LlamaConfig, Qwen2Config
 
     from training.model import attention_shape_of, load_base_config
 
@@ -439,9 +469,13 @@ def test_attention_shape_of_reads_the_config(tmp_path, tiny_model_dir):
     assert attention_shape_of(load_base_config(str(tiny_model_dir))) == AttentionShape(
         head_dim=tiny["head_dim"], group=tiny["num_attention_heads"] // tiny["num_key_value_heads"],
         softcap=tiny["attn_logit_softcapping"], sliding_window=tiny["sliding_window"])
-    # SmolLM2-135M's shape: no head_dim in its config (576 / 9 heads), no soft-cap, no window
+    # SmolLM2-135M's shape: head_dim 576 / 9 heads, no soft-cap, no window
     LlamaConfig(hidden_size=576, num_attention_heads=9, num_key_value_heads=3).save_pretrained(tmp_path / "llama")
     assert attention_shape_of(load_base_config(str(tmp_path / "llama"))) == AttentionShape(64, 3, None, None)
+    # Qwen2's config has no head_dim at all: hidden size over heads (Qwen2.5-0.5B: 896 / 14, 2 kv heads)
+    Qwen2Config(hidden_size=896, num_attention_heads=14, num_key_value_heads=2).save_pretrained(tmp_path / "qwen")
+    assert "head_dim" not in json.loads((tmp_path / "qwen" / "config.json").read_text())
+    assert attention_shape_of(load_base_config(str(tmp_path / "qwen"))) == AttentionShape(64, 7, None, None)
     Gemma3Config(text_config=Gemma3TextConfig(head_dim=128, num_attention_heads=8, num_key_value_heads=4,
                                               sliding_window=512).to_dict()).save_pretrained(tmp_path / "gemma3")
     assert attention_shape_of(load_base_config(str(tmp_path / "gemma3"))) == AttentionShape(128, 2, None, 512)

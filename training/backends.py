@@ -366,7 +366,8 @@ def _attention_self_check(impl: str, sliding_window: int, device: str = "cuda", 
     heads = heads or (shape.group, 1)
     # Gemma-2's layers with the run's attention: only what the kernel is built for matters here (the scores' scale
     # 1/sqrt(head_dim), as most models use; the soft-cap where the model has one)
-    cfg = Gemma2Config(vocab_size=512, hidden_size=128 * heads[0], intermediate_size=512, num_hidden_layers=2,
+    hidden = 256 if 256 % heads[0] == 0 else 128 * heads[0]  # 256 (the check before it carried shapes) where it divides
+    cfg = Gemma2Config(vocab_size=512, hidden_size=hidden, intermediate_size=512, num_hidden_layers=2,
                        num_attention_heads=heads[0], num_key_value_heads=heads[1], head_dim=shape.head_dim,
                        query_pre_attn_scalar=shape.head_dim, attn_logit_softcapping=shape.softcap,
                        sliding_window=sliding_window,
@@ -399,7 +400,8 @@ def _attention_self_check(impl: str, sliding_window: int, device: str = "cuda", 
     (le, ge), (lx, gx) = results["eager"], results[impl]
     grad_err = float((ge - gx).norm() / ge.norm().clamp_min(1e-12))
     ok = math.isfinite(lx) and abs(lx - le) <= 2e-3 * abs(le) and grad_err < 0.05
-    return {"ok": ok, "detail": f"{impl} loss {lx:.4f} vs eager {le:.4f}, input-gradient error {grad_err:.2e}",
+    return {"ok": ok, "detail": f"{impl} loss {lx:.4f} vs eager {le:.4f}, input-gradient error {grad_err:.2e} "
+                                f"({shape.variant})",
             "loss": lx}
 
 

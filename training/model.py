@@ -190,13 +190,17 @@ class AttentionShape:
     @property
     def variant(self) -> str:
         """The kernel variant, as the self-check verdicts are keyed (the window is the check's own)."""
-        return f"head_dim {self.head_dim}, {self.group} heads per kv head, soft-cap {self.softcap or 'none'}"
+        return f"head_dim {self.head_dim}, query heads per kv head {self.group}, soft-cap {self.softcap or 'none'}"
 
 
 def attention_shape_of(config) -> AttentionShape:
-    """The base model's attention shape (a multimodal model's text config's, Gemma-3's)."""
+    """The base model's attention shape (a multimodal model's text config's, Gemma-3's). A config without attention
+    heads (a state-space model) gets Gemma-2's, with its window if any: the attention checks are then moot. Not for
+    MLA models (DeepSeek-V3), whose q/k head size is not head_dim."""
     text = config.get_text_config()
-    heads = text.num_attention_heads
+    heads = getattr(text, "num_attention_heads", None)
+    if not heads:
+        return AttentionShape(sliding_window=sliding_window_of(config))
     kv = getattr(text, "num_key_value_heads", None) or heads
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
     softcap = getattr(text, "attn_logit_softcapping", None)

@@ -27,7 +27,7 @@ fi
 if [ $rc != 0 ] || [ -f /tmp/bench-out/STOP ]; then echo "all done (smoke failed) $(date -u +%T)" >> /tmp/bench-out/progress.txt; exit 0; fi
 if [ -n "${EXPLORE_FA4:-}" ]; then
   echo "fa4 $(date -u +%T)" >> /tmp/bench-out/progress.txt
-  PYTHONPATH=$QLORA_BENCH_PROJECT_SITE:$PYTHONPATH timeout 300 python scripts/device/explore_fa4.py ${FA4_ONLY_ROWS:+--only "$FA4_ONLY_ROWS"} > /tmp/bench-out/fa4.log 2>&1
+  PYTHONPATH=$QLORA_BENCH_PROJECT_SITE:$PYTHONPATH timeout 540 python scripts/device/explore_fa4.py ${FA4_ONLY_ROWS:+--only "$FA4_ONLY_ROWS"} > /tmp/bench-out/fa4.log 2>&1
   echo "fa4 rc=$? $(date -u +%T)" >> /tmp/bench-out/progress.txt
 fi
 if [ -n "${EXPLORE_FLEX:-}" ]; then
