@@ -183,7 +183,10 @@ class AttentionShape:
     grouping and soft-cap the run will use. The defaults are Gemma-2's."""
 
     head_dim: int = 256
-    group: int = 2  # query heads per key/value head
+    # query heads per key/value head. The check builds `group` query heads over one kv head; flex's grouped-query
+    # route needs a power-of-two head count, so a model with, e.g., 40 heads over 10 (Phi-3-medium) runs flex's other
+    # route than its check does
+    group: int = 2
     softcap: float | None = 50.0  # attention logit soft-cap (Gemma-2), None for most models
     sliding_window: int | None = None
 
