@@ -318,8 +318,6 @@ def test_the_attention_self_check_catches_samples_attending_across_their_boundar
     plain causal mask over the row, the signature of FA4's failure on the H100) fails, window binding or not; one that
     drops the causal mask fails."""
     import torch
-    from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
     from transformers.models.gemma2.modeling_gemma2 import eager_attention_forward
 
     from training.backends import _attention_self_check
@@ -335,8 +333,7 @@ def test_the_attention_self_check_catches_samples_attending_across_their_boundar
         return eager_attention_forward(module, q, k, v, None, **kw)
 
     for name, fn in (("test_exact", exact), ("test_across", across_samples), ("test_not_causal", not_causal)):
-        AttentionInterface.register(name, fn)
-        AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS["eager"])
+        register_attention(name, fn)
     for window in (64, 256):  # binding (samples up to 256 tokens) and not
         assert _attention_self_check("test_exact", window, device="cpu")["ok"]
         assert not _attention_self_check("test_across", window, device="cpu")["ok"]
@@ -354,8 +351,6 @@ def test_the_attention_check_calls_the_kernel_with_the_runs_shape(shape):
     """What the attention under check is handed: the run's head size and query heads per key/value head, the scale
     1/sqrt(head_dim), its soft-cap or none, a window on the windowed layer only; Gemma-2's default is the check as it
     was before it carried shapes (its config, and so its reference losses on the H100, unchanged)."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
     from transformers.models.gemma2.modeling_gemma2 import eager_attention_forward
 
     from training.backends import _attention_self_check
@@ -367,8 +362,7 @@ def test_the_attention_check_calls_the_kernel_with_the_runs_shape(shape):
         seen.append((tuple(q.shape), tuple(k.shape), kw.get("scaling"), kw.get("softcap"), kw.get("sliding_window")))
         return eager_attention_forward(module, q, k, v, attention_mask, **kw)
 
-    AttentionInterface.register("test_recording", recording)
-    AttentionMaskInterface.register("test_recording", ALL_MASK_ATTENTION_FUNCTIONS["eager"])
+    register_attention("test_recording", recording)
     result = _attention_self_check("test_recording", 64, device="cpu", shape=shape)
     assert result["ok"] and shape.variant in result["detail"]
     d, g = shape.head_dim, shape.group
@@ -384,25 +378,9 @@ def test_the_self_checks_reference_keeps_packed_samples_apart():
     without the collator's boundaries, and with a window that cannot bind. Before check v5 the reference attended
     across the samples (the check's model kept its KV cache, and with one transformers builds no per-sample mask),
     so this attention failed, as FA4 did on the H100."""
-    import torch
-    from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
-    from transformers.models.gemma2.modeling_gemma2 import eager_attention_forward
-
     from training.backends import _attention_self_check
 
-    lengths = (100, 156, 256)  # the check's packed row
-
-    def per_sample(module, q, k, v, attention_mask, **kw):
-        sample = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
-        pos = torch.arange(q.shape[2])
-        keep = (sample[:, None] == sample[None, :]) & (pos[:, None] >= pos[None, :])
-        mask = torch.zeros(keep.shape, dtype=q.dtype).masked_fill(~keep, float("-inf"))[None, None]
-        kw.pop("sliding_window", None)  # 256 tokens: cannot bind on samples of at most 256
-        return eager_attention_forward(module, q, k, v, mask, **kw)
-
-    AttentionInterface.register("test_per_sample", per_sample)
-    AttentionMaskInterface.register("test_per_sample", ALL_MASK_ATTENTION_FUNCTIONS["eager"])
+    register_attention("test_per_sample", per_sample_attention(window=None))  # 256 tokens: cannot bind anyway
     for boundaries in (True, False):
         result = _attention_self_check("test_per_sample", 256, device="cpu", boundaries=boundaries)
         assert result["ok"], result["detail"]
@@ -414,27 +392,10 @@ def test_the_windowed_check_catches_a_wrong_window(window, ok):
     the samples' lengths, causal within each sample and seeing the last `window` tokens, passes with the model's
     window and fails with none or one 8 tokens off. The loss alone would not tell (no window: 6.3040 against 6.3026);
     the input gradients do."""
-    import torch
-    from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
-    from transformers.models.gemma2.modeling_gemma2 import eager_attention_forward
-
     from training.backends import ATTENTION_SELF_CHECKS, _attention_self_check
 
-    lengths = (100, 156, 256)
-
-    def windowed(module, q, k, v, attention_mask, **kw):
-        sample = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
-        pos = torch.arange(q.shape[2])
-        keep = (sample[:, None] == sample[None, :]) & (pos[:, None] >= pos[None, :])
-        if kw.pop("sliding_window", None) and window:  # the global layer has none
-            keep &= pos[:, None] - pos[None, :] < window
-        mask = torch.zeros(keep.shape, dtype=q.dtype).masked_fill(~keep, float("-inf"))[None, None]
-        return eager_attention_forward(module, q, k, v, mask, **kw)
-
     name = f"test_window_{window}"
-    AttentionInterface.register(name, windowed)
-    AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS["eager"])
+    register_attention(name, per_sample_attention(window))
     result = _attention_self_check(name, ATTENTION_SELF_CHECKS["fa4-window"][1], device="cpu")
     assert result["ok"] == ok, result["detail"]
 
@@ -535,6 +496,31 @@ def test_sliding_window_of_reads_the_config(tmp_path, tiny_model_dir):
     assert window(tmp_path / "gemma3") == 512  # a multimodal model's window is its text config's
     with pytest.raises(ModelLoadError, match="does not exist"):  # a missing model stops before any window is read
         window(tmp_path / "missing")
+
+
+def register_attention(name: str, fn) -> None:
+    """An attention under a name transformers resolves (attn_implementation=name), with eager's masks."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+
+    AttentionInterface.register(name, fn)
+    AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS["eager"])
+
+
+def per_sample_attention(window: int | None, lengths=(100, 156, 256)):
+    """Eager attention with a mask written here from the self-check's packed row (its samples' lengths): causal
+    within each sample, and on a windowed layer the last `window` tokens only (None: no window anywhere)."""
+    from transformers.models.gemma2.modeling_gemma2 import eager_attention_forward
+
+    def attention(module, q, k, v, attention_mask, **kw):
+        sample = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+        pos = torch.arange(q.shape[2])
+        keep = (sample[:, None] == sample[None, :]) & (pos[:, None] >= pos[None, :])
+        if kw.pop("sliding_window", None) and window:  # the global layer has none
+            keep &= pos[:, None] - pos[None, :] < window
+        mask = torch.zeros(keep.shape, dtype=q.dtype).masked_fill(~keep, float("-inf"))[None, None]
+        return eager_attention_forward(module, q, k, v, mask, **kw)
+    return attention
 
 
 def b_resolve(requested, kind, check=None, window_binds=None):
