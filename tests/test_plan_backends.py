@@ -454,7 +454,8 @@ def test_the_self_check_subprocess_gets_the_runs_attention_shape(monkeypatch, tm
         monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
         monkeypatch.setattr(backends, "self_check_step", lambda name, s: seen.append((name, s)) or {"ok": True,
                                                                                                    "detail": "ok"})
-        assert backends.main(backends.self_check_command(backend, shape)[3:]) == 0
+        cmd = backends.self_check_command(backend, shape) if shape else backends.self_check_command(backend)
+        assert backends.main(cmd[3:]) == 0
         assert seen == [(backend, shape or AttentionShape())]
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")

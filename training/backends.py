@@ -72,12 +72,11 @@ class HFBackend:
         not measured, so a failed Liger patch is planned conservatively, as materialised logits."""
         return self.liger
 
-    def configure(self, cfg, device_kind: str, shape: AttentionShape | None = None):
+    def configure(self, cfg, device_kind: str, shape: AttentionShape = AttentionShape()):
         """The config this backend trains with: the attention that will run (auto on CUDA: FA4 where it can train,
         else flex, after their self-checks; FA4 or flex by name: self-checked, refused if the check fails).
         `shape`: the base model's attention (training.model.attention_shape_of), which the self-checks are built
         with; where a sample can outgrow its sliding window, FA4's windowed kernel is what is checked."""
-        shape = shape or AttentionShape()
         window = shape.sliding_window
         binds = window is not None and cfg.max_seq_length > window
         attention, why = resolve_attention(cfg.attn_implementation, device_kind,
@@ -110,7 +109,7 @@ class UnslothBackend:
     multi_gpu: ClassVar[bool] = False  # open-source unsloth is single-GPU
     fused_loss: ClassVar[bool] = True
 
-    def configure(self, cfg, device_kind: str, shape: AttentionShape | None = None):
+    def configure(self, cfg, device_kind: str, shape: AttentionShape = AttentionShape()):
         for key, fixed in UNSLOTH_FIXED.items():
             if getattr(cfg, key) != fixed:
                 log.warning("backend unsloth ignores %s=%s (it uses %s); --set backend=auto honours it",
@@ -209,7 +208,7 @@ def _self_check_cache() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "qlora-stack" / "backend_self_check.json"
 
 
-def _self_check_key(backend: str, shape: AttentionShape | None = None) -> str:
+def _self_check_key(backend: str, shape: AttentionShape = AttentionShape()) -> str:
     """Same check (and kernel variant), backend version (and what compiles it), torch, and GPU: same verdict."""
     from importlib.metadata import PackageNotFoundError, version
 
@@ -221,12 +220,12 @@ def _self_check_key(backend: str, shape: AttentionShape | None = None) -> str:
             versions.append(f"{package}={version(package)}")
         except PackageNotFoundError:
             versions.append(f"{package}=missing")
-    variant = f" ({(shape or AttentionShape()).variant})" if backend in ATTENTION_SELF_CHECKS else ""
+    variant = f" ({shape.variant})" if backend in ATTENTION_SELF_CHECKS else ""
     return (f"{backend}{variant} check v{SELF_CHECK_VERSION} {' '.join(versions)} torch={torch.__version__} "
             f"gpu={torch.cuda.get_device_name(0)}")
 
 
-def run_self_check(backend: str, shape: AttentionShape | None = None) -> tuple[bool, str]:
+def run_self_check(backend: str, shape: AttentionShape = AttentionShape()) -> tuple[bool, str]:
     """One QLoRA step of `backend` on a small random Gemma-2 in a subprocess; (passed, detail). An attention check's
     model has the run's attention `shape`. A pass is cached per (check, kernel variant, versions, GPU); a failure is
     retried next time."""
@@ -247,16 +246,15 @@ def run_self_check(backend: str, shape: AttentionShape | None = None) -> tuple[b
     return ok, detail
 
 
-def self_check_command(backend: str, shape: AttentionShape | None = None) -> list[str]:
+def self_check_command(backend: str, shape: AttentionShape = AttentionShape()) -> list[str]:
     """The self-check's command line; an attention check carries the kernel variant (`main` parses it back)."""
     cmd = [sys.executable, "-m", "training.backends", "self-check", "--backend", backend, "--json"]
     if backend in ATTENTION_SELF_CHECKS:
-        shape = shape or AttentionShape()
         cmd += ["--head-dim", str(shape.head_dim), "--group", str(shape.group), "--softcap", str(shape.softcap or 0)]
     return cmd
 
 
-def _run_self_check_subprocess(backend: str, shape: AttentionShape | None = None) -> tuple[bool, str]:
+def _run_self_check_subprocess(backend: str, shape: AttentionShape = AttentionShape()) -> tuple[bool, str]:
     cmd = self_check_command(backend, shape)
     env = {**os.environ, "UNSLOTH_COMPILE_DISABLE": "1"}
     try:
@@ -298,7 +296,7 @@ def _mini_gemma2(folder: Path) -> Path:
     return folder
 
 
-def self_check_step(backend: str, shape: AttentionShape | None = None) -> dict:
+def self_check_step(backend: str, shape: AttentionShape = AttentionShape()) -> dict:
     """unsloth: one forward/backward step; a finite loss near ln(vocab) (random init) and finite, non-zero LoRA
     gradients. flex, fa4, fa4-window: that attention against eager attention on a small Gemma-2 with the run's
     attention `shape` (head size, grouping, soft-cap; Gemma-2's by default), a sliding window and three packed
@@ -344,7 +342,7 @@ SELF_CHECK_VERSION = 5  # bump when a check changes: a cached pass of the old on
 
 
 def _attention_self_check(impl: str, sliding_window: int, device: str = "cuda", heads: tuple[int, int] | None = None,
-                          boundaries: bool = True, shape: AttentionShape | None = None) -> dict:
+                          boundaries: bool = True, shape: AttentionShape = AttentionShape()) -> dict:
     """Builds (flex: compiles, fa4: JIT-compiles) the attention's forward and backward kernels for the run's head
     size, grouping and soft-cap (`shape`, by default Gemma-2's: head_dim 256, 2 heads per kv head, soft-cap 50) on
     this card (a 24 GB card's shared memory can be too small for them) and checks them against eager attention on
@@ -362,7 +360,6 @@ def _attention_self_check(impl: str, sliding_window: int, device: str = "cuda", 
 
     from training.data import collate_packed, without_boundaries
 
-    shape = shape or AttentionShape()
     heads = heads or (shape.group, 1)
     # Gemma-2's layers with the run's attention: only what the kernel is built for matters here (the scores' scale
     # 1/sqrt(head_dim), as most models use; the soft-cap where the model has one)
@@ -453,7 +450,7 @@ def use_fa4_kernel_cache() -> None:
 
 
 def resolve_attention(requested: str, device_kind: str, self_check=None,
-                      window_binds: int | None = None, shape: AttentionShape | None = None) -> tuple[str, str]:
+                      window_binds: int | None = None, shape: AttentionShape = AttentionShape()) -> tuple[str, str]:
     """`auto` on CUDA: FlashAttention 4 where it can train (Hopper, datacenter Blackwell, flash-attn-4 installed) once
     its self-check passed on this card, else flex attention once its self-check passed, else eager; on the CPU eager.
     All keep Gemma-2's soft-cap and are exact for packed rows; FA4 and flex never materialise the S x S scores. Passes
