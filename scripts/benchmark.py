@@ -28,6 +28,9 @@ Variant names: PATH[24]-SHAPE[-mbN][-ckpt0|1][-chat][-sN] (-sN: N timed steps in
 - -nosync (project, exploratory): bitsandbytes' 8-bit AdamW (0.50) calls torch.cuda.synchronize() after every
   parameter's update, 364 times a 2B step; this row skips those syncs (its updates run on the default stream, as
   the rest of the step does, so they stay ordered). Its losses must match the row without it.
+- -adam32 (exploratory): fused 32-bit AdamW (`torch.optim.AdamW(fused=True)`, the recipe's `--set
+  optim=adamw_torch_fused`) instead of bitsandbytes' 8-bit AdamW, which updates one LoRA tensor per kernel launch
+  (364 a 2B step). LoRA's moments in 32 bits cost ~0.2 GiB more on 2B, which the planner does not model.
 - -posids (project, exploratory): packed rows without the sample boundaries TRL's collator computes on the host
   (trl >= 1.16), so the model derives them from position_ids in every layer, as with trl 1.15.
 - -chat: variable-length chat samples (log-normal lengths, median 350 tokens, capped at 2048; the prompt third
@@ -87,9 +90,9 @@ def parse_variant(name: str) -> dict:
     v = {"name": name, "path": path.removesuffix("24"), "gpu_mem": 24.0 if path.endswith("24") else None,
          "shape": shape, "mb": None, "ckpt": None, "chat": False, "steps": None, "compile": False,
          "keep": None, "fp8": "", "lm_head": "trl", "attention": "auto", "posids": False, "profile": False,
-         "nosync": False, "window": None}
+         "nosync": False, "window": None, "adam32": False}
     if v["path"] not in ("baseline", "unsloth", "project", "recipe") or shape not in SHAPES:
-        raise SystemExit(f"error: unknown variant '{name}' (PATH[24]-SHAPE[-mbN][-ckpt0|1][-chat][-sN][-kN][-wN][-fa4|-flex][-fp8|-fp8all][-ligerhead][-posids][-nosync][-compile][-prof]; "
+        raise SystemExit(f"error: unknown variant '{name}' (PATH[24]-SHAPE[-mbN][-ckpt0|1][-chat][-sN][-kN][-wN][-fa4|-flex][-fp8|-fp8all][-ligerhead][-posids][-nosync][-adam32][-compile][-prof]; "
                          f"paths baseline, unsloth, project, recipe; shapes {', '.join(SHAPES)})")
     for p in parts[2:]:
         if p.startswith("mb"):
@@ -114,6 +117,8 @@ def parse_variant(name: str) -> dict:
             v["profile"] = True  # one more optimizer step under torch.profiler (not timed): where the time goes
         elif p == "nosync" and v["path"] == "project":
             v["nosync"] = True  # exploratory: bitsandbytes' 8-bit AdamW without its sync after every parameter
+        elif p == "adam32" and v["path"] != "recipe":
+            v["adam32"] = True  # exploratory lever: fused 32-bit AdamW instead of 8-bit
         elif p == "compile" and v["path"] == "project":
             v["compile"] = True  # exploratory lever: torch.compile of each decoder layer
         elif p.startswith("s") and p[1:].isdigit():
@@ -503,7 +508,11 @@ def run_variant(name: str, root: Path, steps: int, warmup: int, device: str) -> 
     if cuda:
         torch.cuda.reset_peak_memory_stats()  # the peak a user hits includes the first steps
     params = [p for p in m.parameters() if p.requires_grad]
-    opt = bnb.optim.AdamW8bit(params, lr=2e-4)  # the recipe's optim: adamw_8bit
+    if v["adam32"]:  # the recipe's optim=adamw_torch_fused: one multi-tensor kernel for every LoRA tensor
+        opt = torch.optim.AdamW(params, lr=2e-4, weight_decay=1e-2, fused=cuda)
+        desc += "; fused 32-bit AdamW"
+    else:
+        opt = bnb.optim.AdamW8bit(params, lr=2e-4)  # the recipe's optim: adamw_8bit (weight decay 1e-2 as above)
     if v["nosync"]:  # its non-paged updates run on the default stream, as the whole step does here: ordered anyway
         import bitsandbytes.optim.optimizer as bnb_optimizer
 
