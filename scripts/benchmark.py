@@ -14,10 +14,11 @@ Variant names: PATH[24]-SHAPE[-mbN][-ckpt0|1][-chat][-sN] (-sN: N timed steps in
 - baseline: the seed's recipe (transformers + peft + bitsandbytes, peft's fp32 upcast, eager attention, logits
   materialised, gradient checkpointing, LoRA dropout 0.05, micro-batch 4 x 4 on 2B, 2 x 8 on 9B).
 - unsloth: unsloth's FastLanguageModel standalone (its kernels, its checkpointing when ckpt1), micro-batch N.
-- project: the recipe's own functions (backend auto, attention auto, the planner), planned for this card;
+- project: the recipe's own functions (backend auto, attention auto, LM head auto, the planner), planned for this card;
   project24: planned for a 24 GiB card (an RTX 4090). -fa4 / -flex ask for FlashAttention 4 / flex attention by
   name. The recipe refuses one that fails its self-check; a project row runs it anyway, for its speed, and the
   row's description carries the check's verdict (a recipe row with it is refused, as a user's run would be).
+  -ligerhead / -trlhead ask for an LM head by name (auto: Liger's where Liger is applied, else TRL's).
 - recipe: the whole recipe (`python -m training.qlora_finetune`, SFTTrainer) for a few steps; tokens/s from its
   metrics.jsonl. It checks that the harness loop times what a user's run does.
 - -wN (recipe): the base model's sliding window set to N tokens (its weights linked). Below 2048 the rows outgrow
@@ -31,7 +32,10 @@ Variant names: PATH[24]-SHAPE[-mbN][-ckpt0|1][-chat][-sN] (-sN: N timed steps in
   the rest of the step does, so they stay ordered). Its losses must match the row without it.
 - -adam32 (exploratory): fused 32-bit AdamW (`torch.optim.AdamW(fused=True)`, the recipe's `--set
   optim=adamw_torch_fused`) instead of bitsandbytes' 8-bit AdamW, which updates one LoRA tensor per kernel launch
-  (364 a 2B step). LoRA's moments in 32 bits cost ~0.2 GiB more on 2B, which the planner does not model.
+  (364 a 2B step). LoRA's moments in 32 bits cost ~0.2 GiB more on 2B (0.6 on 9B), which the planner counts.
+- -tritonrope / -ligertriton (project, exploratory): Liger's RoPE / all its kernels (RoPE, RMSNorm, GeGLU, fused
+  cross-entropy) on its Triton implementation. Liger 0.8 runs CuTe DSL versions on Hopper and newer; on a fresh chat
+  batch its RoPE spent 0.78 s of host time per step (H100, 2026-12-06), with the GPU busy half the wall time.
 - -posids (project, exploratory): packed rows without the sample boundaries TRL's collator computes on the host
   (trl >= 1.16), so the model derives them from position_ids in every layer, as with trl 1.15.
 - -chat: variable-length chat samples (log-normal lengths, median 350 tokens, capped at 2048; the prompt third
@@ -75,6 +79,7 @@ ROWS_PER_STEP = 16  # full rows: 16 x 2048 = 32,768 tokens per optimizer step, a
 CHAT_MEDIAN, CHAT_SIGMA, CHAT_PROMPT_SHARE = 350, 0.9, 1 / 3
 CHAT_SAMPLES_PER_STEP = 96  # about 46k tokens: every path sees the same samples per optimizer step
 LORA_R = 32
+LIGER_OPS = ("rope", "rms_norm", "geglu", "fused_linear_cross_entropy")  # what the recipe has Liger patch in
 ATTENTION_PARTS = {"fa4": "flash_attention_4", "flex": "flex_attention"}  # -fa4 / -flex: the attention by name
 DEFAULT_VARIANTS = ",".join([  # most telling first: a call cut short by the device's time limit keeps those
     "project-2b-s18", "unsloth-2b-mb16-ckpt0-s18", "baseline-2b-s18", "unsloth-2b-mb8-ckpt0", "unsloth-2b-mb4-ckpt0",
@@ -90,10 +95,10 @@ def parse_variant(name: str) -> dict:
     path, shape = parts[0], parts[1]
     v = {"name": name, "path": path.removesuffix("24"), "gpu_mem": 24.0 if path.endswith("24") else None,
          "shape": shape, "mb": None, "ckpt": None, "chat": False, "steps": None, "compile": False,
-         "keep": None, "fp8": "", "lm_head": "trl", "attention": "auto", "posids": False, "profile": False,
-         "nosync": False, "window": None, "adam32": False}
+         "keep": None, "fp8": "", "lm_head": "auto", "attention": "auto", "posids": False, "profile": False,
+         "nosync": False, "window": None, "adam32": False, "liger_triton": ()}
     if v["path"] not in ("baseline", "unsloth", "project", "recipe") or shape not in SHAPES:
-        raise SystemExit(f"error: unknown variant '{name}' (PATH[24]-SHAPE[-mbN][-ckpt0|1][-chat][-sN][-kN][-wN][-fa4|-flex][-fp8|-fp8all][-ligerhead][-posids][-nosync][-adam32][-compile][-prof]; "
+        raise SystemExit(f"error: unknown variant '{name}' (PATH[24]-SHAPE[-mbN][-ckpt0|1][-chat][-sN][-kN][-wN][-fa4|-flex][-fp8|-fp8all][-ligerhead|-trlhead][-posids][-nosync][-adam32][-tritonrope|-ligertriton][-compile][-prof]; "
                          f"paths baseline, unsloth, project, recipe; shapes {', '.join(SHAPES)})")
     for p in parts[2:]:
         if p.startswith("mb"):
@@ -108,8 +113,8 @@ def parse_variant(name: str) -> dict:
             v["window"] = int(p[1:])  # the base model's sliding window; below 2048 it binds: FA4's windowed kernel
         elif p in ATTENTION_PARTS and v["path"] in ("project", "recipe"):
             v["attention"] = ATTENTION_PARTS[p]  # by name instead of the recipe's auto choice
-        elif p == "ligerhead" and v["path"] == "project":
-            v["lm_head"] = "liger"  # lm_head=liger: Liger's fused cross-entropy on the labelled positions
+        elif p in ("ligerhead", "trlhead") and v["path"] == "project":
+            v["lm_head"] = p.removesuffix("head")  # by name instead of auto (Liger's where it is applied, else TRL's)
         elif p in ("fp8", "fp8all") and v["path"] == "project":
             v["fp8"] = "backward" if p == "fp8" else "all"  # fp8_backward; fp8all: the forward too (exploratory)
         elif p == "posids" and v["path"] == "project":
@@ -118,6 +123,8 @@ def parse_variant(name: str) -> dict:
             v["profile"] = True  # one more optimizer step under torch.profiler (not timed): where the time goes
         elif p == "nosync" and v["path"] == "project":
             v["nosync"] = True  # exploratory: bitsandbytes' 8-bit AdamW without its sync after every parameter
+        elif p in ("tritonrope", "ligertriton") and v["path"] == "project":
+            v["liger_triton"] = ("rope",) if p == "tritonrope" else LIGER_OPS  # exploratory: Liger's Triton kernels
         elif p == "adam32" and v["path"] != "recipe":
             v["adam32"] = True  # exploratory lever: fused 32-bit AdamW instead of 8-bit
         elif p == "compile" and v["path"] == "project":
@@ -201,7 +208,8 @@ def load_variant(v: dict, path: Path, device: str) -> tuple:
         from training.backends import load_unsloth
 
         m = load_unsloth(str(path), SEQ, LORA_R, 16, 0.0, v["ckpt"], 0)
-        est = estimate_peak(arch, v["mb"], SEQ, LORA_R, "unsloth", v["ckpt"])
+        est = estimate_peak(arch, v["mb"], SEQ, LORA_R, "unsloth", v["ckpt"],
+                            optim="adamw_torch_fused" if v["adam32"] else "adamw_8bit")
         return m, v["mb"], False, f"unsloth FastLanguageModel, checkpointing {'on' if v['ckpt'] else 'off'}", est.peak_gib
     return load_project(v, path, device, arch)
 
@@ -268,7 +276,8 @@ def load_project(v: dict, path: Path, device: str, arch) -> tuple:
     est = estimate_peak(arch, cfg.per_device_train_batch_size, SEQ, LORA_R, setup.backend.name,
                         cfg.gradient_checkpointing, fused_loss=setup.backend.fused_loss,
                         eager_attention=cfg.attn_implementation == "eager", fp32_embeddings=cfg.fp32_norms_and_embeddings,
-                        recompute_layers=cfg.recompute_layers if cfg.gradient_checkpointing else 0)
+                        recompute_layers=cfg.recompute_layers if cfg.gradient_checkpointing else 0,
+                        optim="adamw_torch_fused" if v["adam32"] else cfg.optim)
     return (m, cfg.per_device_train_batch_size, v["chat"] and cfg.packing,
             f"{setup.backend.label}, {cfg.attn_implementation}: {line}", est.peak_gib)
 
@@ -458,7 +467,7 @@ def profile_step(model, params, opt, batches, dev) -> dict:
 
 def optimizer_step(model, params, opt, batches: list[dict], dev) -> tuple[float, float]:
     """One optimizer step the Trainer's way (bf16 autocast on CUDA, accumulation over the micro-batches, clipping at
-    0.3, 8-bit AdamW; the project's model through SFTTrainer's fused LM head): (loss, seconds), timed between CUDA
+    0.3, 8-bit AdamW; the project's model through the recipe's LM head): (loss, seconds), timed between CUDA
     synchronisations."""
     import torch
 
@@ -499,9 +508,13 @@ def run_variant(name: str, root: Path, steps: int, warmup: int, device: str) -> 
     steps = v["steps"] or steps
     path = model_dir(v["shape"], root, device)
     arch = Arch.from_config(json.loads((path / "config.json").read_text()))
+    for op in v["liger_triton"]:  # Liger's per-op override, read at each call: this process only
+        os.environ[f"LIGER_KERNEL_IMPL_{op.upper()}"] = "nvidia-triton"
     t_load = time.perf_counter()
     m, bs, packed, desc, predicted = load_variant(v, path, device)
     load_s = time.perf_counter() - t_load
+    if v["liger_triton"]:
+        desc += f"; Liger's Triton kernels for {', '.join(v['liger_triton'])}"
     if v["compile"]:  # one compiled graph shared by every layer (parameters are graph inputs, not guards)
         for layer in m.get_base_model().model.layers:
             layer.compile(dynamic=False)

@@ -23,12 +23,17 @@ def test_variant_names_are_parsed_and_typos_refused():
     assert bench.parse_variant("project24-9b")["gpu_mem"] == 24.0
     assert bench.parse_variant("project-2b-compile")["compile"] and not bench.parse_variant("project-2b")["compile"]
     assert [bench.parse_variant(f"project-2b{p}")["fp8"] for p in ("", "-fp8", "-fp8all")] == ["", "backward", "all"]
-    assert bench.parse_variant("project-2b-chat-ligerhead")["lm_head"] == "liger"
+    assert [bench.parse_variant(f"project-2b-chat{p}")["lm_head"] for p in ("", "-ligerhead", "-trlhead")] == \
+        ["auto", "liger", "trl"]
+    assert bench.parse_variant("unsloth-2b-mb8-ckpt0-adam32")["adam32"] and not bench.parse_variant("project-2b")["adam32"]
+    assert [bench.parse_variant(f"project-2b-chat{p}")["liger_triton"] for p in ("", "-tritonrope", "-ligertriton")] == \
+        [(), ("rope",), bench.LIGER_OPS]
     assert [bench.parse_variant(f"project-2b{p}")["attention"] for p in ("", "-fa4", "-flex")] == \
         ["auto", "flash_attention_4", "flex_attention"]
     assert bench.parse_variant("recipe-2b-w1024")["window"] == 1024 and bench.parse_variant("recipe-2b")["window"] is None
     for bad in ("unsloth-2b", "projekt-2b", "project-3b", "project-2b-fast", "unsloth-2b-mb16-ckpt0-compile",
-                "unsloth-2b-mb16-ckpt0-fp8", "baseline-2b-fa4", "project-2b-w1024", "recipe-2b-w0"):
+                "unsloth-2b-mb16-ckpt0-fp8", "baseline-2b-fa4", "project-2b-w1024", "recipe-2b-w0",
+                "recipe-2b-adam32", "unsloth-2b-mb8-ckpt0-ligerhead"):
         with pytest.raises(SystemExit, match="variant"):
             bench.parse_variant(bad)
     for name in bench.DEFAULT_VARIANTS.split(","):

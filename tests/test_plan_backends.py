@@ -120,6 +120,39 @@ def test_trainer_uses_the_planner_choice():
     assert plan_for_run(cfg, cpu, NO_LIGER)[0] == cfg  # the CPU keeps the configured values
 
 
+def test_the_planner_counts_the_optimizers_moments():
+    """32-bit AdamW moments (optim adamw_torch_fused) cost 6 more bytes per LoRA parameter than 8-bit ones: the
+    estimate grows by exactly that, and the recipe's plan counts the optimizer the config names."""
+    g9 = KNOWN_ARCHS["google/gemma-2-9b"]
+    eight = estimate_peak(g9, 8, 2048, 32, "hf", True, eager_attention=False, fp32_embeddings=False, recompute_layers=39)
+    fused = estimate_peak(g9, 8, 2048, 32, "hf", True, eager_attention=False, fp32_embeddings=False, recompute_layers=39,
+                          optim="adamw_torch_fused")
+    assert fused.lora_gib - eight.lora_gib == pytest.approx(g9.lora_params(32) * 6 / 2**30, abs=0.01)
+    assert 0.55 < fused.lora_gib - eight.lora_gib < 0.65  # 108M LoRA parameters at r=32
+    assert fused.peak_gib > eight.peak_gib
+    cfg = replace(PRESETS["gemma-9b"], attn_implementation="flex_attention")
+    card = Device("cuda", "RTX 4090", 24.0, torch.bfloat16, True, False)
+    peaks = [float(plan_for_run(replace(cfg, optim=o), card, LIGER)[1].split("predicted peak ")[1].split(" GiB")[0])
+             for o in ("adamw_8bit", "adamw_torch_fused")]
+    assert peaks[1] - peaks[0] == pytest.approx(0.6, abs=0.1)
+
+
+def test_the_lm_head_is_ligers_where_liger_is_applied_on_cuda():
+    """auto: Liger's fused cross-entropy on the labelled positions where Liger is applied on CUDA (measured faster),
+    TRL's head elsewhere; by name, each is honoured, and liger on CUDA without Liger is refused with the fix."""
+    from training.backends import UnslothBackend, resolve_lm_head
+
+    assert [resolve_lm_head("auto", kind, applied)[0] for kind, applied in
+            (("cuda", True), ("cuda", False), ("cpu", False), ("cpu", True))] == ["liger", "trl", "trl", "trl"]
+    assert resolve_lm_head("trl", "cuda", True)[0] == "trl"
+    assert resolve_lm_head("liger", "cpu", False)[0] == "liger"  # transformers' loss on the same positions
+    with pytest.raises(BackendError, match="drop --set lm_head=liger"):
+        resolve_lm_head("liger", "cuda", False, "liger-kernel is not installed")
+    # the backend hands the resolved head to the trainer: never "auto"
+    assert NO_LIGER.configure(replace(PRESETS["tiny"], lm_head="auto"), "cpu").lm_head == "trl"
+    assert UnslothBackend("test").configure(replace(PRESETS["gemma-2b"], lm_head="liger"), "cuda").lm_head == "trl"
+
+
 def test_backend_cpu_and_explicit_choices():
     assert choose_backend("auto", "cpu").name == "hf"
     assert choose_backend("hf", "cuda").name == "hf"

@@ -28,6 +28,7 @@ MICRO_BATCHES = (1, 2, 4, 8, 16, 32, 64)
 # Per-token constants in bytes, fitted to H100 measurements (bf16 compute, NF4 + double quant, LoRA all-linear).
 NF4_BYTES_PER_PARAM = 0.516  # 4 bits + double-quantised absmax (blocksize 64)
 LORA_BYTES_PER_PARAM = 10.0  # fp32 weight (4) + fp32 grad (4) + 8-bit Adam moments (2)
+LORA_BYTES_PER_PARAM_32BIT_OPTIM = 16.0  # the same with 32-bit moments (8): optim adamw_torch(_fused), paged_adamw_32bit
 CKPT_HIDDEN_BYTES = 4.0  # per layer per hidden unit: checkpointed layer inputs (fp32 residual after kbit prep)
 LAYER_WORKSET_BYTES = 40.0  # per intermediate unit: one layer's activations live during recompute + backward
 NO_CKPT_LAYER_BYTES = 142.0  # per layer per hidden unit when every activation is kept (no checkpointing)
@@ -99,17 +100,19 @@ class Estimate:
 
 def estimate_peak(arch: Arch, micro_batch: int, seq_len: int, lora_r: int, backend: str = "hf",
                   gradient_checkpointing: bool = True, fused_loss: bool = True, eager_attention: bool = True,
-                  fp32_embeddings: bool = True, recompute_layers: int | None = None) -> Estimate:
+                  fp32_embeddings: bool = True, recompute_layers: int | None = None,
+                  optim: str = "adamw_8bit") -> Estimate:
     """Peak allocated bytes of one training step. backend: 'hf' (transformers + peft, optional fused loss from
     Liger) or 'unsloth'. fp32_embeddings: peft's prepare_model_for_kbit_training upcast (the seed's path; its
     residual stream is fp32), else the project's bf16 path. recompute_layers: how many layers are checkpointed
-    (None: all of them when gradient_checkpointing, none otherwise)."""
+    (None: all of them when gradient_checkpointing, none otherwise). optim: the optimizer, whose moments are 8-bit
+    (`*8bit`) or 32-bit."""
     tokens = micro_batch * seq_len
     L = arch.num_layers
     recomputed = (L if gradient_checkpointing else 0) if recompute_layers is None else max(0, min(L, recompute_layers))
     embed_bytes = arch.vocab * arch.hidden * (4 if fp32_embeddings and backend == "hf" else 2)
     weights = arch.linear_params() * NF4_BYTES_PER_PARAM + embed_bytes
-    lora = arch.lora_params(lora_r) * LORA_BYTES_PER_PARAM
+    lora = arch.lora_params(lora_r) * (LORA_BYTES_PER_PARAM if "8bit" in optim else LORA_BYTES_PER_PARAM_32BIT_OPTIM)
     scores = micro_batch * arch.heads * seq_len * seq_len
     if backend == "unsloth":
         if recomputed:
@@ -166,14 +169,14 @@ class PlanError(UserError, ValueError):
 
 def plan(arch: Arch, sequences_per_step: int, seq_len: int, lora_r: int, gpu_mem_gib: float, backend: str = "hf",
          fused_loss: bool = True, eager_attention: bool = True, max_micro_batch: int | None = None,
-         allow_no_checkpointing: bool = True, fp32_embeddings: bool = True) -> Plan:
+         allow_no_checkpointing: bool = True, fp32_embeddings: bool = True, optim: str = "adamw_8bit") -> Plan:
     """Largest micro-batch (a divisor of sequences_per_step) that fits the budget with every layer checkpointed;
     then as few checkpointed layers as still fit (hf: per layer; unsloth: all or none), since recompute costs a
     third of a step; keeps sequences_per_step x seq_len tokens per step."""
     budget = budget_gib(gpu_mem_gib)
     cap = min(sequences_per_step, max_micro_batch or sequences_per_step)
     candidates = [b for b in MICRO_BATCHES if b <= cap and sequences_per_step % b == 0]
-    kw = dict(fused_loss=fused_loss, eager_attention=eager_attention, fp32_embeddings=fp32_embeddings)
+    kw = dict(fused_loss=fused_loss, eager_attention=eager_attention, fp32_embeddings=fp32_embeddings, optim=optim)
     best: Estimate | None = None
     for b in candidates:
         est = estimate_peak(arch, b, seq_len, lora_r, backend, True, **kw)
@@ -225,7 +228,7 @@ def plan_for_run(cfg, device, backend) -> tuple:
     arch = arch_for(cfg.model_name_or_path)  # known table, else the (builtin-resolved) config.json
     p = plan(arch, sequences, cfg.max_seq_length, cfg.lora_r, gpu_mem, backend.name,  # PlanError: nothing fits
              fused_loss=backend.fused_loss, eager_attention=cfg.attn_implementation in ("eager", "auto"),
-             max_micro_batch=cfg.max_micro_batch, fp32_embeddings=cfg.fp32_norms_and_embeddings)
+             max_micro_batch=cfg.max_micro_batch, fp32_embeddings=cfg.fp32_norms_and_embeddings, optim=cfg.optim)
     new = replace(cfg, per_device_train_batch_size=p.micro_batch, gradient_accumulation_steps=p.gradient_accumulation_steps,
                   gradient_checkpointing=p.gradient_checkpointing, recompute_layers=p.recompute_layers)
     ckpt = f"on for {p.recompute_layers} of {arch.num_layers} layers" if p.gradient_checkpointing else "off"
@@ -262,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
         eager = args.attention == "eager" if preset.attn_implementation == "auto" else preset.attn_implementation == "eager"
         result = plan(arch_for(model), sequences, seq, preset.lora_r, args.gpu_mem, args.backend,
                       fused_loss=not args.no_fused_loss, eager_attention=eager,
-                      fp32_embeddings=args.fp32_embeddings or preset.fp32_norms_and_embeddings)
+                      fp32_embeddings=args.fp32_embeddings or preset.fp32_norms_and_embeddings, optim=preset.optim)
     except PlanError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
