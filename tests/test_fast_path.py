@@ -157,6 +157,45 @@ def test_lm_head_on_labelled_positions_equals_trls_fused_head(tiny_model_dir):
                 assert torch.allclose(p.grad, ref_grads[name], rtol=1e-4, atol=1e-7), name
 
 
+def test_ligers_head_logs_the_token_accuracy_that_ligers_forward_returns(tiny_model_dir, tiny_tokenizer, tmp_path):
+    """With Liger's head on CUDA the trainer asks Liger's forward for the labelled positions' top-1 accuracy and logs
+    it as SFTTrainer's `mean_token_accuracy`. Liger's forward cannot run on a CPU: a stand-in computes the same
+    thing from transformers' logits on the kept positions. Without the flag (the CPU) nothing extra is asked."""
+    from datasets import Dataset
+    from trl import SFTConfig
+
+    from training.lm_head import trainer_class
+
+    ids = torch.randint(3, 500, (2, 48), generator=torch.Generator().manual_seed(2))
+    labels = ids.clone()
+    labels[0, :20], labels[1, :5] = -100, -100  # prompts: no loss
+    for token_accuracy in (True, False):
+        model = load(tiny_model_dir, fused_lora=True)
+        base = model.get_base_model()
+        real_forward, asked, expected = base.forward, [], []
+
+        def liger_like_forward(*args, return_token_accuracy=False, **kwargs):  # Liger's lce_forward's contract
+            asked.append(return_token_accuracy)
+            out = real_forward(*args, **kwargs)
+            if return_token_accuracy:
+                target = kwargs["shift_labels"]
+                mask = target != -100
+                out["token_accuracy"] = (out.logits.argmax(-1)[mask] == target[mask]).float().mean()
+                expected.append(float(out["token_accuracy"]))
+            return out
+        base.forward = liger_like_forward
+        args = SFTConfig(output_dir=str(tmp_path / str(token_accuracy)), report_to="none", use_cpu=True,
+                         per_device_train_batch_size=2, max_steps=1)
+        trainer = trainer_class("liger", token_accuracy)(
+            model=model, args=args, processing_class=tiny_tokenizer,
+            train_dataset=Dataset.from_dict({"input_ids": ids.tolist()}))
+        loss = trainer.compute_loss(model, {"input_ids": ids, "labels": labels}, num_items_in_batch=60)
+        assert torch.isfinite(loss) and asked == [token_accuracy]
+        logged = trainer._metrics["train"].get("mean_token_accuracy", [])
+        assert logged == (pytest.approx(expected) if token_accuracy else [])
+        assert not token_accuracy or 0.0 <= logged[0] <= 1.0
+
+
 @pytest.mark.slow
 def test_the_recipe_trains_the_same_with_either_lm_head(tmp_path):
     """The whole recipe (SFTTrainer, packing, eval split, 2 micro-batches per step) with --set lm_head=liger and with

@@ -13,7 +13,8 @@ CUDA and `trl` elsewhere: training.backends.resolve_lm_head):
 
 Both give the same loss, normalised the same way (over `num_items_in_batch`, the labelled tokens of the whole step).
 Evaluation, other objectives (a custom loss, label smoothing, DFT) and a micro-batch without labels use TRL's head.
-SFTTrainer's logged entropy and mean token accuracy come from its head, so with `liger` they are not logged.
+SFTTrainer logs entropy and mean token accuracy from its head. With `liger` on CUDA, Liger's forward returns the
+labelled positions' top-1 accuracy, logged as the same `mean_token_accuracy`; entropy is not logged.
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ from __future__ import annotations
 IGNORE = -100
 
 
-def labelled_positions_loss(model, inputs: dict, num_items_in_batch=None):
-    """The model's loss computed only at positions whose next token has a label: (loss, outputs)."""
+def labelled_positions_loss(model, inputs: dict, num_items_in_batch=None, token_accuracy: bool = False):
+    """The model's loss computed only at positions whose next token has a label: (loss, outputs). token_accuracy:
+    ask Liger's forward for those positions' top-1 accuracy too (`outputs.token_accuracy`; only where Liger runs)."""
     import torch.nn.functional as F
 
     labels = inputs["labels"]
@@ -31,13 +33,16 @@ def labelled_positions_loss(model, inputs: dict, num_items_in_batch=None):
         shift = F.pad(labels, (0, 1), value=IGNORE)[..., 1:]  # position t predicts token t + 1
     keep = (shift != IGNORE).any(dim=0).nonzero().squeeze(1)  # the union over the rows (padding-free: one row)
     kwargs = {k: v for k, v in inputs.items() if k not in ("labels", "shift_labels")}
+    if token_accuracy:
+        kwargs["return_token_accuracy"] = True
     outputs = model(**kwargs, labels=labels, shift_labels=shift[:, keep].contiguous(), logits_to_keep=keep,
                     num_items_in_batch=num_items_in_batch, use_cache=False)
     return outputs.loss, outputs
 
 
-def trainer_class(lm_head: str):
-    """The SFTTrainer class that trains with this LM head."""
+def trainer_class(lm_head: str, token_accuracy: bool = False):
+    """The SFTTrainer class that trains with this LM head. token_accuracy (`liger`, where Liger runs: CUDA): log
+    Liger's top-1 accuracy on the labelled positions as `mean_token_accuracy`, the metric SFTTrainer logs."""
     from trl import SFTTrainer
 
     if lm_head == "trl":
@@ -53,7 +58,11 @@ def trainer_class(lm_head: str):
                                or self.args.loss_type != "nll")
             if not model.training or other_objective or not bool((inputs["labels"] != IGNORE).any()):
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-            loss, outputs = labelled_positions_loss(model, inputs, num_items_in_batch)
+            loss, outputs = labelled_positions_loss(model, inputs, num_items_in_batch, token_accuracy)
+            accuracy = getattr(outputs, "token_accuracy", None)
+            if accuracy is not None:  # this micro-batch's, averaged over the ranks; logged like SFTTrainer's own
+                accuracy = self.accelerator.gather_for_metrics(accuracy.detach().float().reshape(1)).mean()
+                self._metrics["train"]["mean_token_accuracy"].append(float(accuracy))
             # as Trainer.compute_loss: num_items_in_batch counts every rank's tokens, and DDP averages gradients
             if self.args.average_tokens_across_devices and num_items_in_batch is not None:
                 loss = loss * self.accelerator.num_processes

@@ -268,8 +268,9 @@ def build_trainer(setup: RunSetup, data: RunData, model, paths: RunPaths, callba
                                        keep=setup.cfg.keep_checkpoints, resumed_from=setup.start.checkpoint,
                                        resume_changes=setup.start.changes,
                                        extra_json={DATA_FINGERPRINT: data.fingerprint}, log=log.warning, pause=pause)
-    trainer = trainer_class(setup.cfg.lm_head)(model=model, args=args, train_dataset=data.train, eval_dataset=data.eval,
-                         processing_class=data.tokenizer, callbacks=[metrics_cb, checkpoint_cb, *callbacks])
+    trainer_cls = trainer_class(setup.cfg.lm_head, token_accuracy=setup.device.kind == "cuda")  # CUDA: Liger runs
+    trainer = trainer_cls(model=model, args=args, train_dataset=data.train, eval_dataset=data.eval,
+                          processing_class=data.tokenizer, callbacks=[metrics_cb, checkpoint_cb, *callbacks])
     trainer.remove_callback(PrinterCallback)
     return trainer, metrics_cb, checkpoint_cb
 
