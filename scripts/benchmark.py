@@ -201,17 +201,21 @@ def load_variant(v: dict, path: Path, device: str) -> tuple:
     arch = Arch.from_config(json.loads((path / "config.json").read_text()))
     if v["path"] == "baseline":
         bs = v["mb"] or (2 if v["shape"] == "9b" else 4)
-        est = estimate_peak(arch, bs, SEQ, LORA_R, "hf", True, fused_loss=False, eager_attention=True)
+        est = estimate_peak(arch, bs, SEQ, LORA_R, "hf", True, fused_loss=False, eager_attention=True, optim=optim_of(v))
         return (load_baseline(path, device), bs, False, "transformers + peft, fp32 upcast, eager, logits "
                 "materialised, checkpointing", est.peak_gib)
     if v["path"] == "unsloth":
         from training.backends import load_unsloth
 
         m = load_unsloth(str(path), SEQ, LORA_R, 16, 0.0, v["ckpt"], 0)
-        est = estimate_peak(arch, v["mb"], SEQ, LORA_R, "unsloth", v["ckpt"],
-                            optim="adamw_torch_fused" if v["adam32"] else "adamw_8bit")
+        est = estimate_peak(arch, v["mb"], SEQ, LORA_R, "unsloth", v["ckpt"], optim=optim_of(v))
         return m, v["mb"], False, f"unsloth FastLanguageModel, checkpointing {'on' if v['ckpt'] else 'off'}", est.peak_gib
     return load_project(v, path, device, arch)
+
+
+def optim_of(v: dict) -> str:
+    """The recipe's name for the optimizer a row runs (run_variant builds it): what its plan and estimate count."""
+    return "adamw_torch_fused" if v["adam32"] else "adamw_8bit"
 
 
 def use_sft_head(model, lm_head: str) -> None:
@@ -252,7 +256,8 @@ def load_project(v: dict, path: Path, device: str, arch) -> tuple:
     # lm_head and fp8_backward are set before prepare(): the backend checks them there, as in the recipe
     cfg = replace(PRESETS[preset], model_name_or_path=str(path), gpu_mem_gib=v["gpu_mem"] or 0.0, max_seq_length=SEQ,
                   device=device, allow_cpu=True, min_gpu_mem_gib=0.0, lora_r=LORA_R, disk_check=False,
-                  lm_head=v["lm_head"], fp8_backward=bool(v["fp8"]), attn_implementation=v["attention"])
+                  lm_head=v["lm_head"], fp8_backward=bool(v["fp8"]), attn_implementation=v["attention"],
+                  optim=optim_of(v))  # planned with the optimizer the row runs
     setup = prepare(cfg, preset, RunPaths.of(v["name"], path.parent / "runs" / v["name"]), resume="never")
     cfg, line = setup.cfg, setup.plan_line
     line += "".join(f"; {x}" for x in verdicts)
@@ -276,8 +281,7 @@ def load_project(v: dict, path: Path, device: str, arch) -> tuple:
     est = estimate_peak(arch, cfg.per_device_train_batch_size, SEQ, LORA_R, setup.backend.name,
                         cfg.gradient_checkpointing, fused_loss=setup.backend.fused_loss,
                         eager_attention=cfg.attn_implementation == "eager", fp32_embeddings=cfg.fp32_norms_and_embeddings,
-                        recompute_layers=cfg.recompute_layers if cfg.gradient_checkpointing else 0,
-                        optim="adamw_torch_fused" if v["adam32"] else cfg.optim)
+                        recompute_layers=cfg.recompute_layers if cfg.gradient_checkpointing else 0, optim=cfg.optim)
     return (m, cfg.per_device_train_batch_size, v["chat"] and cfg.packing,
             f"{setup.backend.label}, {cfg.attn_implementation}: {line}", est.peak_gib)
 
@@ -413,11 +417,11 @@ def matmul_tflops(device: str) -> float:
 CATEGORIES = (
     ("loss (TRL's fused head)", ("trl:",)),  # TRL's kernels are named _forward_kernel/_backward_kernel: see below
     ("attention", ("flex", "triton_tem", "flash", "fmha", "attention")),
+    ("loss (Liger)", ("cross_entropy", "fused_linear")),  # before gemm: Liger's CuTe DSL kernels are kernel_cutlass_*
+    ("norm/act/rope (Liger)", ("rms_norm", "geglu", "rope", "swiglu")),
     ("gemm", ("gemm", "xmma", "cutlass", "nvjet", "cublas", "sm90_", "sm80_", "ampere_")),
     ("nf4 dequant", ("kDequantize", "dequantize")),
     ("optimizer (AdamW)", ("optimizer", "fusedadam", "adamw")),  # bitsandbytes' kOptimizer*, torch's FusedAdamW
-    ("loss (Liger)", ("cross_entropy", "fused_linear")),
-    ("norm/act/rope (Liger)", ("rms_norm", "geglu", "rope", "swiglu")),
 )
 # host-side ops that wait for the GPU (a `.item()`, a `bool(tensor)`, a nonzero) and the runtime's own waits
 SYNC_OPS = ("aten::_local_scalar_dense", "aten::nonzero", "cudaStreamSynchronize", "cudaDeviceSynchronize")
@@ -467,7 +471,7 @@ def profile_step(model, params, opt, batches, dev) -> dict:
 
 def optimizer_step(model, params, opt, batches: list[dict], dev) -> tuple[float, float]:
     """One optimizer step the Trainer's way (bf16 autocast on CUDA, accumulation over the micro-batches, clipping at
-    0.3, 8-bit AdamW; the project's model through the recipe's LM head): (loss, seconds), timed between CUDA
+    0.3, the row's AdamW; the project's model through the recipe's LM head): (loss, seconds), timed between CUDA
     synchronisations."""
     import torch
 

@@ -160,7 +160,8 @@ def test_lm_head_on_labelled_positions_equals_trls_fused_head(tiny_model_dir):
 def test_ligers_head_logs_the_token_accuracy_that_ligers_forward_returns(tiny_model_dir, tiny_tokenizer, tmp_path):
     """With Liger's head on CUDA the trainer asks Liger's forward for the labelled positions' top-1 accuracy and logs
     it as SFTTrainer's `mean_token_accuracy`. Liger's forward cannot run on a CPU: a stand-in computes the same
-    thing from transformers' logits on the kept positions. Without the flag (the CPU) nothing extra is asked."""
+    thing from transformers' logits on the kept positions. Without the flag (the CPU) nothing extra is asked. The
+    tokens seen are counted either way (`num_tokens`), as SFTTrainer counts them."""
     from datasets import Dataset
     from trl import SFTConfig
 
@@ -194,6 +195,9 @@ def test_ligers_head_logs_the_token_accuracy_that_ligers_forward_returns(tiny_mo
         logged = trainer._metrics["train"].get("mean_token_accuracy", [])
         assert logged == (pytest.approx(expected) if token_accuracy else [])
         assert not token_accuracy or 0.0 <= logged[0] <= 1.0
+        assert trainer._metrics["train"]["num_tokens"] == [ids.numel()]  # the tokens seen, as SFTTrainer logs them
+        trainer.compute_loss(model, {"input_ids": ids, "labels": labels}, num_items_in_batch=60)
+        assert trainer._metrics["train"]["num_tokens"] == [2 * ids.numel()]
 
 
 @pytest.mark.slow

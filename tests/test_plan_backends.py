@@ -120,7 +120,7 @@ def test_trainer_uses_the_planner_choice():
     assert plan_for_run(cfg, cpu, NO_LIGER)[0] == cfg  # the CPU keeps the configured values
 
 
-def test_the_planner_counts_the_optimizers_moments():
+def test_the_planner_counts_the_optimizers_moments(capsys):
     """32-bit AdamW moments (optim adamw_torch_fused) cost 6 more bytes per LoRA parameter than 8-bit ones: the
     estimate grows by exactly that, and the recipe's plan counts the optimizer the config names."""
     g9 = KNOWN_ARCHS["google/gemma-2-9b"]
@@ -135,6 +135,11 @@ def test_the_planner_counts_the_optimizers_moments():
     peaks = [float(plan_for_run(replace(cfg, optim=o), card, LIGER)[1].split("predicted peak ")[1].split(" GiB")[0])
              for o in ("adamw_8bit", "adamw_torch_fused")]
     assert peaks[1] - peaks[0] == pytest.approx(0.6, abs=0.1)
+    cli = []  # `make plan` previews either optimizer
+    for extra in ([], ["--optim", "adamw_torch_fused"]):
+        assert main(["--preset", "gemma-9b", "--gpu-mem", "24", "--json", *extra]) == 0
+        cli.append(json.loads(capsys.readouterr().out)["predicted_peak_gib"])
+    assert cli[1] - cli[0] == pytest.approx(0.6, abs=0.1)
 
 
 def test_the_lm_head_is_ligers_where_liger_is_applied_on_cuda():
@@ -210,6 +215,11 @@ def test_unsloth_names_the_keys_it_ignores_and_unpacks(caplog):
     assert "ignores target_modules=q_proj,v_proj" in warned and "ignores bf16=false" in warned
     assert "lora_r" not in warned  # honoured keys are not named
     assert not out.packing and out.target_modules == cfg.target_modules
+    for head, named in (("auto", False), ("trl", False), ("liger", True)):  # unsloth trains with TRL's head
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="training"):
+            assert UnslothBackend("asked for").configure(replace(cfg, lm_head=head), "cuda").lm_head == "trl"
+        assert ("ignores lm_head=liger (it uses trl)" in caplog.text) == named, caplog.text
 
 
 def test_several_processes_refuse_a_single_gpu_backend_before_any_self_check():

@@ -97,7 +97,8 @@ class HFBackend:
 # What unsloth does whatever the config says; a config asking otherwise is warned about, key by key.
 UNSLOTH_FIXED = {"target_modules": "all-linear", "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True,
                  "fused_lora": True, "fp32_norms_and_embeddings": False, "attn_implementation": "auto", "bf16": "auto",
-                 "fp8_backward": False, "lm_head": "auto"}
+                 "fp8_backward": False, "lm_head": "trl"}
+UNSLOTH_ANY = ("auto",)  # a key left at auto asks for nothing unsloth would ignore
 
 
 @dataclass(frozen=True)
@@ -112,7 +113,7 @@ class UnslothBackend:
 
     def configure(self, cfg, device_kind: str, shape: AttentionShape = AttentionShape()):
         for key, fixed in UNSLOTH_FIXED.items():
-            if getattr(cfg, key) != fixed:
+            if getattr(cfg, key) != fixed and getattr(cfg, key) not in UNSLOTH_ANY:
                 log.warning("backend unsloth ignores %s=%s (it uses %s); --set backend=auto honours it",
                             key, getattr(cfg, key), fixed)
         cfg = dataclasses.replace(cfg, lm_head="trl", fp8_backward=False)  # the trainer and loader read these
@@ -131,7 +132,7 @@ class UnslothBackend:
 def resolve_lm_head(requested: str, device_kind: str, liger_applied: bool, liger_reason: str = "") -> tuple[str, str]:
     """The LM head training runs (training/lm_head.py), and why. auto: Liger's fused cross-entropy on the labelled
     positions where Liger is applied on CUDA (two vocabulary products per labelled token; +6% on full 2B rows on an
-    H100, as fast on chat data), else TRL's fused head. liger by name without Liger applied on CUDA is refused."""
+    H100, no slowdown seen on chat data), else TRL's fused head. liger by name without Liger applied on CUDA is refused."""
     if requested == "trl":
         return "trl", "TRL's fused head, by name"
     if device_kind == "cuda" and liger_applied:

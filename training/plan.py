@@ -239,7 +239,7 @@ def plan_for_run(cfg, device, backend) -> tuple:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from training.qlora_config import PRESETS
+    from training.qlora_config import CHOICES, PRESETS
 
     p = argparse.ArgumentParser(prog="python -m training.plan", description=__doc__.splitlines()[0])
     p.add_argument("--preset", default="gemma-2b", choices=list(PRESETS))
@@ -252,6 +252,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="flex: flex attention or FlashAttention 4 (no S x S scores; the same plan, measured within "
                         "1%% on an H100), the default on CUDA; eager: their fallback")
     p.add_argument("--fp32-embeddings", action="store_true", help="peft's fp32 upcast (the seed's path)")
+    p.add_argument("--optim", choices=CHOICES["optim"], help="the optimizer (default: the preset's); 32-bit ones, e.g. adamw_torch_fused, keep "
+                                   "more bytes per LoRA parameter than *8bit ones")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     preset = PRESETS[args.preset]
@@ -265,7 +267,8 @@ def main(argv: list[str] | None = None) -> int:
         eager = args.attention == "eager" if preset.attn_implementation == "auto" else preset.attn_implementation == "eager"
         result = plan(arch_for(model), sequences, seq, preset.lora_r, args.gpu_mem, args.backend,
                       fused_loss=not args.no_fused_loss, eager_attention=eager,
-                      fp32_embeddings=args.fp32_embeddings or preset.fp32_norms_and_embeddings, optim=preset.optim)
+                      fp32_embeddings=args.fp32_embeddings or preset.fp32_norms_and_embeddings,
+                      optim=args.optim or preset.optim)
     except PlanError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
