@@ -131,8 +131,8 @@ def test_packed_micro_batches_are_what_the_recipes_collator_makes(monkeypatch):
 
 def test_a_profiled_project_step_runs_the_recipes_path_on_the_cpu(monkeypatch, tmp_path):
     """The project path end to end on the tiny model (the recipe's prepare() and loader, TRL's head, collated packed
-    chat rows), with one more step profiled, on a batch not run before: the losses fall, and the profile counts the host's waits (at least the
-    loss read after each micro-batch)."""
+    chat rows), with one more step profiled, on a batch not run before: the losses fall, and the profile counts the
+    host's waits (at least the loss read after each micro-batch)."""
     monkeypatch.setattr(bench, "CHAT_SAMPLES_PER_STEP", 8)
     monkeypatch.setattr(bench, "SEQ", 256)
     r = bench.run_variant("project-tiny-chat-prof", tmp_path, 2, 0, "cpu")

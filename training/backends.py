@@ -132,11 +132,13 @@ class UnslothBackend:
 def resolve_lm_head(requested: str, device_kind: str, liger_applied: bool, liger_reason: str = "") -> tuple[str, str]:
     """The LM head training runs (training/lm_head.py), and why. auto: Liger's fused cross-entropy on the labelled
     positions where Liger is applied on CUDA (two vocabulary products per labelled token; +6% on full 2B rows on an
-    H100, no slowdown seen on chat data), else TRL's fused head. liger by name without Liger applied on CUDA is refused."""
+    H100, no slowdown seen on chat data), else TRL's fused head. liger by name without Liger applied on CUDA is
+    refused."""
     if requested == "trl":
         return "trl", "TRL's fused head, by name"
     if device_kind == "cuda" and liger_applied:
-        return "liger", "Liger's fused cross-entropy on the labelled positions" + (", by name" if requested == "liger" else "")
+        by_name = ", by name" if requested == "liger" else ""
+        return "liger", f"Liger's fused cross-entropy on the labelled positions{by_name}"
     if requested == "liger" and device_kind == "cuda":
         raise BackendError("lm_head=liger needs Liger's fused cross-entropy, which is not applied here "
                            f"({liger_reason}); install liger-kernel (the gpu extra) or drop --set lm_head=liger")

@@ -28,7 +28,7 @@ MICRO_BATCHES = (1, 2, 4, 8, 16, 32, 64)
 # Per-token constants in bytes, fitted to H100 measurements (bf16 compute, NF4 + double quant, LoRA all-linear).
 NF4_BYTES_PER_PARAM = 0.516  # 4 bits + double-quantised absmax (blocksize 64)
 LORA_BYTES_PER_PARAM = 10.0  # fp32 weight (4) + fp32 grad (4) + 8-bit Adam moments (2)
-LORA_BYTES_PER_PARAM_32BIT_OPTIM = 16.0  # the same with 32-bit moments (8): optim adamw_torch(_fused), paged_adamw_32bit
+LORA_BYTES_PER_PARAM_32BIT_OPTIM = 16.0  # the same with 32-bit moments (8): adamw_torch(_fused), paged_adamw_32bit
 CKPT_HIDDEN_BYTES = 4.0  # per layer per hidden unit: checkpointed layer inputs (fp32 residual after kbit prep)
 LAYER_WORKSET_BYTES = 40.0  # per intermediate unit: one layer's activations live during recompute + backward
 NO_CKPT_LAYER_BYTES = 142.0  # per layer per hidden unit when every activation is kept (no checkpointing)
@@ -252,8 +252,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="flex: flex attention or FlashAttention 4 (no S x S scores; the same plan, measured within "
                         "1%% on an H100), the default on CUDA; eager: their fallback")
     p.add_argument("--fp32-embeddings", action="store_true", help="peft's fp32 upcast (the seed's path)")
-    p.add_argument("--optim", choices=CHOICES["optim"], help="the optimizer (default: the preset's); 32-bit ones, e.g. adamw_torch_fused, keep "
-                                   "more bytes per LoRA parameter than *8bit ones")
+    p.add_argument("--optim", choices=CHOICES["optim"],
+                   help="the optimizer (default: the preset's); 32-bit ones (adamw_torch_fused) keep 6 more bytes per "
+                        "LoRA parameter than *8bit ones")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     preset = PRESETS[args.preset]

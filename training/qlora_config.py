@@ -42,7 +42,7 @@ class QLoRAConfig:
     lora_dropout: float = 0.0  # 0 keeps unsloth's fused LoRA kernels; at fine-tuning data scale dropout buys little
     target_modules: str = "all-linear"  # LoRA on every linear layer (QLoRA paper: best quality per byte)
     fused_lora: bool = True  # base matmul + adapter in one autograd function (training/fast_lora.py): fewer passes
-    lm_head: str = "auto"  # auto: liger where Liger is applied on CUDA (+6% full rows, H100), else trl; training/lm_head.py
+    lm_head: str = "auto"  # auto: liger where Liger is applied on CUDA (+6% on full rows), else trl (training/lm_head.py)
     fp8_backward: bool = False  # backward's products with the frozen base in FP8 (e4m3, per-row scales; Ada/Hopper); forward exact; opt-in
     fp32_norms_and_embeddings: bool = False  # peft's upcast of frozen norms/embeddings: +2.2 GiB on 2B, ~1.4x slower
     # --- data ---
