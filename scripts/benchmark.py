@@ -529,7 +529,7 @@ def run_variant(name: str, root: Path, steps: int, warmup: int, device: str) -> 
     if cuda:
         torch.cuda.reset_peak_memory_stats()  # the peak a user hits includes the first steps
     params = [p for p in m.parameters() if p.requires_grad]
-    if v["adam32"]:  # the recipe's optim=adamw_torch_fused: one multi-tensor kernel for every LoRA tensor
+    if optim_of(v) == "adamw_torch_fused":  # one multi-tensor kernel for every LoRA tensor
         opt = torch.optim.AdamW(params, lr=2e-4, weight_decay=1e-2, fused=cuda)
         desc += "; fused 32-bit AdamW"
     else:
