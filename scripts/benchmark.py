@@ -33,9 +33,10 @@ Variant names: PATH[24]-SHAPE[-mbN][-ckpt0|1][-chat][-sN] (-sN: N timed steps in
 - -adam32 (exploratory): fused 32-bit AdamW (`torch.optim.AdamW(fused=True)`, the recipe's `--set
   optim=adamw_torch_fused`) instead of bitsandbytes' 8-bit AdamW, which updates one LoRA tensor per kernel launch
   (364 a 2B step). LoRA's moments in 32 bits cost ~0.2 GiB more on 2B (0.6 on 9B), which the planner counts.
-- -tritonrope / -ligertriton (project, exploratory): Liger's RoPE / all its kernels (RoPE, RMSNorm, GeGLU, fused
-  cross-entropy) on its Triton implementation. Liger 0.8 runs CuTe DSL versions on Hopper and newer; on a fresh chat
-  batch its RoPE spent 0.78 s of host time per step (H100, 2026-12-06), with the GPU busy half the wall time.
+- -cute (project and recipe): Liger's CuTe DSL kernels by name for the ops the recipe keeps on Triton's on sm_90+
+  (training.backends.LIGER_TRITON_OPS), which is what Liger 0.8 picks by itself there once nvidia-cutlass-dsl is
+  installed (FA4 brings it; a row without it fails). On a fresh chat batch its RoPE spent 0.78 s of host time per
+  step (H100, 2026-12-06), with the GPU busy half the wall time.
 - -posids (project, exploratory): packed rows without the sample boundaries TRL's collator computes on the host
   (trl >= 1.16), so the model derives them from position_ids in every layer, as with trl 1.15.
 - -chat: variable-length chat samples (log-normal lengths, median 350 tokens, capped at 2048; the prompt third
@@ -79,7 +80,6 @@ ROWS_PER_STEP = 16  # full rows: 16 x 2048 = 32,768 tokens per optimizer step, a
 CHAT_MEDIAN, CHAT_SIGMA, CHAT_PROMPT_SHARE = 350, 0.9, 1 / 3
 CHAT_SAMPLES_PER_STEP = 96  # about 46k tokens: every path sees the same samples per optimizer step
 LORA_R = 32
-LIGER_OPS = ("rope", "rms_norm", "geglu", "fused_linear_cross_entropy")  # what the recipe has Liger patch in
 ATTENTION_PARTS = {"fa4": "flash_attention_4", "flex": "flex_attention"}  # -fa4 / -flex: the attention by name
 DEFAULT_VARIANTS = ",".join([  # most telling first: a call cut short by the device's time limit keeps those
     "project-2b-s18", "unsloth-2b-mb16-ckpt0-s18", "baseline-2b-s18", "unsloth-2b-mb8-ckpt0", "unsloth-2b-mb4-ckpt0",
@@ -96,9 +96,9 @@ def parse_variant(name: str) -> dict:
     v = {"name": name, "path": path.removesuffix("24"), "gpu_mem": 24.0 if path.endswith("24") else None,
          "shape": shape, "mb": None, "ckpt": None, "chat": False, "steps": None, "compile": False,
          "keep": None, "fp8": "", "lm_head": "auto", "attention": "auto", "posids": False, "profile": False,
-         "nosync": False, "window": None, "adam32": False, "liger_triton": ()}
+         "nosync": False, "window": None, "adam32": False, "liger_cute": False}
     if v["path"] not in ("baseline", "unsloth", "project", "recipe") or shape not in SHAPES:
-        raise SystemExit(f"error: unknown variant '{name}' (PATH[24]-SHAPE[-mbN][-ckpt0|1][-chat][-sN][-kN][-wN][-fa4|-flex][-fp8|-fp8all][-ligerhead|-trlhead][-posids][-nosync][-adam32][-tritonrope|-ligertriton][-compile][-prof]; "
+        raise SystemExit(f"error: unknown variant '{name}' (PATH[24]-SHAPE[-mbN][-ckpt0|1][-chat][-sN][-kN][-wN][-fa4|-flex][-fp8|-fp8all][-ligerhead|-trlhead][-posids][-nosync][-adam32][-cute][-compile][-prof]; "
                          f"paths baseline, unsloth, project, recipe; shapes {', '.join(SHAPES)})")
     for p in parts[2:]:
         if p.startswith("mb"):
@@ -123,8 +123,8 @@ def parse_variant(name: str) -> dict:
             v["profile"] = True  # one more optimizer step under torch.profiler (not timed): where the time goes
         elif p == "nosync" and v["path"] == "project":
             v["nosync"] = True  # exploratory: bitsandbytes' 8-bit AdamW without its sync after every parameter
-        elif p in ("tritonrope", "ligertriton") and v["path"] == "project":
-            v["liger_triton"] = ("rope",) if p == "tritonrope" else LIGER_OPS  # exploratory: Liger's Triton kernels
+        elif p == "cute" and v["path"] in ("project", "recipe"):
+            v["liger_cute"] = True  # Liger's CuTe DSL kernels on sm_90+, as Liger picks them unless the recipe pins
         elif p == "adam32" and v["path"] != "recipe":
             v["adam32"] = True  # exploratory lever: fused 32-bit AdamW instead of 8-bit
         elif p == "compile" and v["path"] == "project":
@@ -211,6 +211,14 @@ def load_variant(v: dict, path: Path, device: str) -> tuple:
         est = estimate_peak(arch, v["mb"], SEQ, LORA_R, "unsloth", v["ckpt"], optim=optim_of(v))
         return m, v["mb"], False, f"unsloth FastLanguageModel, checkpointing {'on' if v['ckpt'] else 'off'}", est.peak_gib
     return load_project(v, path, device, arch)
+
+
+def liger_env(v: dict) -> dict:
+    """-cute: Liger's CuTe DSL kernels by name for the ops the recipe pins to Triton's on sm_90+ (its own setting
+    wins over the pin); otherwise nothing."""
+    from training.backends import LIGER_TRITON_OPS
+
+    return {f"LIGER_KERNEL_IMPL_{op.upper()}": "nvidia-cutedsl" for op in LIGER_TRITON_OPS} if v["liger_cute"] else {}
 
 
 def optim_of(v: dict) -> str:
@@ -512,13 +520,12 @@ def run_variant(name: str, root: Path, steps: int, warmup: int, device: str) -> 
     steps = v["steps"] or steps
     path = model_dir(v["shape"], root, device)
     arch = Arch.from_config(json.loads((path / "config.json").read_text()))
-    for op in v["liger_triton"]:  # Liger's per-op override, read at each call: this process only
-        os.environ[f"LIGER_KERNEL_IMPL_{op.upper()}"] = "nvidia-triton"
+    os.environ.update(liger_env(v))  # Liger's per-op choice, read at each call (the recipe keeps a user's own)
     t_load = time.perf_counter()
     m, bs, packed, desc, predicted = load_variant(v, path, device)
     load_s = time.perf_counter() - t_load
-    if v["liger_triton"]:
-        desc += f"; Liger's Triton kernels for {', '.join(v['liger_triton'])}"
+    if v["liger_cute"]:
+        desc += "; Liger's CuTe DSL kernels by name"
     if v["compile"]:  # one compiled graph shared by every layer (parameters are graph inputs, not guards)
         for layer in m.get_base_model().model.layers:
             layer.compile(dynamic=False)
@@ -606,7 +613,7 @@ def run_recipe(name: str, root: Path, steps: int, device: str) -> dict:
     if v["attention"] != "auto":  # -fa4 / -flex: by name, as a user asks for it (the recipe refuses one that fails its check)
         cmd += ["--set", f"attn_implementation={v['attention']}"]
     t = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env={**os.environ, **liger_env(v)})
     sys.stderr.write(proc.stderr)  # the recipe's own log (attention choice, self-checks) goes into the row's log
     if proc.returncode != 0:
         raise RuntimeError(f"recipe exit {proc.returncode}: {proc.stderr.strip().splitlines()[-1:]}")
@@ -614,8 +621,13 @@ def run_recipe(name: str, root: Path, steps: int, device: str) -> dict:
     rates = [r["tokens_per_s"] for r in rows if r.get("tokens_per_s") and r.get("step", 0) > 2 and "event" not in r]
     plan = next((ln.split("INFO ", 1)[-1] for ln in proc.stderr.splitlines() if "planner" in ln), "")
     attention = next((ln.split("INFO ", 1)[-1] for ln in proc.stderr.splitlines() if "INFO attention " in ln), "")
-    return dict(variant=name, desc=f"python -m training.qlora_finetune --model-config {preset}: {plan}; {attention}",
-                tokens_per_s=round(statistics.median(rates)) if rates else None, wall_s=round(time.perf_counter() - t))
+    head = next((ln.split("INFO ", 1)[-1] for ln in proc.stderr.splitlines() if "INFO lm head " in ln), "")
+    steps_logged = [r for r in rows if "loss" in r and "event" not in r]
+    accuracy = [r["mean_token_accuracy"] for r in steps_logged if "mean_token_accuracy" in r]  # either head logs it
+    return dict(variant=name, desc=f"python -m training.qlora_finetune --model-config {preset}: {plan}; {attention}; "
+                f"{head}; mean_token_accuracy logged at {len(accuracy)} of {len(steps_logged)} steps",
+                tokens_per_s=round(statistics.median(rates)) if rates else None, wall_s=round(time.perf_counter() - t),
+                mean_token_accuracy=accuracy[-1] if accuracy else None)
 
 
 # ------------------------------------------------------------------------------------------------ report

@@ -26,14 +26,16 @@ def test_variant_names_are_parsed_and_typos_refused():
     assert [bench.parse_variant(f"project-2b-chat{p}")["lm_head"] for p in ("", "-ligerhead", "-trlhead")] == \
         ["auto", "liger", "trl"]
     assert bench.parse_variant("unsloth-2b-mb8-ckpt0-adam32")["adam32"] and not bench.parse_variant("project-2b")["adam32"]
-    assert [bench.parse_variant(f"project-2b-chat{p}")["liger_triton"] for p in ("", "-tritonrope", "-ligertriton")] == \
-        [(), ("rope",), bench.LIGER_OPS]
+    cute = dict.fromkeys(("LIGER_KERNEL_IMPL_ROPE", "LIGER_KERNEL_IMPL_CROSS_ENTROPY_LOSS_AND_GRAD"), "nvidia-cutedsl")
+    assert bench.liger_env(bench.parse_variant("project-2b-chat-cute")) == cute
+    assert bench.liger_env(bench.parse_variant("recipe-2b-cute")) == cute
+    assert bench.liger_env(bench.parse_variant("project-2b-chat")) == {}  # the recipe's own choice: Triton's on sm_90+
     assert [bench.parse_variant(f"project-2b{p}")["attention"] for p in ("", "-fa4", "-flex")] == \
         ["auto", "flash_attention_4", "flex_attention"]
     assert bench.parse_variant("recipe-2b-w1024")["window"] == 1024 and bench.parse_variant("recipe-2b")["window"] is None
     for bad in ("unsloth-2b", "projekt-2b", "project-3b", "project-2b-fast", "unsloth-2b-mb16-ckpt0-compile",
                 "unsloth-2b-mb16-ckpt0-fp8", "baseline-2b-fa4", "project-2b-w1024", "recipe-2b-w0",
-                "recipe-2b-adam32", "unsloth-2b-mb8-ckpt0-ligerhead"):
+                "recipe-2b-adam32", "unsloth-2b-mb8-ckpt0-ligerhead", "unsloth-2b-mb8-ckpt0-cute"):
         with pytest.raises(SystemExit, match="variant"):
             bench.parse_variant(bad)
     for name in bench.DEFAULT_VARIANTS.split(","):

@@ -55,6 +55,7 @@ def test_metrics_jsonl_follows_the_contract(tiny_run):
     for r in train:
         assert METRIC_KEYS <= r.keys(), r
         assert r["run"] == "e2e" and r["max_steps"] == 40
+        assert 0.0 <= r["mean_token_accuracy"] <= 1.0  # what SFTTrainer logs from its LM head, passed through
     assert train[-1]["eta_s"] == 0
     events = [r["event"] for r in records if "event" in r]
     assert events[0] == "start" and events[-1] == "finished"

@@ -158,6 +158,28 @@ def test_the_lm_head_is_ligers_where_liger_is_applied_on_cuda():
     assert UnslothBackend("test").configure(replace(PRESETS["gemma-2b"], lm_head="liger"), "cuda").lm_head == "trl"
 
 
+def test_ligers_dispatched_ops_stay_on_its_triton_kernels_on_sm90_unless_the_user_chose():
+    """On sm_90+ Liger 0.8 would pick its CuTe DSL RoPE and cross-entropy, with which packed chat rows ran at ~0.6x on
+    an H100: the recipe pins both to Triton's, keeps a user's own choice (per op or for all), and leaves older cards
+    (Triton's only) alone."""
+    from training.backends import pin_liger_triton
+
+    env = {"PATH": "/bin"}
+    assert pin_liger_triton((8, 9), env) == [] and env == {"PATH": "/bin"}  # an RTX 4090
+    env = {"LIGER_KERNEL_IMPL_ROPE": "nvidia-cutedsl"}
+    assert pin_liger_triton((9, 0), env) == ["cross_entropy_loss_and_grad"]
+    assert env == {"LIGER_KERNEL_IMPL_ROPE": "nvidia-cutedsl",
+                   "LIGER_KERNEL_IMPL_CROSS_ENTROPY_LOSS_AND_GRAD": "nvidia-triton"}
+    assert pin_liger_triton((10, 0), env) == []  # already chosen: nothing changed
+    env = {"LIGER_KERNEL_BACKEND_CROSS_ENTROPY_LOSS_AND_GRAD": "cutedsl"}  # Liger's legacy per-op name
+    assert pin_liger_triton((9, 0), env) == ["rope"] and env["LIGER_KERNEL_IMPL_ROPE"] == "nvidia-triton"
+    for everything in ({"LIGER_KERNEL_IMPL": "nvidia-cutedsl"}, {"LIGER_KERNEL_BACKEND": "cutedsl"}):
+        assert pin_liger_triton((9, 0), everything) == [] and len(everything) == 1
+    env = {}
+    assert pin_liger_triton((12, 0), env) == ["rope", "cross_entropy_loss_and_grad"]
+    assert set(env.values()) == {"nvidia-triton"}
+
+
 def test_backend_cpu_and_explicit_choices():
     assert choose_backend("auto", "cpu").name == "hf"
     assert choose_backend("hf", "cuda").name == "hf"

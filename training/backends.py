@@ -3,7 +3,7 @@
 - `hf` (what `auto` picks): transformers + peft + bitsandbytes, with Liger kernels on CUDA when installed (fused
   linear cross-entropy with the final soft-cap, never materialising the 256k-vocab logits, which training runs on
   the labelled positions only (`lm_head: auto`, training/lm_head.py; TRL's fused head where Liger is not applied);
-  RMSNorm, GeGLU, RoPE),
+  RMSNorm, GeGLU, RoPE; Triton's kernels, also where Liger would pick its CuTe DSL ones: pin_liger_triton),
   `attn_implementation: auto` (FlashAttention 4 on Hopper/datacenter Blackwell, else flex attention, each after
   its self-check), the fused LoRA function (training/fast_lora.py) and bf16 norms/embeddings. On an H100, in one
   benchmark run, the recipe with FA4 ran 1.32x unsloth's best setting on full rows, and the same path in the
@@ -200,15 +200,45 @@ def apply_backend(choice: Backend, model_type: str) -> Backend:
                                f" (Liger kernels not applied to '{model_type}': planned as materialised logits)")
 
 
+# The ops that Liger 0.8 dispatches by GPU on the recipe's path (RoPE, and the cross-entropy inside its fused linear
+# cross-entropy), kept on Liger's Triton kernels on NVIDIA sm_90+. There Liger prefers its CuTe DSL kernels whenever
+# nvidia-cutlass-dsl is installed, which FlashAttention 4 brings (the GPU image has it). With them, packed chat rows,
+# whose length changes every micro-batch, ran at ~0.6x the rate they ran at with Triton's (H100, across leases; a
+# fresh chat step spent 0.78 s of host time in the CuTe RoPE), while full rows ran the same either way
+# (docs/benchmarks.md, 2026-12-06, sixth lease). Its norms and GeGLU/SwiGLU are Triton's anyway; an RTX 4090
+# (sm_89) has Triton's kernels only.
+LIGER_TRITON_OPS = ("rope", "cross_entropy_loss_and_grad")
+LIGER_GLOBAL_ENV = ("LIGER_KERNEL_IMPL", "LIGER_KERNEL_BACKEND")  # a user's choice for every op (BACKEND: legacy)
+
+
+def pin_liger_triton(capability: tuple[int, int], environ=os.environ) -> list[str]:
+    """Set LIGER_KERNEL_IMPL_<OP>=nvidia-triton (read by Liger at each call) for each op in LIGER_TRITON_OPS on an
+    sm_90+ card, unless the user chose an implementation for that op or for all; returns the ops pinned here."""
+    if tuple(capability) < (9, 0) or any(environ.get(k) for k in LIGER_GLOBAL_ENV):
+        return []
+    pinned = [op for op in LIGER_TRITON_OPS if not any(environ.get(f"{k}_{op.upper()}") for k in LIGER_GLOBAL_ENV)]
+    for op in pinned:
+        environ[f"LIGER_KERNEL_IMPL_{op.upper()}"] = "nvidia-triton"
+    return pinned
+
+
 def apply_liger(model_type: str) -> bool:
     """Patch transformers' model code with Liger kernels; True only when the fused linear cross-entropy (what the
-    planner counts on: no materialised logits) was applied. Liger itself only logs for a model it has no kernels for."""
+    planner counts on: no materialised logits) was applied. Liger itself only logs for a model it has no kernels for.
+    On NVIDIA sm_90+ its ops run their Triton kernels (pin_liger_triton)."""
     try:
         import inspect
 
         from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
     except ImportError:
         return False
+    import torch
+
+    if torch.cuda.is_available() and torch.version.hip is None:
+        pinned = pin_liger_triton(torch.cuda.get_device_capability())
+        if pinned:
+            log.info("Liger: %s on its Triton kernels, not its CuTe DSL ones (packed rows ran ~0.6x with those on "
+                     "an H100; LIGER_KERNEL_IMPL_<OP> chooses)", ", ".join(pinned))
     apply_fn = MODEL_TYPE_TO_APPLY_LIGER_FN.get(model_type)
     if apply_fn is None or "fused_linear_cross_entropy" not in inspect.signature(apply_fn).parameters:
         log.warning("Liger has no fused loss for model type '%s': not applied", model_type)

@@ -85,6 +85,8 @@ class MetricsCallback(TrainerCallback):
                           tokens_per_s=round(self.tokens_per_s, 1) if self.tokens_per_s else None,
                           eta_s=round(self.eta_s(state), 1) if self.eta_s(state) is not None else None,
                           tokens_seen=tokens)
+            if logs.get("mean_token_accuracy") is not None:  # the labelled positions' top-1 accuracy, either LM head
+                record["mean_token_accuracy"] = round(float(logs["mean_token_accuracy"]), 4)
             self._show(state, f"loss={loss:.4f} lr={record['learning_rate'] or 0:.2e} "
                               f"tok/s={record['tokens_per_s'] or 0:,.0f} eta={format_duration(record['eta_s'])}")
         elif "eval_loss" in logs:
