@@ -33,10 +33,11 @@ Variant names: PATH[24]-SHAPE[-mbN][-ckpt0|1][-chat][-sN] (-sN: N timed steps in
 - -adam32 (exploratory): fused 32-bit AdamW (`torch.optim.AdamW(fused=True)`, the recipe's `--set
   optim=adamw_torch_fused`) instead of bitsandbytes' 8-bit AdamW, which updates one LoRA tensor per kernel launch
   (364 a 2B step). LoRA's moments in 32 bits cost ~0.2 GiB more on 2B (0.6 on 9B), which the planner counts.
-- -cute (project and recipe): Liger's CuTe DSL kernels by name for the ops the recipe keeps on Triton's on sm_90+
-  (training.backends.LIGER_TRITON_OPS), which is what Liger 0.8 picks by itself there once nvidia-cutlass-dsl is
-  installed (FA4 brings it; a row without it fails). On a fresh chat batch its RoPE spent 0.78 s of host time per
-  step (H100, 2026-12-06), with the GPU busy half the wall time.
+- -cute (project and recipe): Liger's CuTe DSL RoPE by name, which the recipe keeps on Triton's on sm_90+
+  (training.backends.LIGER_TRITON_OPS). It is what Liger 0.8 picks by itself there once nvidia-cutlass-dsl is
+  installed (FA4 brings it; a row without it fails), and what the recipe ran before 2026-12-06's sixth lease. On a
+  fresh chat batch that RoPE spent 0.78 s of host time per step (H100), with the GPU busy half the wall time.
+  It replaces -tritonrope / -ligertriton, which older sections of docs/benchmarks.md name.
 - -posids (project, exploratory): packed rows without the sample boundaries TRL's collator computes on the host
   (trl >= 1.16), so the model derives them from position_ids in every layer, as with trl 1.15.
 - -chat: variable-length chat samples (log-normal lengths, median 350 tokens, capped at 2048; the prompt third
@@ -124,7 +125,7 @@ def parse_variant(name: str) -> dict:
         elif p == "nosync" and v["path"] == "project":
             v["nosync"] = True  # exploratory: bitsandbytes' 8-bit AdamW without its sync after every parameter
         elif p == "cute" and v["path"] in ("project", "recipe"):
-            v["liger_cute"] = True  # Liger's CuTe DSL kernels on sm_90+, as Liger picks them unless the recipe pins
+            v["liger_cute"] = True  # Liger's CuTe DSL RoPE on sm_90+, as Liger picks it unless the recipe pins
         elif p == "adam32" and v["path"] != "recipe":
             v["adam32"] = True  # exploratory lever: fused 32-bit AdamW instead of 8-bit
         elif p == "compile" and v["path"] == "project":
@@ -214,8 +215,8 @@ def load_variant(v: dict, path: Path, device: str) -> tuple:
 
 
 def liger_env(v: dict) -> dict:
-    """-cute: Liger's CuTe DSL kernels by name for the ops the recipe pins to Triton's on sm_90+ (its own setting
-    wins over the pin); otherwise nothing."""
+    """-cute: Liger's CuTe DSL kernels by name for the ops the recipe pins to Triton's on sm_90+ (a setting made
+    before the recipe's wins over its pin); otherwise nothing."""
     from training.backends import LIGER_TRITON_OPS
 
     return {f"LIGER_KERNEL_IMPL_{op.upper()}": "nvidia-cutedsl" for op in LIGER_TRITON_OPS} if v["liger_cute"] else {}
@@ -525,7 +526,7 @@ def run_variant(name: str, root: Path, steps: int, warmup: int, device: str) -> 
     m, bs, packed, desc, predicted = load_variant(v, path, device)
     load_s = time.perf_counter() - t_load
     if v["liger_cute"]:
-        desc += "; Liger's CuTe DSL kernels by name"
+        desc += "; Liger's CuTe DSL RoPE by name"
     if v["compile"]:  # one compiled graph shared by every layer (parameters are graph inputs, not guards)
         for layer in m.get_base_model().model.layers:
             layer.compile(dynamic=False)

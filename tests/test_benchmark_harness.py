@@ -26,7 +26,7 @@ def test_variant_names_are_parsed_and_typos_refused():
     assert [bench.parse_variant(f"project-2b-chat{p}")["lm_head"] for p in ("", "-ligerhead", "-trlhead")] == \
         ["auto", "liger", "trl"]
     assert bench.parse_variant("unsloth-2b-mb8-ckpt0-adam32")["adam32"] and not bench.parse_variant("project-2b")["adam32"]
-    cute = dict.fromkeys(("LIGER_KERNEL_IMPL_ROPE", "LIGER_KERNEL_IMPL_CROSS_ENTROPY_LOSS_AND_GRAD"), "nvidia-cutedsl")
+    cute = {"LIGER_KERNEL_IMPL_ROPE": "nvidia-cutedsl"}
     assert bench.liger_env(bench.parse_variant("project-2b-chat-cute")) == cute
     assert bench.liger_env(bench.parse_variant("recipe-2b-cute")) == cute
     assert bench.liger_env(bench.parse_variant("project-2b-chat")) == {}  # the recipe's own choice: Triton's on sm_90+

@@ -158,26 +158,53 @@ def test_the_lm_head_is_ligers_where_liger_is_applied_on_cuda():
     assert UnslothBackend("test").configure(replace(PRESETS["gemma-2b"], lm_head="liger"), "cuda").lm_head == "trl"
 
 
-def test_ligers_dispatched_ops_stay_on_its_triton_kernels_on_sm90_unless_the_user_chose():
-    """On sm_90+ Liger 0.8 would pick its CuTe DSL RoPE and cross-entropy, with which packed chat rows ran at ~0.6x on
-    an H100: the recipe pins both to Triton's, keeps a user's own choice (per op or for all), and leaves older cards
+def test_ligers_rope_stays_on_its_triton_kernel_on_sm90_unless_the_user_chose():
+    """On sm_90+ Liger 0.8 would dispatch RoPE to its CuTe DSL kernel, with which packed chat rows ran at ~0.6x on an
+    H100: the recipe pins it to Triton's, keeps a user's own choice (for RoPE or for every op), and leaves older cards
     (Triton's only) alone."""
     from training.backends import pin_liger_triton
 
     env = {"PATH": "/bin"}
     assert pin_liger_triton((8, 9), env) == [] and env == {"PATH": "/bin"}  # an RTX 4090
-    env = {"LIGER_KERNEL_IMPL_ROPE": "nvidia-cutedsl"}
-    assert pin_liger_triton((9, 0), env) == ["cross_entropy_loss_and_grad"]
-    assert env == {"LIGER_KERNEL_IMPL_ROPE": "nvidia-cutedsl",
-                   "LIGER_KERNEL_IMPL_CROSS_ENTROPY_LOSS_AND_GRAD": "nvidia-triton"}
-    assert pin_liger_triton((10, 0), env) == []  # already chosen: nothing changed
-    env = {"LIGER_KERNEL_BACKEND_CROSS_ENTROPY_LOSS_AND_GRAD": "cutedsl"}  # Liger's legacy per-op name
     assert pin_liger_triton((9, 0), env) == ["rope"] and env["LIGER_KERNEL_IMPL_ROPE"] == "nvidia-triton"
-    for everything in ({"LIGER_KERNEL_IMPL": "nvidia-cutedsl"}, {"LIGER_KERNEL_BACKEND": "cutedsl"}):
-        assert pin_liger_triton((9, 0), everything) == [] and len(everything) == 1
+    for chosen in ({"LIGER_KERNEL_IMPL_ROPE": "nvidia-cutedsl"}, {"LIGER_KERNEL_BACKEND_ROPE": "cutedsl"},
+                   {"LIGER_KERNEL_IMPL": "cutedsl"}, {"LIGER_KERNEL_BACKEND": "cutedsl"}):  # BACKEND: Liger's legacy
+        env = dict(chosen)
+        assert pin_liger_triton((9, 0), env) == [] and env == chosen
     env = {}
-    assert pin_liger_triton((12, 0), env) == ["rope", "cross_entropy_loss_and_grad"]
-    assert set(env.values()) == {"nvidia-triton"}
+    assert pin_liger_triton((12, 0), env) == ["rope"] and env == {"LIGER_KERNEL_IMPL_ROPE": "nvidia-triton"}
+
+
+@pytest.mark.parametrize("card, cutlass, pinned", [
+    ((9, 0), True, "nvidia-triton"),  # an H100 with FA4's nvidia-cutlass-dsl: Liger would pick CuTe DSL
+    ((9, 0), False, None),  # no CuTe DSL to pick: nothing to pin, nothing claimed in the log
+    ((8, 9), True, None),  # an RTX 4090
+    ("hip", True, None),  # ROCm: Liger's NVIDIA kernels are not named there
+])
+def test_applying_liger_pins_its_rope_only_where_its_cute_kernel_could_run(monkeypatch, card, cutlass, pinned):
+    """apply_liger on the recipe's path: Liger's own patch function is a stand-in (Liger needs Triton, which has no
+    CPU build here), the card's capability a stand-in for the driver; the pin is the real code."""
+    import sys
+    import types
+
+    import training.backends as b
+
+    calls = []
+    patch = types.ModuleType("liger_kernel.transformers.monkey_patch")
+    patch.MODEL_TYPE_TO_APPLY_LIGER_FN = {
+        "gemma2": lambda rope=True, rms_norm=True, fused_linear_cross_entropy=True, geglu=True: calls.append(rope)}
+    for name in ("liger_kernel", "liger_kernel.transformers"):
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    monkeypatch.setitem(sys.modules, "liger_kernel.transformers.monkey_patch", patch)
+    monkeypatch.setattr(b.os, "environ", {})
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0) if card == "hip" else card)
+    monkeypatch.setattr(torch.version, "hip", "6.2" if card == "hip" else None)
+    monkeypatch.setattr(b, "_installed", lambda module: cutlass if module == "cutlass" else b.importlib.util.find_spec(
+        module) is not None)
+    assert b.apply_liger("gemma2") and calls == [True]
+    assert b.os.environ.get("LIGER_KERNEL_IMPL_ROPE") == pinned
+    assert not b.apply_liger("no-such-model")  # no kernels for it: not applied, said in the log
 
 
 def test_backend_cpu_and_explicit_choices():

@@ -3,7 +3,7 @@
 - `hf` (what `auto` picks): transformers + peft + bitsandbytes, with Liger kernels on CUDA when installed (fused
   linear cross-entropy with the final soft-cap, never materialising the 256k-vocab logits, which training runs on
   the labelled positions only (`lm_head: auto`, training/lm_head.py; TRL's fused head where Liger is not applied);
-  RMSNorm, GeGLU, RoPE; Triton's kernels, also where Liger would pick its CuTe DSL ones: pin_liger_triton),
+  RMSNorm, GeGLU, RoPE; Triton's RoPE also where Liger would pick its CuTe DSL one: pin_liger_triton),
   `attn_implementation: auto` (FlashAttention 4 on Hopper/datacenter Blackwell, else flex attention, each after
   its self-check), the fused LoRA function (training/fast_lora.py) and bf16 norms/embeddings. On an H100, in one
   benchmark run, the recipe with FA4 ran 1.32x unsloth's best setting on full rows, and the same path in the
@@ -200,20 +200,22 @@ def apply_backend(choice: Backend, model_type: str) -> Backend:
                                f" (Liger kernels not applied to '{model_type}': planned as materialised logits)")
 
 
-# The ops that Liger 0.8 dispatches by GPU on the recipe's path (RoPE, and the cross-entropy inside its fused linear
-# cross-entropy), kept on Liger's Triton kernels on NVIDIA sm_90+. There Liger prefers its CuTe DSL kernels whenever
-# nvidia-cutlass-dsl is installed, which FlashAttention 4 brings (the GPU image has it). With them, packed chat rows,
-# whose length changes every micro-batch, ran at ~0.6x the rate they ran at with Triton's (H100, across leases; a
-# fresh chat step spent 0.78 s of host time in the CuTe RoPE), while full rows ran the same either way
-# (docs/benchmarks.md, 2026-12-06, sixth lease). Its norms and GeGLU/SwiGLU are Triton's anyway; an RTX 4090
-# (sm_89) has Triton's kernels only.
-LIGER_TRITON_OPS = ("rope", "cross_entropy_loss_and_grad")
+# Liger's RoPE, kept on its Triton kernel on NVIDIA sm_90+. There Liger 0.8 dispatches RoPE to a CuTe DSL kernel
+# (for Gemma-2's shapes and larger) whenever nvidia-cutlass-dsl is installed, which FlashAttention 4 brings: the GPU
+# image has it. On an H100, packed chat rows, whose length changes every micro-batch, ran at ~0.6x with it and at
+# the full-row rate without it (across leases), and a fresh chat step's profile put 0.78 s of host time in the CuTe
+# RoPE; full rows ran the same either way (docs/benchmarks.md, 2026-12-06, sixth lease). Liger's other kernels on
+# the recipe's path (norms, GeGLU/SwiGLU, the fused linear cross-entropy) call Triton's directly. An RTX 4090 (sm_89)
+# has Triton's only.
+LIGER_TRITON_OPS = ("rope",)
 LIGER_GLOBAL_ENV = ("LIGER_KERNEL_IMPL", "LIGER_KERNEL_BACKEND")  # a user's choice for every op (BACKEND: legacy)
 
 
-def pin_liger_triton(capability: tuple[int, int], environ=os.environ) -> list[str]:
-    """Set LIGER_KERNEL_IMPL_<OP>=nvidia-triton (read by Liger at each call) for each op in LIGER_TRITON_OPS on an
-    sm_90+ card, unless the user chose an implementation for that op or for all; returns the ops pinned here."""
+def pin_liger_triton(capability: tuple[int, int], environ=None) -> list[str]:
+    """Set LIGER_KERNEL_IMPL_<OP>=nvidia-triton (Liger reads it at each call, before its own global setting and
+    `set_impl`) for each op in LIGER_TRITON_OPS on an sm_90+ card, unless the user chose an implementation for that
+    op or for all; returns the ops pinned here."""
+    environ = os.environ if environ is None else environ
     if tuple(capability) < (9, 0) or any(environ.get(k) for k in LIGER_GLOBAL_ENV):
         return []
     pinned = [op for op in LIGER_TRITON_OPS if not any(environ.get(f"{k}_{op.upper()}") for k in LIGER_GLOBAL_ENV)]
@@ -225,20 +227,14 @@ def pin_liger_triton(capability: tuple[int, int], environ=os.environ) -> list[st
 def apply_liger(model_type: str) -> bool:
     """Patch transformers' model code with Liger kernels; True only when the fused linear cross-entropy (what the
     planner counts on: no materialised logits) was applied. Liger itself only logs for a model it has no kernels for.
-    On NVIDIA sm_90+ its ops run their Triton kernels (pin_liger_triton)."""
+    Where its CuTe DSL kernels could run (NVIDIA sm_90+, nvidia-cutlass-dsl installed), RoPE stays on Triton's
+    (pin_liger_triton)."""
     try:
         import inspect
 
         from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
     except ImportError:
         return False
-    import torch
-
-    if torch.cuda.is_available() and torch.version.hip is None:
-        pinned = pin_liger_triton(torch.cuda.get_device_capability())
-        if pinned:
-            log.info("Liger: %s on its Triton kernels, not its CuTe DSL ones (packed rows ran ~0.6x with those on "
-                     "an H100; LIGER_KERNEL_IMPL_<OP> chooses)", ", ".join(pinned))
     apply_fn = MODEL_TYPE_TO_APPLY_LIGER_FN.get(model_type)
     if apply_fn is None or "fused_linear_cross_entropy" not in inspect.signature(apply_fn).parameters:
         log.warning("Liger has no fused loss for model type '%s': not applied", model_type)
@@ -249,6 +245,15 @@ def apply_liger(model_type: str) -> bool:
     except Exception as exc:  # a Liger/transformers version mismatch: run without it, and say so
         log.warning("Liger kernels not applied to %s: %s", model_type, exc)
         return False
+    import torch
+
+    from training.distributed import local_rank
+
+    if torch.cuda.is_available() and torch.version.hip is None and _installed("cutlass"):
+        pinned = pin_liger_triton(torch.cuda.get_device_capability(local_rank()))
+        if pinned:
+            log.info("Liger: %s on its Triton kernel, not its CuTe DSL one (packed chat rows ran ~0.6x with that on "
+                     "an H100); LIGER_KERNEL_IMPL_<OP> chooses", ", ".join(pinned))
     return True
 
 
