@@ -620,9 +620,10 @@ def run_recipe(name: str, root: Path, steps: int, device: str) -> dict:
         raise RuntimeError(f"recipe exit {proc.returncode}: {proc.stderr.strip().splitlines()[-1:]}")
     rows = [json.loads(x) for x in (work / "logs" / name / "metrics.jsonl").read_text().splitlines() if x.strip()]
     rates = [r["tokens_per_s"] for r in rows if r.get("tokens_per_s") and r.get("step", 0) > 2 and "event" not in r]
-    plan = next((ln.split("INFO ", 1)[-1] for ln in proc.stderr.splitlines() if "planner" in ln), "")
-    attention = next((ln.split("INFO ", 1)[-1] for ln in proc.stderr.splitlines() if "INFO attention " in ln), "")
-    head = next((ln.split("INFO ", 1)[-1] for ln in proc.stderr.splitlines() if "INFO lm head " in ln), "")
+    def logged(marker: str) -> str:  # the recipe's first log line with this marker, after its level
+        return next((ln.split("INFO ", 1)[-1] for ln in proc.stderr.splitlines() if marker in ln), "")
+
+    plan, attention, head = logged("planner"), logged("INFO attention "), logged("INFO lm head ")
     steps_logged = [r for r in rows if "loss" in r and "event" not in r]
     accuracy = [r["mean_token_accuracy"] for r in steps_logged if "mean_token_accuracy" in r]  # either head logs it
     return dict(variant=name, desc=f"python -m training.qlora_finetune --model-config {preset}: {plan}; {attention}; "

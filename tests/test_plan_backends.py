@@ -200,8 +200,8 @@ def test_applying_liger_pins_its_rope_only_where_its_cute_kernel_could_run(monke
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0) if card == "hip" else card)
     monkeypatch.setattr(torch.version, "hip", "6.2" if card == "hip" else None)
-    monkeypatch.setattr(b, "_installed", lambda module: cutlass if module == "cutlass" else b.importlib.util.find_spec(
-        module) is not None)
+    installed = b._installed
+    monkeypatch.setattr(b, "_installed", lambda module: cutlass if module == "cutlass" else installed(module))
     assert b.apply_liger("gemma2") and calls == [True]
     assert b.os.environ.get("LIGER_KERNEL_IMPL_ROPE") == pinned
     assert not b.apply_liger("no-such-model")  # no kernels for it: not applied, said in the log

@@ -65,6 +65,7 @@ def trainer_class(lm_head: str, token_accuracy: bool = False):
                                or self.args.loss_type != "nll")
             if not model.training or other_objective or not bool((inputs["labels"] != IGNORE).any()):
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            inputs = {**inputs, "shift_labels": shifted_labels(inputs)}  # once: for the loss and for the metrics
             loss, outputs = labelled_positions_loss(model, inputs, num_items_in_batch, token_accuracy)
             self.log_head_metrics(inputs, getattr(outputs, "token_accuracy", None))
             # as Trainer.compute_loss: num_items_in_batch counts every rank's tokens, and DDP averages gradients
