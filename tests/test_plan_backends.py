@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import replace
 
@@ -175,19 +176,11 @@ def test_ligers_rope_stays_on_its_triton_kernel_on_sm90_unless_the_user_chose():
     assert pin_liger_triton((12, 0), env) == ["rope"] and env == {"LIGER_KERNEL_IMPL_ROPE": "nvidia-triton"}
 
 
-@pytest.mark.parametrize("card, cutlass, pinned", [
-    ((9, 0), True, "nvidia-triton"),  # an H100 with FA4's nvidia-cutlass-dsl: Liger would pick CuTe DSL
-    ((9, 0), False, None),  # no CuTe DSL to pick: nothing to pin, nothing claimed in the log
-    ((8, 9), True, None),  # an RTX 4090
-    ("hip", True, None),  # ROCm: Liger's NVIDIA kernels are not named there
-])
-def test_applying_liger_pins_its_rope_only_where_its_cute_kernel_could_run(monkeypatch, card, cutlass, pinned):
-    """apply_liger on the recipe's path: Liger's own patch function is a stand-in (Liger needs Triton, which has no
-    CPU build here), the card's capability a stand-in for the driver; the pin is the real code."""
+@pytest.fixture
+def liger_patch(monkeypatch):
+    """Liger's own patch function as a stand-in (Liger needs Triton, which has no CPU build here): the calls it got."""
     import sys
     import types
-
-    import training.backends as b
 
     calls = []
     patch = types.ModuleType("liger_kernel.transformers.monkey_patch")
@@ -196,15 +189,49 @@ def test_applying_liger_pins_its_rope_only_where_its_cute_kernel_could_run(monke
     for name in ("liger_kernel", "liger_kernel.transformers"):
         monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
     monkeypatch.setitem(sys.modules, "liger_kernel.transformers.monkey_patch", patch)
+    return calls
+
+
+@pytest.mark.parametrize("card, cutlass, pinned", [
+    ((9, 0), True, "nvidia-triton"),  # an H100 with FA4's nvidia-cutlass-dsl: Liger would pick CuTe DSL
+    ((9, 0), False, None),  # no CuTe DSL to pick: nothing to pin, nothing claimed in the log
+    ((8, 9), True, None),  # an RTX 4090
+    ("hip", True, None),  # ROCm: Liger's NVIDIA kernels are not named there
+])
+def test_applying_liger_pins_its_rope_only_where_its_cute_kernel_could_run(monkeypatch, liger_patch, card, cutlass,
+                                                                            pinned):
+    """apply_liger on the recipe's path, with Liger's patch and the card's capability (the driver) as stand-ins; the
+    pin is the real code."""
+    import training.backends as b
+
     monkeypatch.setattr(b.os, "environ", {})
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0) if card == "hip" else card)
     monkeypatch.setattr(torch.version, "hip", "6.2" if card == "hip" else None)
     installed = b._installed
     monkeypatch.setattr(b, "_installed", lambda module: cutlass if module == "cutlass" else installed(module))
-    assert b.apply_liger("gemma2") and calls == [True]
+    assert b.apply_liger("gemma2") and liger_patch == [True]
     assert b.os.environ.get("LIGER_KERNEL_IMPL_ROPE") == pinned
     assert not b.apply_liger("no-such-model")  # no kernels for it: not applied, said in the log
+
+
+def test_ligers_warnings_for_kernels_that_cannot_import_here_stay_out_of_the_log(liger_patch, caplog):
+    """On an H100 every run's log carried Liger's "Backend impl '..._ascend.rope' for op 'rope' could not be
+    imported: ImportError: cannot import name 'tanh'" (seventh lease), though Liger then ran its Triton RoPE. Once
+    Liger is applied those warnings are dropped, and Liger's other warnings still come through."""
+    import training.backends as b
+
+    registry = logging.getLogger("liger_kernel.backends.registry")  # the logger Liger 0.8 warns on
+    failed = ("Backend impl '%s' for op '%s' could not be imported: %s: %s", "liger_kernel.ops.backends._ascend.rope",
+              "rope", "ImportError", "cannot import name 'tanh' from 'triton.language.math'")
+    other = "_discover('rope'): all declared paths imported but no @register_op ran"
+    registry.removeFilter(b._LIGER_DISCOVERY_FILTER)  # as in a fresh process (an earlier test applied Liger)
+    with caplog.at_level(logging.WARNING, logger=registry.name):
+        registry.warning(*failed)  # before Liger is applied: shown (the filter is the recipe's)
+        assert b.apply_liger("gemma2")
+        registry.warning(*failed)
+        registry.warning(other)
+    assert [r.getMessage() for r in caplog.records if r.name == registry.name] == [failed[0] % failed[1:], other]
 
 
 def test_backend_cpu_and_explicit_choices():

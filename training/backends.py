@@ -6,9 +6,9 @@
   RMSNorm, GeGLU, RoPE; Triton's RoPE also where Liger would pick its CuTe DSL one: pin_liger_triton),
   `attn_implementation: auto` (FlashAttention 4 on Hopper/datacenter Blackwell, else flex attention, each after
   its self-check), the fused LoRA function (training/fast_lora.py) and bf16 norms/embeddings. On an H100, in one
-  benchmark run, the recipe with FA4 ran 1.32x unsloth's best setting on full rows, and the same path in the
-  benchmark loop 1.68x its real tokens/s on chat data (flex: 1.46x) (docs/benchmarks.md, 2026-12-06); no unsloth
-  code, exact for packed rows, and the one that runs on several GPUs.
+  benchmark run, the recipe ran 1.38x unsloth's best setting on full rows, and the same path in the benchmark loop
+  2.52x its real tokens/s on chat data (docs/benchmarks.md, 2026-12-06, seventh lease); no unsloth code, exact for
+  packed rows, and the one that runs on several GPUs.
 - `unsloth` (optional extra `fast`, only when asked for: `--set backend=unsloth`): unsloth's fused QLoRA kernels,
   after a one-step self-check in a subprocess (so a broken install cannot take the trainer down). One GPU only.
   UNSLOTH_COMPILE_DISABLE=1 is set: its torch.compile path broke on torch 2.11. It cannot pack Gemma-2 rows
@@ -202,9 +202,9 @@ def apply_backend(choice: Backend, model_type: str) -> Backend:
 
 # Liger's RoPE, kept on its Triton kernel on NVIDIA sm_90+. There Liger 0.8 dispatches RoPE to a CuTe DSL kernel
 # (for Gemma-2's shapes and larger) whenever nvidia-cutlass-dsl is installed, which FlashAttention 4 brings: the GPU
-# image has it. On an H100, packed chat rows, whose length changes every micro-batch, ran at ~0.6x with it and at
-# the full-row rate without it (across leases), and a fresh chat step's profile put 0.78 s of host time in the CuTe
-# RoPE; full rows ran the same either way (docs/benchmarks.md, 2026-12-06, sixth lease). Liger's other kernels on
+# image has it. On one H100, in one call, packed chat rows, whose length changes every micro-batch, ran 0.59x with
+# it (19,304 against 32,877 tokens/s), and full rows the same either way (docs/benchmarks.md, 2026-12-06, seventh
+# lease); a fresh chat step's profile put 0.78 s of host time in the CuTe RoPE (fifth lease). Liger's other kernels on
 # the recipe's path (norms, GeGLU/SwiGLU, the fused linear cross-entropy) call Triton's directly. An RTX 4090 (sm_89)
 # has Triton's only.
 LIGER_TRITON_OPS = ("rope",)
@@ -224,11 +224,25 @@ def pin_liger_triton(capability: tuple[int, int], environ=None) -> list[str]:
     return pinned
 
 
+class _QuietLigerDiscovery(logging.Filter):
+    """Liger 0.8 imports every implementation of an op it knows on first use and warns for each one that cannot
+    import on this machine, then runs one that can: Huawei's Ascend RoPE on an NVIDIA card ("cannot import name
+    'tanh' from 'triton.language.math'"), its CuTe DSL RoPE without nvidia-cutlass-dsl. In every run's log those
+    read like errors, so they are dropped here; liger_kernel.backends.registry.get_discovery_failures() keeps them."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "could not be imported" not in str(record.msg)
+
+
+_LIGER_DISCOVERY_FILTER = _QuietLigerDiscovery()
+
+
 def apply_liger(model_type: str) -> bool:
     """Patch transformers' model code with Liger kernels; True only when the fused linear cross-entropy (what the
     planner counts on: no materialised logits) was applied. Liger itself only logs for a model it has no kernels for.
     Where its CuTe DSL kernels could run (NVIDIA sm_90+, nvidia-cutlass-dsl installed), RoPE stays on Triton's
-    (pin_liger_triton)."""
+    (pin_liger_triton). Liger's warnings for implementations that cannot import here are dropped
+    (_QuietLigerDiscovery)."""
     try:
         import inspect
 
@@ -245,6 +259,7 @@ def apply_liger(model_type: str) -> bool:
     except Exception as exc:  # a Liger/transformers version mismatch: run without it, and say so
         log.warning("Liger kernels not applied to %s: %s", model_type, exc)
         return False
+    logging.getLogger("liger_kernel.backends.registry").addFilter(_LIGER_DISCOVERY_FILTER)  # added once
     import torch
 
     from training.distributed import local_rank
