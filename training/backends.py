@@ -226,12 +226,17 @@ def pin_liger_triton(capability: tuple[int, int], environ=None) -> list[str]:
 
 class _QuietLigerDiscovery(logging.Filter):
     """Liger 0.8 imports every implementation of an op it knows on first use and warns for each one that cannot
-    import on this machine, then runs one that can: Huawei's Ascend RoPE on an NVIDIA card ("cannot import name
-    'tanh' from 'triton.language.math'"), its CuTe DSL RoPE without nvidia-cutlass-dsl. In every run's log those
-    read like errors, so they are dropped here; liger_kernel.backends.registry.get_discovery_failures() keeps them."""
+    import on this machine. On every NVIDIA run that includes Huawei's Ascend RoPE ("cannot import name 'tanh' from
+    'triton.language.math'"), which reads like an error though it can never run here. Those warnings, for other
+    hardware's kernels only, are dropped (liger_kernel.backends.registry.get_discovery_failures() keeps them). A
+    failure of a kernel that could run here (Triton's, CuTe DSL's) still shows: with LIGER_KERNEL_IMPL_<OP> set, it
+    is the only place the cause is said."""
+
+    OTHER_HARDWARE = ("._ascend.",)  # module paths of Liger's kernels for other accelerators
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return "could not be imported" not in str(record.msg)
+        failed = "could not be imported" in str(record.msg) and isinstance(record.args, tuple) and record.args
+        return not (failed and any(part in str(record.args[0]) for part in self.OTHER_HARDWARE))
 
 
 _LIGER_DISCOVERY_FILTER = _QuietLigerDiscovery()
@@ -241,7 +246,7 @@ def apply_liger(model_type: str) -> bool:
     """Patch transformers' model code with Liger kernels; True only when the fused linear cross-entropy (what the
     planner counts on: no materialised logits) was applied. Liger itself only logs for a model it has no kernels for.
     Where its CuTe DSL kernels could run (NVIDIA sm_90+, nvidia-cutlass-dsl installed), RoPE stays on Triton's
-    (pin_liger_triton). Liger's warnings for implementations that cannot import here are dropped
+    (pin_liger_triton). Liger's warnings that other hardware's kernels cannot import are dropped
     (_QuietLigerDiscovery)."""
     try:
         import inspect
