@@ -27,14 +27,15 @@ Variant names: PATH[24]-SHAPE[-mbN][-ckpt0|1][-chat][-sN] (-sN: N timed steps in
 - -prof: one more step on a batch never run before, under torch.profiler: device time by kernel category, the
   costliest kernels, the GPU's busy share of the wall time, the host's own time by op, and the host-device syncs
   with the ops that waited (`profile`).
-- -nosync (project, exploratory): bitsandbytes' 8-bit AdamW (0.50) calls torch.cuda.synchronize() after every
-  parameter's update, 364 times a 2B step; this row skips those syncs (its updates run on the default stream, as
+- -nosync (project, exploratory; implies -bnb8): bitsandbytes' own 8-bit AdamW (0.50) calls torch.cuda.synchronize()
+  after every parameter's update, 364 times a 2B step; this row skips those syncs (its updates run on the default stream, as
   the rest of the step does, so they stay ordered). Its losses must match the row without it.
 - -adam32 (exploratory): fused 32-bit AdamW (`torch.optim.AdamW(fused=True)`, the recipe's `--set
   optim=adamw_torch_fused`) instead of bitsandbytes' 8-bit AdamW, which updates one LoRA tensor per kernel launch
   (364 a 2B step). LoRA's moments in 32 bits cost ~0.2 GiB more on 2B (0.6 on 9B), which the planner counts.
-- -flat8 (project, exploratory): bitsandbytes' 8-bit AdamW kept, run over one flat buffer of every LoRA tensor
-  (FlatAdamW8bit): one launch of its kernels per step. Its losses must match the row without it.
+- -bnb8 (project): bitsandbytes' own 8-bit AdamW, one LoRA tensor per launch (364 a 2B step), as the recipe ran it
+  before 2026-12-07. The project rows otherwise run the recipe's (training.optim.FlatAdamW8bit: the same update in
+  one launch per step). Its losses must match the row without it.
 - -cute (project and recipe): Liger's CuTe DSL RoPE by name, which the recipe keeps on Triton's on sm_90+
   (training.backends.LIGER_TRITON_OPS). It is what Liger 0.8 picks by itself there once nvidia-cutlass-dsl is
   installed (FA4 brings it; a row without it fails), and what the recipe ran before 2026-12-06's sixth lease. On a
@@ -83,6 +84,7 @@ ROWS_PER_STEP = 16  # full rows: 16 x 2048 = 32,768 tokens per optimizer step, a
 CHAT_MEDIAN, CHAT_SIGMA, CHAT_PROMPT_SHARE = 350, 0.9, 1 / 3
 CHAT_SAMPLES_PER_STEP = 96  # about 46k tokens: every path sees the same samples per optimizer step
 LORA_R = 32
+ADAMW_8BIT = {"lr": 2e-4}  # and bitsandbytes' defaults (weight decay 1e-2; 8-bit moments from 4,096 elements)
 ATTENTION_PARTS = {"fa4": "flash_attention_4", "flex": "flex_attention"}  # -fa4 / -flex: the attention by name
 DEFAULT_VARIANTS = ",".join([  # most telling first: a call cut short by the device's time limit keeps those
     "project-2b-s18", "unsloth-2b-mb16-ckpt0-s18", "baseline-2b-s18", "unsloth-2b-mb8-ckpt0", "unsloth-2b-mb4-ckpt0",
@@ -99,9 +101,9 @@ def parse_variant(name: str) -> dict:
     v = {"name": name, "path": path.removesuffix("24"), "gpu_mem": 24.0 if path.endswith("24") else None,
          "shape": shape, "mb": None, "ckpt": None, "chat": False, "steps": None, "compile": False,
          "keep": None, "fp8": "", "lm_head": "auto", "attention": "auto", "posids": False, "profile": False,
-         "nosync": False, "window": None, "adam32": False, "flat8": False, "liger_cute": False}
+         "nosync": False, "window": None, "adam32": False, "bnb8": False, "liger_cute": False}
     if v["path"] not in ("baseline", "unsloth", "project", "recipe") or shape not in SHAPES:
-        raise SystemExit(f"error: unknown variant '{name}' (PATH[24]-SHAPE[-mbN][-ckpt0|1][-chat][-sN][-kN][-wN][-fa4|-flex][-fp8|-fp8all][-ligerhead|-trlhead][-posids][-nosync][-adam32|-flat8][-cute][-compile][-prof]; "
+        raise SystemExit(f"error: unknown variant '{name}' (PATH[24]-SHAPE[-mbN][-ckpt0|1][-chat][-sN][-kN][-wN][-fa4|-flex][-fp8|-fp8all][-ligerhead|-trlhead][-posids][-adam32|-bnb8|-nosync][-cute][-compile][-prof]; "
                          f"paths baseline, unsloth, project, recipe; shapes {', '.join(SHAPES)})")
     for p in parts[2:]:
         if p.startswith("mb"):
@@ -124,14 +126,14 @@ def parse_variant(name: str) -> dict:
             v["posids"] = True  # exploratory: packed rows without the collator's varlen boundaries (trl < 1.16)
         elif p == "prof" and v["path"] != "recipe":
             v["profile"] = True  # one more optimizer step under torch.profiler (not timed): where the time goes
-        elif p == "nosync" and v["path"] == "project":
-            v["nosync"] = True  # exploratory: bitsandbytes' 8-bit AdamW without its sync after every parameter
+        elif p == "nosync" and v["path"] == "project" and not v["adam32"]:
+            v["nosync"] = v["bnb8"] = True  # exploratory: bitsandbytes' own 8-bit AdamW without its per-tensor sync
         elif p == "cute" and v["path"] in ("project", "recipe"):
             v["liger_cute"] = True  # Liger's CuTe DSL RoPE on sm_90+, as Liger picks it unless the recipe pins
-        elif p == "adam32" and v["path"] != "recipe" and not v["flat8"]:
+        elif p == "adam32" and v["path"] != "recipe" and not v["bnb8"]:
             v["adam32"] = True  # exploratory lever: fused 32-bit AdamW instead of 8-bit
-        elif p == "flat8" and v["path"] == "project" and not v["adam32"]:
-            v["flat8"] = True  # exploratory lever: 8-bit AdamW over one flat buffer (FlatAdamW8bit)
+        elif p == "bnb8" and v["path"] == "project" and not v["adam32"]:
+            v["bnb8"] = True  # bitsandbytes' own 8-bit AdamW, one tensor at a time (the recipe's before 2026-12-07)
         elif p == "compile" and v["path"] == "project":
             v["compile"] = True  # exploratory lever: torch.compile of each decoder layer
         elif p.startswith("s") and p[1:].isdigit():
@@ -482,37 +484,6 @@ def profile_step(model, params, opt, batches, dev) -> dict:
 
 # ------------------------------------------------------------------------------------------------ one variant
 
-class FlatAdamW8bit:
-    """Exploratory (-flat8): bitsandbytes' 8-bit AdamW over one flat copy of every LoRA tensor, so a step launches
-    its kernels once instead of once per tensor (364 on 2B; fused 32-bit AdamW, which merges them, paid +3% on an
-    H100). Each step gathers the gradients into the flat buffer, updates it and copies it back: the same update as
-    per tensor wherever a tensor's size is a multiple of bitsandbytes' block (its 8-bit blocks otherwise span two
-    tensors). Costs one more copy of the LoRA weights and of their gradients (0.15-0.3 GiB on 2B), unplanned."""
-
-    def __init__(self, params, **kwargs):
-        import bitsandbytes as bnb
-        import torch
-
-        self.params = list(params)
-        self.sizes = [p.numel() for p in self.params]
-        self.flat = torch.nn.Parameter(torch.cat([p.detach().reshape(-1) for p in self.params]))  # their dtype
-        self.opt = bnb.optim.AdamW8bit([self.flat], **kwargs)
-
-    def step(self) -> None:
-        import torch
-
-        self.flat.grad = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
-                                    for p in self.params])
-        self.opt.step()
-        torch._foreach_copy_([p.data for p in self.params],
-                             [t.view_as(p) for t, p in zip(self.flat.detach().split(self.sizes), self.params)])
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        self.flat.grad = None
-        for p in self.params:
-            p.grad = None
-
-
 def optimizer_step(model, params, opt, batches: list[dict], dev) -> tuple[float, float]:
     """One optimizer step the Trainer's way (bf16 autocast on CUDA, accumulation over the micro-batches, clipping at
     0.3, the row's AdamW; the project's model through the recipe's LM head): (loss, seconds), timed between CUDA
@@ -575,11 +546,13 @@ def run_variant(name: str, root: Path, steps: int, warmup: int, device: str) -> 
     if optim_of(v) == "adamw_torch_fused":  # one multi-tensor kernel for every LoRA tensor
         opt = torch.optim.AdamW(params, lr=2e-4, weight_decay=1e-2, fused=cuda)
         desc += "; fused 32-bit AdamW"
-    elif v["flat8"]:
-        opt = FlatAdamW8bit(params, lr=2e-4)
-        desc += "; 8-bit AdamW over one flat buffer"
-    else:
-        opt = bnb.optim.AdamW8bit(params, lr=2e-4)  # the recipe's optim: adamw_8bit (weight decay 1e-2 as above)
+    elif v["path"] == "project" and not v["bnb8"]:  # the recipe's adamw_8bit (weight decay 1e-2 as above)
+        from training.optim import FlatAdamW8bit
+
+        opt = FlatAdamW8bit(params, **ADAMW_8BIT)
+    else:  # the peers' users' adamw_8bit: bitsandbytes' own, one tensor at a time
+        opt = bnb.optim.AdamW8bit(params, **ADAMW_8BIT)
+        desc += "; bitsandbytes' per-tensor 8-bit AdamW" if v["path"] == "project" else ""
     if v["nosync"]:  # its non-paged updates run on the default stream, as the whole step does here: ordered anyway
         import bitsandbytes.optim.optimizer as bnb_optimizer
 

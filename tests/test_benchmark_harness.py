@@ -36,41 +36,23 @@ def test_variant_names_are_parsed_and_typos_refused():
     for bad in ("unsloth-2b", "projekt-2b", "project-3b", "project-2b-fast", "unsloth-2b-mb16-ckpt0-compile",
                 "unsloth-2b-mb16-ckpt0-fp8", "baseline-2b-fa4", "project-2b-w1024", "recipe-2b-w0",
                 "recipe-2b-adam32", "unsloth-2b-mb8-ckpt0-ligerhead", "unsloth-2b-mb8-ckpt0-cute",
-                "unsloth-2b-mb8-ckpt0-flat8", "project-2b-adam32-flat8", "project-2b-flat8-adam32"):
+                "unsloth-2b-mb8-ckpt0-bnb8", "project-2b-adam32-bnb8", "project-2b-bnb8-adam32", "project-2b-flat8"):
         with pytest.raises(SystemExit, match="variant"):
             bench.parse_variant(bad)
     for name in bench.DEFAULT_VARIANTS.split(","):
         bench.parse_variant(name)
 
 
-def test_flat8_is_bitsandbytes_8bit_adamw_per_tensor_run_over_one_buffer(tmp_path, monkeypatch):
-    """-flat8 (an exploratory lever: one kernel launch per step instead of one per LoRA tensor): with every tensor a
-    multiple of bitsandbytes' block, three steps leave the weights exactly where its per-tensor 8-bit AdamW leaves
-    them (real bitsandbytes, on the CPU); and a tiny project row trains with it, its first loss the plain row's."""
-    import bitsandbytes as bnb
-    import torch
-
-    shapes = [(64, 64), (32, 256), (4096, 2)]  # 4,096 elements and up: 8-bit state, as the 2B rows' LoRA tensors
-    for dtype in (torch.float32, torch.bfloat16):  # the adapters' dtype on the CPU and, under TRL, on the GPU
-        torch.manual_seed(0)
-        per = [torch.nn.Parameter(torch.randn(s, dtype=dtype)) for s in shapes]
-        flat = [torch.nn.Parameter(p.detach().clone()) for p in per]
-        start = [p.detach().clone() for p in per]
-        per_opt, flat_opt = bnb.optim.AdamW8bit(per, lr=1e-2), bench.FlatAdamW8bit(flat, lr=1e-2)
-        for _ in range(3):
-            grads = [torch.randn(s, dtype=dtype) for s in shapes]
-            for params, opt in ((per, per_opt), (flat, flat_opt)):
-                for p, g in zip(params, grads):
-                    p.grad = g.clone()
-                opt.step()
-                opt.zero_grad()
-        assert all(torch.equal(a, b) for a, b in zip(per, flat)), dtype
-        assert not any(torch.equal(a, b) for a, b in zip(flat, start))  # the weights moved
-        assert all(p.grad is None for p in flat) and flat_opt.flat.grad is None
+def test_project_rows_run_the_recipes_flat_8bit_adamw_and_bnb8_bitsandbytes_own(tmp_path, monkeypatch):
+    """The project rows' optimizer is the recipe's (training.optim.FlatAdamW8bit), -bnb8 bitsandbytes' own per-tensor
+    one: with 8-bit moments on every LoRA tensor of the tiny shape (its 1,024-element tensors are under the 4,096 a
+    2B row's all pass), the two rows train to the same losses, step for step."""
     monkeypatch.setattr(bench, "SEQ", 256)
-    plain, flat8 = (bench.run_variant(name, tmp_path, 3, 0, "cpu") for name in ("project-tiny", "project-tiny-flat8"))
-    assert flat8["desc"].endswith("8-bit AdamW over one flat buffer") and flat8["losses"][0] == plain["losses"][0]
-    assert flat8["losses"] != plain["losses"][:1] * 3 and all(math.isfinite(x) for x in flat8["losses"])
+    monkeypatch.setattr(bench, "ADAMW_8BIT", {"lr": 1e-2, "min_8bit_size": 256})
+    flat, per = (bench.run_variant(name, tmp_path, 3, 0, "cpu") for name in ("project-tiny", "project-tiny-bnb8"))
+    assert per["desc"].endswith("bitsandbytes' per-tensor 8-bit AdamW") and "AdamW" not in flat["desc"]
+    assert flat["losses"] == per["losses"] and len(set(flat["losses"])) == 3
+    assert all(math.isfinite(x) for x in flat["losses"])
 
 
 def test_a_window_variant_is_the_same_model_with_a_window_its_rows_outgrow(tmp_path):

@@ -259,6 +259,7 @@ def build_trainer(setup: RunSetup, data: RunData, model, paths: RunPaths, callba
     from training.checkpoint_callback import CheckpointCallback
     from training.lm_head import trainer_class
     from training.metrics import MetricsCallback
+    from training.optim import optimizer_cls_and_kwargs
     from training.trainer_args import sft_config
 
     args = sft_config(setup.cfg, setup.device, paths, has_eval=data.eval is not None, processes=setup.processes,
@@ -270,7 +271,8 @@ def build_trainer(setup: RunSetup, data: RunData, model, paths: RunPaths, callba
                                        extra_json={DATA_FINGERPRINT: data.fingerprint}, log=log.warning, pause=pause)
     trainer_cls = trainer_class(setup.cfg.lm_head, token_accuracy=setup.device.kind == "cuda")  # CUDA: Liger runs
     trainer = trainer_cls(model=model, args=args, train_dataset=data.train, eval_dataset=data.eval,
-                          processing_class=data.tokenizer, callbacks=[metrics_cb, checkpoint_cb, *callbacks])
+                          processing_class=data.tokenizer, callbacks=[metrics_cb, checkpoint_cb, *callbacks],
+                          optimizer_cls_and_kwargs=optimizer_cls_and_kwargs(args))
     trainer.remove_callback(PrinterCallback)
     return trainer, metrics_cb, checkpoint_cb
 
