@@ -165,8 +165,11 @@ class FlatAdamW8bit(bnb.optim.AdamW):
 
 def optimizer_cls_and_kwargs(args) -> tuple[type, dict] | None:
     """What the recipe hands the Trainer for its optimizer (`optimizer_cls_and_kwargs`): for `optim=adamw_8bit`,
-    FlatAdamW8bit with the arguments the Trainer gives bitsandbytes' AdamW; None (the Trainer's own) otherwise."""
-    if args.optim != "adamw_8bit":
+    FlatAdamW8bit with the arguments the Trainer gives bitsandbytes' AdamW; None (the Trainer's own) otherwise, and
+    under FSDP, whose sharded parameters and optimizer state bitsandbytes' own optimizer handles."""
+    from training.distributed import fsdp_enabled
+
+    if args.optim != "adamw_8bit" or fsdp_enabled():
         return None
     from transformers import Trainer
 
