@@ -230,6 +230,12 @@ def test_resume_compatibility(tmp_path):
         with pytest.raises(CheckpointError) as err:
             check_resume_compatible(ckpt, dict(cfg, **{key: value}), log=logs)
         assert key in str(err.value) and str(ckpt) in str(err.value)
+    # another optimizer: refused where its saved state is another kind (the Trainer would fail on it at the first step)
+    with_optim = make_checkpoint(tmp_path, 12, run_config=dict(cfg, optim="adamw_8bit"))
+    assert check_resume_compatible(with_optim, dict(cfg, optim="paged_adamw_8bit"), log=logs) == [
+        "optim: 'adamw_8bit' -> 'paged_adamw_8bit'"]
+    with pytest.raises(CheckpointError, match="optim: checkpoint 'adamw_8bit', now 'adamw_torch_fused' .*bitsandbytes"):
+        check_resume_compatible(with_optim, dict(cfg, optim="adamw_torch_fused"), log=logs)
 
     # Without run_config.json, PEFT's adapter_config.json is the record.
     peft_only = make_checkpoint(tmp_path, 11)

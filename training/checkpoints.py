@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import IO, Any, Callable, Iterator
 
 from training.errors import UserError
+from training.qlora_config import OPTIM_STATE
 from training.runfiles import (ADAPTER_CONFIG, CHECKPOINT_MARKER, CHECKPOINT_PREFIX, CHECKPOINT_RUN_CONFIG,
                                SUPERSEDED_PREFIX, TRAINER_STATE, TRASH_PREFIX)
 
@@ -330,8 +331,8 @@ def read_run_config(ckpt: str | os.PathLike) -> dict[str, Any] | None:
 
 
 def check_resume_compatible(ckpt: str | os.PathLike, run_config: dict[str, Any], log: Log | None = None) -> list[str]:
-    """Refuse (CheckpointError) when base model, LoRA rank or target modules differ; return (and log) the other
-    differences, which are allowed (e.g. more max_steps)."""
+    """Refuse (CheckpointError) when base model, LoRA rank or target modules differ, or the optimizer keeps its state
+    in another form; return (and log) the other differences, which are allowed (e.g. more max_steps)."""
     log = logger.warning if log is None else log
     saved = read_run_config(ckpt)
     if saved is None:
@@ -344,6 +345,9 @@ def check_resume_compatible(ckpt: str | os.PathLike, run_config: dict[str, Any],
             continue
         if key in INCOMPATIBLE_KEYS:
             bad.append(f"{key}: checkpoint {old!r}, now {new!r}")
+        elif key == "optim" and OPTIM_STATE.get(old) != OPTIM_STATE.get(new):
+            bad.append(f"optim: checkpoint {old!r}, now {new!r} (its saved state is {OPTIM_STATE.get(old, 'unknown')}'s, "
+                       f"which {new!r} cannot read)")
         else:
             changes.append(f"{key}: {old!r} -> {new!r}")
     if bad:

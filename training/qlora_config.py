@@ -140,6 +140,9 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "lr_scheduler_type": ("linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial"),
     "optim": ("adamw_8bit", "paged_adamw_8bit", "adamw_torch", "paged_adamw_32bit", "adamw_torch_fused"),
 }
+# The optimizer state each optim keeps in a checkpoint: a run resumes only with an optim of the same kind.
+OPTIM_STATE = {"adamw_8bit": "bitsandbytes 8-bit", "paged_adamw_8bit": "bitsandbytes 8-bit",
+               "paged_adamw_32bit": "bitsandbytes 32-bit", "adamw_torch": "PyTorch", "adamw_torch_fused": "PyTorch"}
 POSITIVE = ("max_micro_batch", "lora_r", "lora_alpha", "max_seq_length", "per_device_train_batch_size", "gradient_accumulation_steps",
             "max_steps", "learning_rate", "logging_steps", "save_steps", "eval_steps", "keep_checkpoints",
             "eval_max_new_tokens")
