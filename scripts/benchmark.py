@@ -27,9 +27,10 @@ Variant names: PATH[24]-SHAPE[-mbN][-ckpt0|1][-chat][-sN] (-sN: N timed steps in
 - -prof: one more step on a batch never run before, under torch.profiler: device time by kernel category, the
   costliest kernels, the GPU's busy share of the wall time, the host's own time by op, and the host-device syncs
   with the ops that waited (`profile`).
-- -nosync (project, exploratory; implies -bnb8): bitsandbytes' own 8-bit AdamW (0.50) calls torch.cuda.synchronize()
-  after every parameter's update, 364 times a 2B step; this row skips those syncs (its updates run on the default stream, as
-  the rest of the step does, so they stay ordered). Its losses must match the row without it.
+- -nosync (project, exploratory; implies -bnb8): bitsandbytes' own 8-bit AdamW (0.50) calls
+  torch.cuda.synchronize() after every parameter's update, 364 times a 2B step; this row skips those syncs (its
+  updates run on the default stream, as the rest of the step does, so they stay ordered). Its losses must match the
+  row without it.
 - -adam32 (exploratory): fused 32-bit AdamW (`torch.optim.AdamW(fused=True)`, the recipe's `--set
   optim=adamw_torch_fused`) instead of bitsandbytes' 8-bit AdamW, which updates one LoRA tensor per kernel launch
   (364 a 2B step). LoRA's moments in 32 bits cost ~0.2 GiB more on 2B (0.6 on 9B), which the planner counts.

@@ -346,8 +346,8 @@ def check_resume_compatible(ckpt: str | os.PathLike, run_config: dict[str, Any],
         if key in INCOMPATIBLE_KEYS:
             bad.append(f"{key}: checkpoint {old!r}, now {new!r}")
         elif key == "optim" and OPTIM_STATE.get(old) != OPTIM_STATE.get(new):
-            bad.append(f"optim: checkpoint {old!r}, now {new!r} (its saved state is {OPTIM_STATE.get(old, 'unknown')}'s, "
-                       f"which {new!r} cannot read)")
+            bad.append(f"optim: checkpoint {old!r}, now {new!r} (its saved state is "
+                       f"{OPTIM_STATE.get(old, 'unknown')}'s, which {new!r} cannot read)")
         else:
             changes.append(f"{key}: {old!r} -> {new!r}")
     if bad:
