@@ -22,6 +22,20 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def bnb_warm():
+    """bitsandbytes' CPU 8-bit optimizer step, multi-threaded, can give a slightly different result (~3e-6) on its
+    first call in a process, for its own optimizer too (2 of 20 fresh processes; none of 20 with OMP_NUM_THREADS=1,
+    as the recipe's end-to-end tests run): tests that compare two optimizers bit for bit in one process call it once
+    first."""
+    import bitsandbytes as bnb
+    import torch
+
+    p = torch.nn.Parameter(torch.ones(4096))
+    p.grad = torch.ones(4096)
+    bnb.optim.AdamW([p], optim_bits=8).step()
+
+
+@pytest.fixture(scope="session")
 def tiny_tokenizer(tiny_model_dir):
     from transformers import AutoTokenizer
 

@@ -43,7 +43,7 @@ def test_variant_names_are_parsed_and_typos_refused():
         bench.parse_variant(name)
 
 
-def test_project_rows_run_the_recipes_flat_8bit_adamw_and_bnb8_bitsandbytes_own(tmp_path, monkeypatch):
+def test_project_rows_run_the_recipes_flat_8bit_adamw_and_bnb8_bitsandbytes_own(tmp_path, monkeypatch, bnb_warm):
     """The project rows' optimizer is the recipe's (training.optim.FlatAdamW8bit), -bnb8 bitsandbytes' own per-tensor
     one: with 8-bit moments on every LoRA tensor of the tiny shape (its 1,024-element tensors are under the 4,096 a
     2B row's all pass), the two rows train to the same losses, step for step."""

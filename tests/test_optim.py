@@ -8,22 +8,15 @@ import torch
 
 from training.optim import FlatAdamW8bit
 
+pytestmark = pytest.mark.usefixtures("bnb_warm")  # bit-for-bit comparisons: bitsandbytes' kernel called once first
+
 # 8-bit moments from 4,096 elements: a multiple of the 256-element block, two that are not (the pads), and one under
 # 4,096 (bitsandbytes keeps 32-bit moments for it: the per-tensor path, in the same group)
 SHAPES = [(64, 64), (33, 129), (16, 300), (10, 10)]
 
 
-def warm_up_bitsandbytes():
-    """bitsandbytes' CPU 8-bit kernel can give a slightly different result (~3e-6) on its first call in a process,
-    for its own optimizer too: one call before anything is compared."""
-    p = torch.nn.Parameter(torch.ones(4096))
-    p.grad = torch.ones(4096)
-    bnb.optim.AdamW([p], optim_bits=8).step()
-
-
 def pair(dtype):
     """The same parameters, twice, in two groups (with and without weight decay, as the Trainer makes them)."""
-    warm_up_bitsandbytes()
     torch.manual_seed(0)
     per = [torch.nn.Parameter(torch.randn(s, dtype=dtype)) for s in SHAPES + [(4096, 2)]]
     flat = [torch.nn.Parameter(p.detach().clone()) for p in per]
