@@ -42,7 +42,10 @@ def resolve(reqs: list[str]) -> dict[str, str]:
     with tempfile.TemporaryDirectory() as tmp:
         req_file, report = Path(tmp) / "requirements.txt", Path(tmp) / "report.json"
         req_file.write_text("\n".join(reqs) + "\n")
+        # fast-deps reads each wheel's metadata with HTTP range requests (whole wheels where the index refuses them):
+        # resolving the CUDA torch stack then peaks at ~3 GB of disk, not ~9.5 GB (CI's disk ran out).
         proc = subprocess.run([sys.executable, "-m", "pip", "install", "--disable-pip-version-check", "--quiet",
+                               "--no-cache-dir", "--use-feature=fast-deps",
                                "--dry-run", "--ignore-installed", "--target", str(Path(tmp) / "unused"),
                                "--report", str(report), *PLATFORM, "-r", str(req_file)],
                               capture_output=True, text=True)

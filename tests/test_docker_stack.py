@@ -191,11 +191,19 @@ def stack(tmp_path_factory):
 
 @pytest.mark.docker
 def test_architecture_check_passes_its_non_gpu_checks_on_the_repo(stack):
-    p = subprocess.run(["python3", "scripts/test_docker_training.py", "--cpu-only"], cwd=REPO, env=stack,
-                       capture_output=True, text=True, timeout=300)
+    """The repo passes; the free-disk bar is the host's, so it is set here: 1 GiB passes, more than the disk fails."""
+    def check(min_free_gb: float) -> subprocess.CompletedProcess:
+        return subprocess.run(["python3", "scripts/test_docker_training.py", "--cpu-only", "--min-free-gb",
+                               str(min_free_gb)], cwd=REPO, env=stack, capture_output=True, text=True, timeout=300)
+    p = check(1)
     assert p.returncode == 0, p.stdout + p.stderr
     assert "SKIP  NVIDIA driver: --cpu-only" in p.stdout
+    assert "PASS  free disk: repository" in p.stdout
     assert p.stdout.rstrip().endswith("All tests passed!")
+    full = check(shutil.disk_usage(REPO).total / 2**30 + 1)
+    assert full.returncode == 1, full.stdout
+    assert re.search(r"FAIL  free disk: repository \(.*\) has [0-9.]+ GiB free, needs \d+", full.stdout), full.stdout
+    assert "fix: free space: docker system prune" in full.stdout and "1 check(s) failed: free disk" in full.stdout
 
 
 @pytest.mark.docker
