@@ -64,6 +64,17 @@ def run_make(args: list[str], env: dict | None = None, timeout: int = 600, **kw)
                           cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout, **kw)
 
 
+def optimizer_moment_layout(optimizer_pt: Path) -> tuple[int, int, int]:
+    """A checkpoint's bitsandbytes optimizer state: (storages behind its 8-bit moments, tensors with 8-bit moments,
+    tensors with 32-bit ones). training.optim's flat buffer shows as one storage behind all the 8-bit moments."""
+    import torch
+
+    moments = [s["__bnb_optimizer_quant_state__"]["state1"]
+               for s in torch.load(optimizer_pt, weights_only=True)["state"].values()]
+    eight = [m for m in moments if m.dtype == torch.uint8]
+    return len({m.untyped_storage().data_ptr() for m in eight}), len(eight), len(moments) - len(eight)
+
+
 def reference_greedy(base_dir: Path, adapter_dir: Path, prompt: str, max_new_tokens: int,
                      merged: bool = False) -> tuple[str, list[int]]:
     """What plain transformers + peft say for `prompt`: the base in 4-bit as trained (merged: in float32, the

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import optimizer_moment_layout
 from training.checkpoints import read_manifest, verify_checkpoint
 from training.runfiles import read_records
 
@@ -36,7 +37,9 @@ REPO = Path(__file__).resolve().parent.parent
 STEPS = 12
 # Unpacked rows: the 12 steps stay inside the first epoch (packed, the sample data is one epoch every ~7 steps, and
 # one process and two shuffle later epochs differently: HF's RandomSampler vs the distributed sampler).
-COMMON = f"--max-steps {STEPS} --set logging_steps=1 --set save_steps=4 --set eval_steps=1000 --set packing=false"
+# LoRA rank 64: tensors of 4,096 elements and more, which the 8-bit AdamW updates in one flat buffer (training.optim).
+COMMON = (f"--max-steps {STEPS} --set logging_steps=1 --set save_steps=4 --set eval_steps=1000 --set packing=false "
+          "--set lora_r=64")
 
 
 def make_command(gpus: int, run: str, root: Path, extra: str = "") -> str:
@@ -126,6 +129,8 @@ def test_sigterm_to_the_launcher_leaves_one_complete_checkpoint(runs):
     assert {"rng_state_0.pth", "rng_state_1.pth", "optimizer.pt", "adapter_model.safetensors"} <= set(
         manifest["files"]), sorted(manifest["files"])
     assert verify_checkpoint(ckpt) == []
+    storages, eight_bit, thirty_two_bit = optimizer_moment_layout(ckpt / "optimizer.pt")
+    assert storages == 1 and eight_bit > thirty_two_bit > 0  # the flat buffer, saved by rank 0, resumed by both
     events = [r for r in read_records(runs["root"] / "logs" / "two" / "metrics.jsonl") if "event" in r]
     stopped = [e for e in events if e["event"] == "stopped"]
     assert len(stopped) == 1 and stopped[0]["step"] == 6 and stopped[0]["signal"] == "SIGTERM"
