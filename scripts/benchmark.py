@@ -37,6 +37,10 @@ Variant names: PATH[24]-SHAPE[-mbN][-ckpt0|1][-chat][-sN] (-sN: N timed steps in
 - -bnb8 (project): bitsandbytes' own 8-bit AdamW, one LoRA tensor per launch (364 a 2B step), as the recipe ran it
   before 2026-12-07. The project rows otherwise run the recipe's (training.optim.FlatAdamW8bit: the same update in
   one launch per step). Its losses must match the row without it.
+- -basefirst (project): the fused LoRA function's base product first and the adapter's accumulated onto it, as
+  the recipe ran it before 2026-12-07 (training.fast_lora.BASE_FIRST). The recipe now writes the rank-r product
+  first and accumulates the base product onto it, which saves a read and a write of each output and input
+  gradient. Its losses must match the row without it to bf16 rounding.
 - -cute (project and recipe): Liger's CuTe DSL RoPE by name, which the recipe keeps on Triton's on sm_90+
   (training.backends.LIGER_TRITON_OPS). It is what Liger 0.8 picks by itself there once nvidia-cutlass-dsl is
   installed (FA4 brings it; a row without it fails), and what the recipe ran before 2026-12-06's sixth lease. On a
@@ -102,9 +106,10 @@ def parse_variant(name: str) -> dict:
     v = {"name": name, "path": path.removesuffix("24"), "gpu_mem": 24.0 if path.endswith("24") else None,
          "shape": shape, "mb": None, "ckpt": None, "chat": False, "steps": None, "compile": False,
          "keep": None, "fp8": "", "lm_head": "auto", "attention": "auto", "posids": False, "profile": False,
-         "nosync": False, "window": None, "adam32": False, "bnb8": False, "liger_cute": False}
+         "nosync": False, "window": None, "adam32": False, "bnb8": False, "liger_cute": False,
+         "base_first": False}
     if v["path"] not in ("baseline", "unsloth", "project", "recipe") or shape not in SHAPES:
-        raise SystemExit(f"error: unknown variant '{name}' (PATH[24]-SHAPE[-mbN][-ckpt0|1][-chat][-sN][-kN][-wN][-fa4|-flex][-fp8|-fp8all][-ligerhead|-trlhead][-posids][-adam32|-bnb8|-nosync][-cute][-compile][-prof]; "
+        raise SystemExit(f"error: unknown variant '{name}' (PATH[24]-SHAPE[-mbN][-ckpt0|1][-chat][-sN][-kN][-wN][-fa4|-flex][-fp8|-fp8all][-ligerhead|-trlhead][-posids][-adam32|-bnb8|-nosync][-basefirst][-cute][-compile][-prof]; "
                          f"paths baseline, unsloth, project, recipe; shapes {', '.join(SHAPES)})")
     for p in parts[2:]:
         if p.startswith("mb"):
@@ -135,6 +140,8 @@ def parse_variant(name: str) -> dict:
             v["adam32"] = True  # exploratory lever: fused 32-bit AdamW instead of 8-bit
         elif p == "bnb8" and v["path"] == "project" and not v["adam32"]:
             v["bnb8"] = True  # bitsandbytes' own 8-bit AdamW, one tensor at a time (the recipe's before 2026-12-07)
+        elif p == "basefirst" and v["path"] == "project":
+            v["base_first"] = True  # the fused LoRA's base product first, the adapter's onto it (before 2026-12-07)
         elif p == "compile" and v["path"] == "project":
             v["compile"] = True  # exploratory lever: torch.compile of each decoder layer
         elif p.startswith("s") and p[1:].isdigit():
@@ -290,6 +297,11 @@ def load_project(v: dict, path: Path, device: str, arch) -> tuple:
     torch.manual_seed(0)
     m = setup.backend.load(cfg, setup.model_path, setup.device)
     use_sft_head(m, cfg.lm_head)
+    if v["base_first"]:
+        from training import fast_lora
+
+        fast_lora.BASE_FIRST = True
+        line += "; fused LoRA: base product first (exploratory)"
     if v["fp8"] == "all":
         for module in m.modules():
             if hasattr(module, "_fp8"):

@@ -36,7 +36,8 @@ def test_variant_names_are_parsed_and_typos_refused():
     for bad in ("unsloth-2b", "projekt-2b", "project-3b", "project-2b-fast", "unsloth-2b-mb16-ckpt0-compile",
                 "unsloth-2b-mb16-ckpt0-fp8", "baseline-2b-fa4", "project-2b-w1024", "recipe-2b-w0",
                 "recipe-2b-adam32", "unsloth-2b-mb8-ckpt0-ligerhead", "unsloth-2b-mb8-ckpt0-cute",
-                "unsloth-2b-mb8-ckpt0-bnb8", "project-2b-adam32-bnb8", "project-2b-bnb8-adam32", "project-2b-flat8"):
+                "unsloth-2b-mb8-ckpt0-bnb8", "project-2b-adam32-bnb8", "project-2b-bnb8-adam32", "project-2b-flat8",
+                "recipe-2b-basefirst", "baseline-2b-basefirst"):
         with pytest.raises(SystemExit, match="variant"):
             bench.parse_variant(bad)
     for name in bench.DEFAULT_VARIANTS.split(","):
@@ -53,6 +54,18 @@ def test_project_rows_run_the_recipes_flat_8bit_adamw_and_bnb8_bitsandbytes_own(
     assert per["desc"].endswith("bitsandbytes' per-tensor 8-bit AdamW") and "AdamW" not in flat["desc"]
     assert flat["losses"] == per["losses"] and len(set(flat["losses"])) == 3
     assert all(math.isfinite(x) for x in flat["losses"])
+
+
+def test_basefirst_runs_the_fused_lora_products_in_the_other_order_to_the_same_losses(tmp_path, monkeypatch):
+    """-basefirst: the fused LoRA function's former order (base product first), in its own row, to the losses of the
+    default order up to float rounding; the default row leaves it off."""
+    from training import fast_lora
+
+    monkeypatch.setattr(bench, "SEQ", 256)
+    monkeypatch.setattr(fast_lora, "BASE_FIRST", False)  # the row sets it in its own process; restored after
+    default, first = (bench.run_variant(name, tmp_path, 3, 0, "cpu") for name in ("project-tiny", "project-tiny-basefirst"))
+    assert "base product first" in first["desc"] and "base product first" not in default["desc"]
+    assert default["losses"] == pytest.approx(first["losses"], rel=1e-5) and len(set(first["losses"])) == 3
 
 
 def test_a_window_variant_is_the_same_model_with_a_window_its_rows_outgrow(tmp_path):

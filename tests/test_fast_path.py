@@ -9,6 +9,7 @@ from dataclasses import replace
 import pytest
 import torch
 
+from training import fast_lora
 from training.backends import load_hf
 from training.device import Device
 from training.qlora_config import PRESETS
@@ -37,7 +38,9 @@ def ids():
     return torch.randint(3, 500, (2, 48), generator=torch.Generator().manual_seed(0))
 
 
-def test_fused_lora_equals_peft_forward_and_backward(tiny_model_dir, ids):
+@pytest.mark.parametrize("base_first", [False, True], ids=["adapter-first", "base-first"])
+def test_fused_lora_equals_peft_forward_and_backward(tiny_model_dir, ids, base_first, monkeypatch):
+    monkeypatch.setattr(fast_lora, "BASE_FIRST", base_first)  # either order of the two products (benchmark's)
     plain_loss, plain = loss_and_grads(load(tiny_model_dir, fused_lora=False), ids)
     fused_model = load(tiny_model_dir, fused_lora=True)
     fused_loss, fused = loss_and_grads(fused_model, ids)
@@ -55,6 +58,30 @@ def test_fused_lora_equals_peft_forward_and_backward(tiny_model_dir, ids):
         with reference.disable_adapter():
             base_plain = reference(input_ids=ids).logits
     assert torch.allclose(base_fused, base_plain, atol=1e-6)
+
+
+@pytest.mark.parametrize("base_first", [False, True], ids=["adapter-first", "base-first"])
+def test_the_big_matmul_accumulates_onto_the_small_one(tiny_model_dir, ids, base_first, monkeypatch):
+    """By default each in-place accumulation (forward: base onto the adapter's product; backward: dY W onto
+    (dY B) A) is the matmul with the wide inner dimension: the rank-r product, bound by memory, is written once and
+    never read and rewritten. BASE_FIRST (exploratory) accumulates the rank-r products instead."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    monkeypatch.setattr(fast_lora, "BASE_FIRST", base_first)
+    model = load(tiny_model_dir, fused_lora=True, gradient_checkpointing=False)  # no recompute: one forward
+    r = PRESETS["tiny"].lora_r
+    inner: list[int] = []
+
+    class Accumulations(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten.addmm_.default:
+                inner.append(args[1].shape[1])  # addmm_(self, mat1, mat2): mat1's columns
+            return func(*args, **(kwargs or {}))
+
+    with Accumulations():
+        model(input_ids=ids, labels=ids).loss.backward()
+    assert len(inner) == 2 * 14  # one in the forward, one in the backward, per LoRA layer
+    assert all(k == r for k in inner) if base_first else all(k > r for k in inner), inner
 
 
 def test_per_layer_checkpointing_keeps_what_it_says(tiny_model_dir, ids):

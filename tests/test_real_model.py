@@ -225,8 +225,9 @@ def test_fp8_backward_learns_like_the_exact_path_on_real_weights(smol_dir):
     """fp8_backward on SmolLM2's real weights (the FP8 products emulated on the CPU: e4m3's rounding, not the card's
     accumulation order):
     the same chats, seed and 6 AdamW steps with and without it. The first loss is equal (the forward is exact), both
-    curves fall (the adapter learns the greeting) and they stay within 1% of each other step by step (the issue's
-    parity bar is 2%)."""
+    curves fall (the adapter learns the greeting) and they stay within 2% of each other step by step (the issue's
+    parity bar). The gap is e4m3's rounding noise, largest at the last, smallest loss (~0.5): 0.8% or 1.1% there
+    when only the float rounding of the exact products upstream differs (the order of the fused LoRA's products)."""
     from dataclasses import replace
 
     import torch
@@ -260,4 +261,4 @@ def test_fp8_backward_learns_like_the_exact_path_on_real_weights(smol_dir):
     exact, fp8 = curve(False), curve(True)
     assert fp8[0] == exact[0] and fp8 != exact  # same forward, FP8 gradients
     assert exact[-1] < 0.8 * exact[0] and fp8[-1] < 0.8 * fp8[0], (fp8, exact)
-    assert max(abs(f - e) / e for f, e in zip(fp8, exact)) < 0.01, (fp8, exact)
+    assert max(abs(f - e) / e for f, e in zip(fp8, exact)) < 0.02, (fp8, exact)

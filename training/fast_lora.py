@@ -2,10 +2,14 @@
 
 peft's LoRA forward on a bitsandbytes `Linear4bit` computes the base output, clones it, computes the adapter's
 output, scales it and adds it: five passes over a (tokens x out_features) tensor in the forward alone, and as many
-again in the backward. Here the adapter's product is accumulated into the base output in place
-(`out.addmm_(x @ A^T, B^T, alpha=scaling)`), and the backward computes the input gradient the same way
-(`dx = dY @ W + scaling * (dY @ B) @ A`), so the big tensors are written once. The 4-bit weight is dequantised with
-bitsandbytes in the forward and again in the backward, exactly as bitsandbytes' own `MatMul4Bit` does.
+again in the backward. Here the adapter's product (inner dimension r) is written first and the base product is
+accumulated onto it by the big matmul itself (`out = (x A^T) (scaling B)^T; out.addmm_(x, W^T)`), and the backward
+computes the input gradient the same way (`dx = (dY scaling B) A; dx.addmm_(dY, W)`). The adapter's product is
+bound by memory (inner dimension 32 against a 2,304 or 9,216-wide output): written once, and read back only in the
+epilogue of the base matmul, which is bound by compute. The other order (`BASE_FIRST`, the recipe's until
+2026-12-07; the benchmark's `-basefirst`) makes the adapter's product read and write the whole output again. The
+4-bit weight is dequantised with bitsandbytes in the forward and again in the backward, exactly as bitsandbytes'
+own `MatMul4Bit` does.
 The idea is the one of unsloth's and axolotl's LoRA kernels (both Apache-2.0); this is a plain-PyTorch version,
 per layer, with no Triton and no model-specific code.
 
@@ -29,6 +33,7 @@ import types
 import torch
 
 E4M3_MAX = 448.0  # the largest finite float8_e4m3fn value
+BASE_FIRST = False  # exploratory (scripts/benchmark.py -basefirst): the base product first, the adapter's added onto it
 
 
 def quantize_rows(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -86,24 +91,27 @@ class LoRA4bitMatmul(torch.autograd.Function):
     """y = x W^T (+ bias) + scaling * (x A^T) B^T, with W stored in 4 bits (frozen), A and B trainable."""
 
     @staticmethod
-    def forward(ctx, x, weight, lora_a, lora_b, bias, scaling: float, dtype: torch.dtype, fp8: str = ""):
+    def forward(ctx, x, weight, lora_a, lora_b, bias, scaling: float, dtype: torch.dtype, fp8: str = "",
+                base_first: bool = False):
         import bitsandbytes.functional as bnbf
 
         with torch.autocast(device_type=x.device.type, enabled=False):
             x2 = x.reshape(-1, x.shape[-1]).to(dtype)
             w = bnbf.dequantize_4bit(weight, weight.quant_state).to(dtype)  # (out, in)
-            a, b = lora_a.to(dtype), lora_b.to(dtype)
+            a, bs = lora_a.to(dtype), (lora_b.float() * scaling).to(dtype)  # the scaling in fp32, rounded once
             xa = x2 @ a.t()  # (tokens, r)
             fp8 = fp8 if fp8 and fp8_shapes_ok(*w.shape) else ""
-            if fp8 == "all":
-                out = fp8_matmul(x2, w, dtype)  # (tokens, out); W's scales per output row
+            if fp8 == "all" or base_first:  # the base product first (FP8's has no accumulating form)
+                # W's FP8 scales per output row
+                out = fp8_matmul(x2, w, dtype) if fp8 == "all" else x2 @ w.t()  # (tokens, out)
                 if bias is not None:
                     out.add_(bias.to(dtype))
-            else:
-                out = x2 @ w.t() if bias is None else torch.addmm(bias.to(dtype), x2, w.t())
-            out.addmm_(xa, b.t(), alpha=scaling)
-        ctx.save_for_backward(x2, xa, a, b)
-        ctx.weight, ctx.scaling, ctx.dtype, ctx.fp8 = weight, scaling, dtype, fp8
+                out.addmm_(xa, bs.t())
+            else:  # the adapter's product first, the base product accumulated onto it
+                out = xa @ bs.t() if bias is None else torch.addmm(bias.to(dtype), xa, bs.t())
+                out.addmm_(x2, w.t())
+        ctx.save_for_backward(x2, xa, a, bs)
+        ctx.weight, ctx.scaling, ctx.dtype, ctx.fp8, ctx.base_first = weight, scaling, dtype, fp8, base_first
         ctx.x_shape, ctx.x_dtype, ctx.ab_dtypes = x.shape, x.dtype, (lora_a.dtype, lora_b.dtype)
         return out.view(*x.shape[:-1], out.shape[-1]).to(x.dtype)
 
@@ -111,21 +119,23 @@ class LoRA4bitMatmul(torch.autograd.Function):
     def backward(ctx, grad_out):
         import bitsandbytes.functional as bnbf
 
-        x2, xa, a, b = ctx.saved_tensors
-        s, dtype = ctx.scaling, ctx.dtype
+        x2, xa, a, bs = ctx.saved_tensors
+        dtype = ctx.dtype
         with torch.autocast(device_type=grad_out.device.type, enabled=False):
             g = grad_out.reshape(-1, grad_out.shape[-1]).to(dtype)  # (tokens, out)
-            gb = g @ b  # (tokens, r)
-            grad_a = (gb.t() @ x2).mul_(s) if ctx.needs_input_grad[2] else None  # (r, in)
-            grad_b = (g.t() @ xa).mul_(s) if ctx.needs_input_grad[3] else None  # (out, r)
+            gb = g @ bs  # (tokens, r), scaled
+            grad_a = gb.t() @ x2 if ctx.needs_input_grad[2] else None  # (r, in)
+            grad_b = (g.t() @ xa).mul_(ctx.scaling) if ctx.needs_input_grad[3] else None  # (out, r)
             grad_x = None
             if ctx.needs_input_grad[0]:
                 w = bnbf.dequantize_4bit(ctx.weight, ctx.weight.quant_state).to(dtype)
-                # FP8: W^T quantised by rows, i.e. one scale per input column of W
-                gw = fp8_matmul(g, w.t(), dtype) if ctx.fp8 else g @ w  # "backward" and "all"
-                grad_x = gw.addmm_(gb, a, alpha=s).view(ctx.x_shape).to(ctx.x_dtype)
+                if ctx.fp8 or ctx.base_first:  # FP8 ("backward" and "all"): W^T by rows, one scale per input column
+                    grad_x = (fp8_matmul(g, w.t(), dtype) if ctx.fp8 else g @ w).addmm_(gb, a)
+                else:
+                    grad_x = (gb @ a).addmm_(g, w)
+                grad_x = grad_x.view(ctx.x_shape).to(ctx.x_dtype)
         return (grad_x, None, grad_a.to(ctx.ab_dtypes[0]) if grad_a is not None else None,
-                grad_b.to(ctx.ab_dtypes[1]) if grad_b is not None else None, None, None, None, None)
+                grad_b.to(ctx.ab_dtypes[1]) if grad_b is not None else None, None, None, None, None, None)
 
 
 def _plain_adapter(module, kwargs) -> str | None:
@@ -150,7 +160,7 @@ def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     else:
         dtype = getattr(base, "compute_dtype", None) or x.dtype
     return LoRA4bitMatmul.apply(x, base.weight, self.lora_A[name].weight, self.lora_B[name].weight, base.bias,
-                                float(self.scaling[name]), dtype, self._fp8)
+                                float(self.scaling[name]), dtype, self._fp8, BASE_FIRST)
 
 
 def apply_fused_lora(model, fp8: str = "") -> int:
