@@ -5,11 +5,11 @@ output, scales it and adds it: five passes over a (tokens x out_features) tensor
 again in the backward. Here the adapter's product (inner dimension r) is written first and the base product is
 accumulated onto it by the big matmul itself (`out = (x A^T) (scaling B)^T; out.addmm_(x, W^T)`), and the backward
 computes the input gradient the same way (`dx = (dY scaling B) A; dx.addmm_(dY, W)`). The adapter's product is
-bound by memory (inner dimension 32 against a 2,304 or 9,216-wide output): written once, and read back only in the
-epilogue of the base matmul, which is bound by compute. The other order (`BASE_FIRST`, the recipe's until
-2026-12-07; the benchmark's `-basefirst`) makes the adapter's product read and write the whole output again. The
-4-bit weight is dequantised with bitsandbytes in the forward and again in the backward, exactly as bitsandbytes'
-own `MatMul4Bit` does.
+bound by memory (inner dimension r, 32 in the presets, for outputs 2,304 or 9,216 wide): written once, and read
+back only in the epilogue of the base matmul, which is bound by compute. The other order (`BASE_FIRST`, the
+recipe's until 2026-12-07; the benchmark's `-basefirst`) makes the adapter's product read and rewrite the whole
+output. The 4-bit weight is dequantised with bitsandbytes in the forward and again in the backward, exactly as
+bitsandbytes' own `MatMul4Bit` does.
 The idea is the one of unsloth's and axolotl's LoRA kernels (both Apache-2.0); this is a plain-PyTorch version,
 per layer, with no Triton and no model-specific code.
 
