@@ -39,8 +39,9 @@ Variant names: PATH[24]-SHAPE[-mbN][-ckpt0|1][-chat][-sN] (-sN: N timed steps in
   one launch per step). Its losses must match the row without it.
 - -basefirst (project): the fused LoRA function's base product first and the adapter's accumulated onto it, as
   the recipe ran it before 2026-12-07 (training.fast_lora.BASE_FIRST). The recipe now writes the rank-r product
-  first and accumulates the base product onto it, which saves a read and a write of each output and input
-  gradient. Its losses must match the row without it to bf16 rounding.
+  first and accumulates the base product onto it, so the rank-r matmul, bound by memory, no longer reads and
+  rewrites each output and input gradient (the base matmul reads it in its epilogue). Its losses must match the
+  row without it to bf16 rounding.
 - -cute (project and recipe): Liger's CuTe DSL RoPE by name, which the recipe keeps on Triton's on sm_90+
   (training.backends.LIGER_TRITON_OPS). It is what Liger 0.8 picks by itself there once nvidia-cutlass-dsl is
   installed (FA4 brings it; a row without it fails), and what the recipe ran before 2026-12-06's sixth lease. On a

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import optimizer_moment_layout
 from training.checkpoints import (
     MARKER_NAME,
     find_latest_complete_checkpoint,
@@ -28,7 +29,6 @@ from training.checkpoints import (
     list_checkpoints,
     verify_checkpoint,
 )
-from tests.conftest import optimizer_moment_layout
 from training.runfiles import read_records
 
 REPO = Path(__file__).resolve().parents[1]

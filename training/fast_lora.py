@@ -23,7 +23,7 @@ per token for the gradient, per input column for the weight), at twice the bf16 
 The forward, the adapter's products and its gradients stay exact. The weight is re-quantised from its NF4 form at
 each use, so memory is as without FP8. `fp8="all"` also runs the forward's `x W^T` in FP8: exploratory only (the
 benchmark's `-fp8all`), since on SmolLM2's real weights it shifted the loss by ~3% while the backward alone kept the
-curve within 0.5% (docs/benchmarks.md, "FP8").
+curve within about 1%, e4m3's rounding noise (docs/benchmarks.md, "FP8"; tests/test_real_model.py).
 """
 
 from __future__ import annotations
@@ -98,13 +98,14 @@ class LoRA4bitMatmul(torch.autograd.Function):
         with torch.autocast(device_type=x.device.type, enabled=False):
             x2 = x.reshape(-1, x.shape[-1]).to(dtype)
             w = bnbf.dequantize_4bit(weight, weight.quant_state).to(dtype)  # (out, in)
-            a, bs = lora_a.to(dtype), (lora_b.float() * scaling).to(dtype)  # the scaling in fp32, rounded once
+            wide = torch.promote_types(dtype, torch.float32)  # the scaling in fp32 (or wider), rounded once
+            a, bs = lora_a.to(dtype), (lora_b.to(wide) * scaling).to(dtype)
             xa = x2 @ a.t()  # (tokens, r)
             fp8 = fp8 if fp8 and fp8_shapes_ok(*w.shape) else ""
             if fp8 == "all" or base_first:  # the base product first (FP8's has no accumulating form)
                 # W's FP8 scales per output row
                 out = fp8_matmul(x2, w, dtype) if fp8 == "all" else x2 @ w.t()  # (tokens, out)
-                if bias is not None:
+                if bias is not None:  # a pass of its own (Gemma-2 and the benchmark's rows have no bias)
                     out.add_(bias.to(dtype))
                 out.addmm_(xa, bs.t())
             else:  # the adapter's product first, the base product accumulated onto it
