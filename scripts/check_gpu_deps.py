@@ -42,13 +42,15 @@ def resolve(reqs: list[str]) -> dict[str, str]:
     with tempfile.TemporaryDirectory() as tmp:
         req_file, report = Path(tmp) / "requirements.txt", Path(tmp) / "report.json"
         req_file.write_text("\n".join(reqs) + "\n")
+        cmd = [sys.executable, "-m", "pip", "install", "--disable-pip-version-check", "--quiet", "--no-cache-dir",
+               "--dry-run", "--ignore-installed", "--target", str(Path(tmp) / "unused"), "--report", str(report),
+               *PLATFORM, "-r", str(req_file)]
         # fast-deps reads each wheel's metadata with HTTP range requests (whole wheels where the index refuses them):
-        # resolving the CUDA torch stack then peaks at ~3 GB of disk, not ~9.5 GB (CI's disk ran out).
-        proc = subprocess.run([sys.executable, "-m", "pip", "install", "--disable-pip-version-check", "--quiet",
-                               "--no-cache-dir", "--use-feature=fast-deps",
-                               "--dry-run", "--ignore-installed", "--target", str(Path(tmp) / "unused"),
-                               "--report", str(report), *PLATFORM, "-r", str(req_file)],
-                              capture_output=True, text=True)
+        # resolving the CUDA torch stack then peaks at ~3 GB of disk, not ~9.5 GB (CI's disk ran out). An
+        # experimental pip feature: a pip without it resolves the same, downloading whole wheels.
+        proc = subprocess.run(cmd[:4] + ["--use-feature=fast-deps"] + cmd[4:], capture_output=True, text=True)
+        if proc.returncode != 0 and "fast-deps" in proc.stderr:
+            proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("ERROR")] or proc.stderr.splitlines()
             raise RuntimeError("\n".join(errors[-6:]))
