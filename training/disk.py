@@ -21,6 +21,7 @@ from typing import Callable, Iterator
 
 from training.checkpoints import iter_complete_checkpoints, read_manifest, remove_tree_atomically
 from training.errors import UserError
+from training.qlora_config import eight_bit_moments
 from training.runfiles import ADAPTER_TMP_DIR
 
 MIB = 2**20
@@ -55,7 +56,7 @@ def _lora_matrices(arch, r: int) -> list[int]:
 
 
 def _optimizer_bytes(sizes: list[int], optim: str) -> int:
-    if "8bit" not in optim:
+    if not eight_bit_moments(optim):
         return sum(8 * n for n in sizes)  # two fp32 moments
     # bitsandbytes: 8-bit moments, one fp32 absmax per 256 values and two 256-entry fp32 quantisation maps for
     # tensors of 4096+ values; two fp32 moments below that

@@ -19,6 +19,7 @@ import json
 import sys
 from dataclasses import asdict, dataclass
 from training.errors import UserError
+from training.qlora_config import eight_bit_moments
 
 GIB = 2**30
 HEADROOM_GIB = 1.5  # CUDA context, cuBLAS workspace, allocator fragmentation
@@ -106,13 +107,14 @@ def estimate_peak(arch: Arch, micro_batch: int, seq_len: int, lora_r: int, backe
     Liger) or 'unsloth'. fp32_embeddings: peft's prepare_model_for_kbit_training upcast (the seed's path; its
     residual stream is fp32), else the project's bf16 path. recompute_layers: how many layers are checkpointed
     (None: all of them when gradient_checkpointing, none otherwise). optim: the optimizer, whose moments are 8-bit
-    (`*8bit`) or 32-bit."""
+    (training.qlora_config.eight_bit_moments) or 32-bit."""
     tokens = micro_batch * seq_len
     L = arch.num_layers
     recomputed = (L if gradient_checkpointing else 0) if recompute_layers is None else max(0, min(L, recompute_layers))
     embed_bytes = arch.vocab * arch.hidden * (4 if fp32_embeddings and backend == "hf" else 2)
     weights = arch.linear_params() * NF4_BYTES_PER_PARAM + embed_bytes
-    lora = arch.lora_params(lora_r) * (LORA_BYTES_PER_PARAM if "8bit" in optim else LORA_BYTES_PER_PARAM_32BIT_OPTIM)
+    lora = arch.lora_params(lora_r) * (LORA_BYTES_PER_PARAM if eight_bit_moments(optim) else
+                                       LORA_BYTES_PER_PARAM_32BIT_OPTIM)
     scores = micro_batch * arch.heads * seq_len * seq_len
     if backend == "unsloth":
         if recomputed:
