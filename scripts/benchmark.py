@@ -41,7 +41,11 @@ Variant names: PATH[24]-SHAPE[-mbN][-ckpt0|1][-chat][-sN] (-sN: N timed steps in
   the recipe ran it before 2026-12-07 (training.fast_lora.BASE_FIRST). The recipe now writes the rank-r product
   first and accumulates the base product onto it, so the rank-r matmul, bound by memory, no longer reads and
   rewrites each output and input gradient (the base matmul reads it in its epilogue). Its losses must match the
-  row without it to bf16 rounding.
+  row without it to bf16 rounding. It runs per layer too (no groups, below), as the recipe did then.
+- -nogroup (project): the fused LoRA per layer. The recipe runs q, k and v (and gate and up), which read one input,
+  as one function since 2026-12-07 (training.fast_lora.GROUPS): their adapters' products with the input are one
+  matmul, and one input gradient takes every member's matmuls in turn, so autograd no longer sums 3 (tokens x
+  hidden) gradients per layer. Its losses must match the row without it to bf16 rounding.
 - -cute (project and recipe): Liger's CuTe DSL RoPE by name, which the recipe keeps on Triton's on sm_90+
   (training.backends.LIGER_TRITON_OPS). It is what Liger 0.8 picks by itself there once nvidia-cutlass-dsl is
   installed (FA4 brings it; a row without it fails), and what the recipe ran before 2026-12-06's sixth lease. On a
@@ -108,9 +112,9 @@ def parse_variant(name: str) -> dict:
          "shape": shape, "mb": None, "ckpt": None, "chat": False, "steps": None, "compile": False,
          "keep": None, "fp8": "", "lm_head": "auto", "attention": "auto", "posids": False, "profile": False,
          "nosync": False, "window": None, "adam32": False, "bnb8": False, "liger_cute": False,
-         "base_first": False}
+         "base_first": False, "grouped": True}
     if v["path"] not in ("baseline", "unsloth", "project", "recipe") or shape not in SHAPES:
-        raise SystemExit(f"error: unknown variant '{name}' (PATH[24]-SHAPE[-mbN][-ckpt0|1][-chat][-sN][-kN][-wN][-fa4|-flex][-fp8|-fp8all][-ligerhead|-trlhead][-posids][-adam32|-bnb8|-nosync][-basefirst][-cute][-compile][-prof]; "
+        raise SystemExit(f"error: unknown variant '{name}' (PATH[24]-SHAPE[-mbN][-ckpt0|1][-chat][-sN][-kN][-wN][-fa4|-flex][-fp8|-fp8all][-ligerhead|-trlhead][-posids][-adam32|-bnb8|-nosync][-basefirst|-nogroup][-cute][-compile][-prof]; "
                          f"paths baseline, unsloth, project, recipe; shapes {', '.join(SHAPES)})")
     for p in parts[2:]:
         if p.startswith("mb"):
@@ -143,6 +147,9 @@ def parse_variant(name: str) -> dict:
             v["bnb8"] = True  # bitsandbytes' own 8-bit AdamW, one tensor at a time (the recipe's before 2026-12-07)
         elif p == "basefirst" and v["path"] == "project":
             v["base_first"] = True  # the fused LoRA's base product first, the adapter's onto it (before 2026-12-07)
+            v["grouped"] = False  # and per layer, as then
+        elif p == "nogroup" and v["path"] == "project":
+            v["grouped"] = False  # the fused LoRA per layer: q, k, v (gate, up) each reading their input
         elif p == "compile" and v["path"] == "project":
             v["compile"] = True  # exploratory lever: torch.compile of each decoder layer
         elif p.startswith("s") and p[1:].isdigit():
@@ -298,11 +305,14 @@ def load_project(v: dict, path: Path, device: str, arch) -> tuple:
     torch.manual_seed(0)
     m = setup.backend.load(cfg, setup.model_path, setup.device)
     use_sft_head(m, cfg.lm_head)
-    if v["base_first"]:
-        from training import fast_lora
+    from training import fast_lora
 
+    if v["base_first"]:
         fast_lora.BASE_FIRST = True
         line += "; fused LoRA: base product first (exploratory)"
+    if not v["grouped"]:
+        fast_lora.GROUPED = False
+        line += "; fused LoRA per layer (no groups)"
     if v["fp8"] == "all":
         for module in m.modules():
             if hasattr(module, "_fp8"):

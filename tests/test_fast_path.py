@@ -38,9 +38,11 @@ def ids():
     return torch.randint(3, 500, (2, 48), generator=torch.Generator().manual_seed(0))
 
 
-@pytest.mark.parametrize("base_first", [False, True], ids=["adapter-first", "base-first"])
-def test_fused_lora_equals_peft_forward_and_backward(tiny_model_dir, ids, base_first, monkeypatch):
-    monkeypatch.setattr(fast_lora, "BASE_FIRST", base_first)  # either order of the two products (benchmark's)
+@pytest.mark.parametrize("grouped, base_first", [(True, False), (False, False), (False, True)],
+                         ids=["grouped", "per-layer", "base-first"])
+def test_fused_lora_equals_peft_forward_and_backward(tiny_model_dir, ids, grouped, base_first, monkeypatch):
+    monkeypatch.setattr(fast_lora, "GROUPED", grouped)  # the default, and the benchmark's -nogroup and -basefirst
+    monkeypatch.setattr(fast_lora, "BASE_FIRST", base_first)
     plain_loss, plain = loss_and_grads(load(tiny_model_dir, fused_lora=False), ids)
     fused_model = load(tiny_model_dir, fused_lora=True)
     fused_loss, fused = loss_and_grads(fused_model, ids)
@@ -82,6 +84,63 @@ def test_the_big_matmul_accumulates_onto_the_small_one(tiny_model_dir, ids, base
         model(input_ids=ids, labels=ids).loss.backward()
     assert len(inner) == 2 * 14  # one in the forward, one in the backward, per LoRA layer
     assert all(k == r for k in inner) if base_first else all(k > r for k in inner), inner
+
+
+def test_grouped_siblings_read_their_input_once_and_share_one_input_gradient(tiny_model_dir, ids, monkeypatch):
+    """q, k and v (and gate and up) run as one function: one product of their shared input with all their adapters
+    in the forward (width R = 3r, 2r), and one input gradient that each member's matmuls accumulate onto, so
+    autograd sums 3 fewer (tokens x hidden) gradients per layer (2 for q/k/v, 1 for gate/up). Per layer
+    (-nogroup) neither holds."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    r = PRESETS["tiny"].lora_r  # 8: no base product of the tiny model is this narrow (its narrowest is 32 wide)
+
+    def ops(grouped: bool) -> tuple[list[int], int]:
+        monkeypatch.setattr(fast_lora, "GROUPED", grouped)
+        model = load(tiny_model_dir, fused_lora=True, gradient_checkpointing=False)
+        hidden = model.config.hidden_size
+        widths, sums, backward = [], 0, False
+
+        class Ops(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                nonlocal sums
+                out = func(*args, **(kwargs or {}))
+                if not backward and func is torch.ops.aten.mm.default and args[1].shape[0] == hidden and \
+                        out.shape[1] <= 3 * r:
+                    widths.append(out.shape[1])  # x A^T: a layer's input read by its adapters
+                if backward and func in (torch.ops.aten.add.Tensor, torch.ops.aten.add_.Tensor) and \
+                        out.shape[-1] == hidden:
+                    sums += 1  # autograd's sums of (tokens x hidden) gradients
+                return out
+
+        with Ops():
+            loss = model(input_ids=ids, labels=ids).loss
+            backward = True
+            loss.backward()
+        return sorted(widths), sums
+
+    layers = 2  # the tiny model's decoder layers; o_proj's input is hidden-wide too, down_proj's is not
+    grouped_widths, grouped_sums = ops(True)
+    per_layer_widths, per_layer_sums = ops(False)
+    assert grouped_widths == sorted([3 * r, r, 2 * r] * layers)  # q+k+v, o, gate+up
+    assert per_layer_widths == [r] * 6 * layers  # q, k, v, o, gate, up
+    assert per_layer_sums - grouped_sums == 3 * layers, (per_layer_sums, grouped_sums)
+
+
+def test_a_grouped_member_called_on_another_input_computes_its_own_output(tiny_model_dir):
+    """The group hands a member the output it computed only for the very tensor it was called on: q(x), k(y), v(x)
+    give what three separate layers give."""
+    x, y = torch.randn(2, 5, 64, generator=torch.Generator().manual_seed(2)).unbind(0)
+    grouped = load(tiny_model_dir, fused_lora=True)
+    attn = grouped.base_model.model.model.layers[0].self_attn
+    x, y = (t.reshape(1, 5, -1)[..., :attn.q_proj.in_features] for t in (x, y))
+    with torch.no_grad():
+        got = attn.q_proj(x), attn.k_proj(y), attn.v_proj(x), attn.k_proj(x)
+        want = tuple(fast_lora._layer_forward(layer, t) for layer, t in
+                     ((attn.q_proj, x), (attn.k_proj, y), (attn.v_proj, x), (attn.k_proj, x)))
+    for g, w in zip(got, want):
+        assert torch.allclose(g, w, atol=1e-6)
+    assert attn.q_proj._group[0].pending is None or attn.q_proj._group[0].pending[0] is x
 
 
 def test_per_layer_checkpointing_keeps_what_it_says(tiny_model_dir, ids):

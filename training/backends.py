@@ -641,14 +641,14 @@ def load_hf(cfg, model_path: str, device):
     if cfg.fp8_backward and device.kind == "cuda" and device.compute_dtype != torch.bfloat16:
         raise BackendError("fp8_backward needs bf16 compute (FP8 matmuls with per-row scales return bf16); this run "
                            "computes in fp16 (bf16=false or a card without bf16): drop --set fp8_backward=true")
-    fused = apply_fused_lora(model, fp8="backward" if cfg.fp8_backward else "") if cfg.fused_lora else 0
+    fused, groups = apply_fused_lora(model, fp8="backward" if cfg.fp8_backward else "") if cfg.fused_lora else (0, 0)
     recomputed = enable_checkpointing(model, cfg.recompute_layers) if cfg.gradient_checkpointing else 0
     trainable, total = model.get_nb_trainable_parameters()
     log.info("model %s: 4-bit %s%s, LoRA r=%d on %s: %s trainable of %s parameters (%.2f%%); %s attention, "
-             "fused LoRA on %d layers%s, %s norms/embeddings, %d layers recomputed", model_path,
-             cfg.bnb_4bit_quant_type, " + double quant" if cfg.bnb_4bit_use_double_quant else "", cfg.lora_r,
+             "fused LoRA on %d layers (%d groups reading one input)%s, %s norms/embeddings, %d layers recomputed",
+             model_path, cfg.bnb_4bit_quant_type, " + double quant" if cfg.bnb_4bit_use_double_quant else "", cfg.lora_r,
              cfg.target_modules, f"{trainable:,}", f"{total:,}", 100 * trainable / max(total, 1),
-             model.config._attn_implementation, fused, " (input gradients in FP8)" if cfg.fp8_backward else "",
+             model.config._attn_implementation, fused, groups, " (input gradients in FP8)" if cfg.fp8_backward else "",
              "fp32" if cfg.fp32_norms_and_embeddings else "compute-dtype",
              recomputed)
     return model

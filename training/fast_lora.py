@@ -34,6 +34,8 @@ import torch
 
 E4M3_MAX = 448.0  # the largest finite float8_e4m3fn value
 BASE_FIRST = False  # exploratory (scripts/benchmark.py -basefirst): the base product first, the adapter's added onto it
+GROUPED = True  # sibling layers that read one input run as one function (GROUPS); off: scripts/benchmark.py -nogroup
+GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))  # by name, under one parent module
 
 
 def quantize_rows(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -139,6 +141,76 @@ class LoRA4bitMatmul(torch.autograd.Function):
                 grad_b.to(ctx.ab_dtypes[1]) if grad_b is not None else None, None, None, None, None, None)
 
 
+class LoRA4bitGroupMatmul(torch.autograd.Function):
+    """The members of one group (GROUPS: q, k and v; gate and up), which read the same x: y_i = x W_i^T (+ bias_i) +
+    s_i (x A_i^T) B_i^T, each as LoRA4bitMatmul computes it, with x read once where each member read it. The adapters'
+    products with x are one matmul (x [A_1; A_2; ...]^T, inner dimension the input width, R = the sum of the ranks
+    columns), and so are A's gradients ((dY_i B_i)_i^T x). The input gradient is one tensor that every member's
+    matmuls accumulate onto in turn (dx = [dY_1 s_1 B_1, ...] [A_1; ...], then dx += dY_i W_i for each i) instead of
+    one per member that autograd then sums: a pass over the (tokens x hidden) gradient saved per extra member."""
+
+    @staticmethod
+    def forward(ctx, x, dtype: torch.dtype, scalings: tuple[float, ...], *params):
+        import bitsandbytes.functional as bnbf
+
+        weights, lora_as, lora_bs, biases = params[0::4], params[1::4], params[2::4], params[3::4]
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            x2 = x.reshape(-1, x.shape[-1]).to(dtype)
+            wide = torch.promote_types(dtype, torch.float32)  # the scaling in fp32 (or wider), rounded once
+            a = torch.cat([lora_a.to(dtype) for lora_a in lora_as])  # (R, in)
+            bss = [(lora_b.to(wide) * s).to(dtype) for lora_b, s in zip(lora_bs, scalings)]
+            xa = x2 @ a.t()  # (tokens, R)
+            ranks = [lora_a.shape[0] for lora_a in lora_as]
+            outs = []
+            for weight, xa_i, bs, bias in zip(weights, xa.split(ranks, dim=1), bss, biases):
+                out = xa_i @ bs.t() if bias is None else torch.addmm(bias.to(dtype), xa_i, bs.t())
+                out.addmm_(x2, bnbf.dequantize_4bit(weight, weight.quant_state).to(dtype).t())
+                outs.append(out.view(*x.shape[:-1], out.shape[-1]).to(x.dtype))
+        ctx.save_for_backward(x2, xa, a, *bss)
+        ctx.weights, ctx.scalings, ctx.ranks, ctx.dtype = weights, scalings, ranks, dtype
+        ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
+        ctx.ab_dtypes = [(lora_a.dtype, lora_b.dtype) for lora_a, lora_b in zip(lora_as, lora_bs)]
+        ctx.set_materialize_grads(False)  # a member whose output took no part in the loss gets None
+        return tuple(outs)
+
+    @staticmethod
+    def backward(ctx, *grad_outs):
+        import bitsandbytes.functional as bnbf
+
+        x2, xa, a, *bss = ctx.saved_tensors
+        dtype, need = ctx.dtype, ctx.needs_input_grad
+        grads = []  # (member, its dY as (tokens, out)), for the members whose outputs got a gradient
+        with torch.autocast(device_type=x2.device.type, enabled=False):
+            gbs = []  # (tokens, r) per member, scaled; zero where the member got no gradient
+            for i, (grad, bs) in enumerate(zip(grad_outs, bss)):
+                if grad is None:
+                    gbs.append(x2.new_zeros(x2.shape[0], ctx.ranks[i]))
+                    continue
+                g = grad.reshape(-1, grad.shape[-1]).to(dtype)
+                grads.append((i, g))
+                gbs.append(g @ bs)
+            gb = torch.cat(gbs, dim=1)  # (tokens, R)
+            a_needed = any(need[4 + 4 * i] for i in range(len(bss)))
+            grad_as = (gb.t() @ x2).split(ctx.ranks) if a_needed else [None] * len(bss)  # (r, in) each
+            grad_bs: list[torch.Tensor | None] = [None] * len(bss)
+            xas = xa.split(ctx.ranks, dim=1)
+            for i, g in grads:
+                if need[5 + 4 * i]:
+                    grad_bs[i] = (g.t() @ xas[i]).mul_(ctx.scalings[i])  # (out, r)
+            grad_x = None
+            if need[0]:
+                grad_x = gb @ a
+                for i, g in grads:
+                    weight = ctx.weights[i]
+                    grad_x.addmm_(g, bnbf.dequantize_4bit(weight, weight.quant_state).to(dtype))
+                grad_x = grad_x.view(ctx.x_shape).to(ctx.x_dtype)
+        per_member = []  # (weight, A, B, bias) per member
+        for i, ((a_dtype, b_dtype), grad_a, grad_b) in enumerate(zip(ctx.ab_dtypes, grad_as, grad_bs)):
+            per_member += [None, grad_a.to(a_dtype) if need[4 + 4 * i] else None,
+                           grad_b.to(b_dtype) if grad_b is not None else None, None]
+        return (grad_x, None, None, *per_member)
+
+
 def _plain_adapter(module, kwargs) -> str | None:
     """The one active adapter when this call is plain LoRA (what the fused path computes), else None."""
     if module.disable_adapters or module.merged or kwargs or len(module.active_adapters) != 1:
@@ -151,30 +223,79 @@ def _plain_adapter(module, kwargs) -> str | None:
     return name
 
 
-def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+def _compute_dtype(module, x: torch.Tensor) -> torch.dtype:
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return getattr(module.base_layer, "compute_dtype", None) or x.dtype
+
+
+def _layer_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     name = None if args else _plain_adapter(self, kwargs)
     if name is None:
         return type(self).forward(self, x, *args, **kwargs)
     base = self.base_layer
-    if torch.is_autocast_enabled(x.device.type):
-        dtype = torch.get_autocast_dtype(x.device.type)
-    else:
-        dtype = getattr(base, "compute_dtype", None) or x.dtype
     return LoRA4bitMatmul.apply(x, base.weight, self.lora_A[name].weight, self.lora_B[name].weight, base.bias,
-                                float(self.scaling[name]), dtype, self._fp8, BASE_FIRST)
+                                float(self.scaling[name]), _compute_dtype(self, x), self._fp8, BASE_FIRST)
 
 
-def apply_fused_lora(model, fp8: str = "") -> int:
+class _SharedInput:
+    """One group's members (q, k and v under one attention; gate and up under one MLP). The first member called on
+    an input computes every member's output (LoRA4bitGroupMatmul) and keeps the others' for them: the model calls
+    them next on the same tensor. A member called on another tensor, or in a state the group does not compute
+    (adapters off, merged, dropout, FP8, the exploratory switches), runs on its own and drops what was kept."""
+
+    def __init__(self, members: list):
+        self.members = members
+        self.pending: tuple[torch.Tensor, dict[int, torch.Tensor]] | None = None  # (input, outputs not yet taken)
+
+    def __call__(self, index: int, x: torch.Tensor, args, kwargs) -> torch.Tensor:
+        pending, self.pending = self.pending, None
+        if pending is not None and pending[0] is x and index in pending[1]:
+            out = pending[1].pop(index)
+            if pending[1]:
+                self.pending = pending
+            return out
+        member = self.members[index]
+        names = {_plain_adapter(m, kwargs) for m in self.members}
+        if args or not GROUPED or BASE_FIRST or member._fp8 or len(names) != 1 or None in names:
+            return _layer_forward(member, x, *args, **kwargs)
+        name = names.pop()
+        params = []
+        for m in self.members:
+            params += [m.base_layer.weight, m.lora_A[name].weight, m.lora_B[name].weight, m.base_layer.bias]
+        outs = LoRA4bitGroupMatmul.apply(x, _compute_dtype(member, x), tuple(float(m.scaling[name])
+                                                                            for m in self.members), *params)
+        self.pending = (x, {i: out for i, out in enumerate(outs) if i != index})
+        return outs[index]
+
+
+def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    if self._group is None:
+        return _layer_forward(self, x, *args, **kwargs)
+    return self._group[0](self._group[1], x, args, kwargs)
+
+
+def apply_fused_lora(model, fp8: str = "") -> tuple[int, int]:
     """Route every peft LoRA layer on a bitsandbytes 4-bit linear through the fused function ("backward": its input
-    gradient's base product in FP8; "all": the forward's too); returns how many."""
+    gradient's base product in FP8; "all": the forward's too), and the siblings of GROUPS that read one input
+    through the group function; returns (layers, groups)."""
     try:
         from peft.tuners.lora.bnb import Linear4bit as LoraLinear4bit
     except ImportError:  # peft without bitsandbytes support: nothing to fuse
-        return 0
-    count = 0
+        return 0, 0
+    layers = groups = 0
     for module in model.modules():
         if isinstance(module, LoraLinear4bit):
             module.forward = types.MethodType(_fused_forward, module)
-            module._fp8 = fp8
-            count += 1
-    return count
+            module._fp8, module._group = fp8, None
+            layers += 1
+    for parent in model.modules():
+        for names in GROUPS:
+            members = [getattr(parent, name, None) for name in names]
+            if all(isinstance(m, LoraLinear4bit) for m in members) and \
+                    len({m.base_layer.in_features for m in members}) == 1:
+                group = _SharedInput(members)
+                for index, member in enumerate(members):
+                    member._group = (group, index)
+                groups += 1
+    return layers, groups
