@@ -641,7 +641,12 @@ def load_hf(cfg, model_path: str, device):
     if cfg.fp8_backward and device.kind == "cuda" and device.compute_dtype != torch.bfloat16:
         raise BackendError("fp8_backward needs bf16 compute (FP8 matmuls with per-row scales return bf16); this run "
                            "computes in fp16 (bf16=false or a card without bf16): drop --set fp8_backward=true")
-    fused, groups = apply_fused_lora(model, fp8="backward" if cfg.fp8_backward else "") if cfg.fused_lora else (0, 0)
+    # Under FSDP the Trainer wraps each LoRA A and B as a unit of its own (peft's wrap policy), gathered only when the
+    # module itself is called: the fused function reads their weights without calling them, so peft's forward runs.
+    fused, groups = (apply_fused_lora(model, fp8="backward" if cfg.fp8_backward else "")
+                     if cfg.fused_lora and not fsdp else (0, 0))
+    if cfg.fused_lora and fsdp:
+        log.info("fused LoRA: off under FSDP (each LoRA weight is gathered only when its own module runs)")
     recomputed = enable_checkpointing(model, cfg.recompute_layers) if cfg.gradient_checkpointing else 0
     trainable, total = model.get_nb_trainable_parameters()
     log.info("model %s: 4-bit %s%s, LoRA r=%d on %s: %s trainable of %s parameters (%.2f%%); %s attention, "

@@ -147,7 +147,9 @@ class LoRA4bitGroupMatmul(torch.autograd.Function):
     products with x are one matmul (x [A_1; A_2; ...]^T, inner dimension the input width, R = the sum of the ranks
     columns), and so are A's gradients ((dY_i B_i)_i^T x). The input gradient is one tensor that every member's
     matmuls accumulate onto in turn (dx = [dY_1 s_1 B_1, ...] [A_1; ...], then dx += dY_i W_i for each i) instead of
-    one per member that autograd then sums: a pass over the (tokens x hidden) gradient saved per extra member."""
+    one per member that autograd then sums: a pass over the (tokens x hidden) gradient saved per extra member. (That
+    one tensor is in the compute dtype: with fp32 inputs, `fp32_norms_and_embeddings`, the members' terms are summed
+    in bf16 where autograd summed them in fp32; with the default bf16 inputs the sum is the more exact of the two.)"""
 
     @staticmethod
     def forward(ctx, x, dtype: torch.dtype, scalings: tuple[float, ...], *params):
@@ -191,7 +193,10 @@ class LoRA4bitGroupMatmul(torch.autograd.Function):
                 gbs.append(g @ bs)
             gb = torch.cat(gbs, dim=1)  # (tokens, R)
             a_needed = any(need[4 + 4 * i] for i in range(len(bss)))
-            grad_as = (gb.t() @ x2).split(ctx.ranks) if a_needed else [None] * len(bss)  # (r, in) each
+            grad_as = list((gb.t() @ x2).split(ctx.ranks)) if a_needed else [None] * len(bss)  # (r, in) each
+            for i, grad in enumerate(grad_outs):
+                if grad is None:  # as autograd gives a layer whose output took no part: no gradient at all
+                    grad_as[i] = None
             grad_bs: list[torch.Tensor | None] = [None] * len(bss)
             xas = xa.split(ctx.ranks, dim=1)
             for i, g in grads:
@@ -206,7 +211,7 @@ class LoRA4bitGroupMatmul(torch.autograd.Function):
                 grad_x = grad_x.view(ctx.x_shape).to(ctx.x_dtype)
         per_member = []  # (weight, A, B, bias) per member
         for i, ((a_dtype, b_dtype), grad_a, grad_b) in enumerate(zip(ctx.ab_dtypes, grad_as, grad_bs)):
-            per_member += [None, grad_a.to(a_dtype) if need[4 + 4 * i] else None,
+            per_member += [None, grad_a.to(a_dtype) if grad_a is not None and need[4 + 4 * i] else None,
                            grad_b.to(b_dtype) if grad_b is not None else None, None]
         return (grad_x, None, None, *per_member)
 
@@ -220,6 +225,11 @@ def _plain_adapter(module, kwargs) -> str | None:
         return None
     if not isinstance(module.lora_dropout[name], torch.nn.Identity) and module.training:
         return None
+    base = module.base_layer
+    if getattr(module, "lora_bias", {}).get(name) or (base.bias is not None and base.bias.requires_grad):
+        return None  # a trained bias: peft's forward trains it
+    if getattr(base.weight.quant_state, "packing_format_for_cpu", False):
+        return None  # bitsandbytes repacked it for its CPU kernel (after a no-grad forward of its own): not NF4 now
     return name
 
 
@@ -242,22 +252,40 @@ class _SharedInput:
     """One group's members (q, k and v under one attention; gate and up under one MLP). The first member called on
     an input computes every member's output (LoRA4bitGroupMatmul) and keeps the others' for them: the model calls
     them next on the same tensor. A member called on another tensor, or in a state the group does not compute
-    (adapters off, merged, dropout, FP8, the exploratory switches), runs on its own and drops what was kept."""
+    (adapters off, merged, dropout, FP8, the exploratory switches), runs on its own. What is kept never outlives the
+    parent module's forward; a model that leaves kept outputs untaken (a member not called, or called on another
+    tensor: cross-attention, shared KV) gets its members run one by one from then on, with a warning."""
 
-    def __init__(self, members: list):
-        self.members = members
+    def __init__(self, members: list, names: tuple[str, ...], parent: torch.nn.Module):
+        self.members, self.enabled = members, True
+        self.where = f"{', '.join(names)} of {type(parent).__name__}"
         self.pending: tuple[torch.Tensor, dict[int, torch.Tensor]] | None = None  # (input, outputs not yet taken)
+        parent.register_forward_hook(self._parent_done)
+
+    def _parent_done(self, module, args, output) -> None:
+        self.drop()
+
+    def drop(self) -> None:
+        pending, self.pending = self.pending, None
+        if pending is not None and self.enabled:
+            import logging
+
+            self.enabled = False
+            logging.getLogger(__name__).warning(
+                "fused LoRA: %s were not all called on one input (what one computed for the others went unused); "
+                "they run one by one from now on", self.where)
 
     def __call__(self, index: int, x: torch.Tensor, args, kwargs) -> torch.Tensor:
-        pending, self.pending = self.pending, None
+        pending = self.pending
         if pending is not None and pending[0] is x and index in pending[1]:
             out = pending[1].pop(index)
-            if pending[1]:
-                self.pending = pending
+            if not pending[1]:
+                self.pending = None
             return out
+        self.drop()
         member = self.members[index]
         names = {_plain_adapter(m, kwargs) for m in self.members}
-        if args or not GROUPED or BASE_FIRST or member._fp8 or len(names) != 1 or None in names:
+        if args or not self.enabled or not GROUPED or BASE_FIRST or member._fp8 or len(names) != 1 or None in names:
             return _layer_forward(member, x, *args, **kwargs)
         name = names.pop()
         params = []
@@ -294,7 +322,7 @@ def apply_fused_lora(model, fp8: str = "") -> tuple[int, int]:
             members = [getattr(parent, name, None) for name in names]
             if all(isinstance(m, LoraLinear4bit) for m in members) and \
                     len({m.base_layer.in_features for m in members}) == 1:
-                group = _SharedInput(members)
+                group = _SharedInput(members, names, parent)
                 for index, member in enumerate(members):
                     member._group = (group, index)
                 groups += 1
