@@ -652,8 +652,8 @@ def load_hf(cfg, model_path: str, device):
     trainable, total = model.get_nb_trainable_parameters()
     log.info("model %s: 4-bit %s%s, LoRA r=%d on %s: %s trainable of %s parameters (%.2f%%); %s attention, "
              "fused LoRA on %d layers (%d groups reading one input)%s, %s norms/embeddings, %d layers recomputed",
-             model_path, cfg.bnb_4bit_quant_type, " + double quant" if cfg.bnb_4bit_use_double_quant else "", cfg.lora_r,
-             cfg.target_modules, f"{trainable:,}", f"{total:,}", 100 * trainable / max(total, 1),
+             model_path, cfg.bnb_4bit_quant_type, " + double quant" if cfg.bnb_4bit_use_double_quant else "",
+             cfg.lora_r, cfg.target_modules, f"{trainable:,}", f"{total:,}", 100 * trainable / max(total, 1),
              model.config._attn_implementation, fused, groups, " (input gradients in FP8)" if cfg.fp8_backward else "",
              "fp32" if cfg.fp32_norms_and_embeddings else "compute-dtype",
              recomputed)

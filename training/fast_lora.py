@@ -10,12 +10,17 @@ back only in the epilogue of the base matmul, which is bound by compute. The oth
 recipe's until 2026-12-07; the benchmark's `-basefirst`) makes the adapter's product read and rewrite the whole
 output. The 4-bit weight is dequantised with bitsandbytes in the forward and again in the backward, exactly as
 bitsandbytes' own `MatMul4Bit` does.
-The idea is the one of unsloth's and axolotl's LoRA kernels (both Apache-2.0); this is a plain-PyTorch version,
-per layer, with no Triton and no model-specific code.
+Layers that read one input (GROUPS: q, k and v; gate and up, found by name under one parent module) run as one
+function, LoRA4bitGroupMatmul: one product of the input with all their adapters, and one input gradient that every
+member's matmuls accumulate onto, where autograd summed one per member (measured: 2-3% of a step, and 5.5% for the
+order above; docs/benchmarks.md, 2026-12-07). The benchmark's `-nogroup` runs them one by one.
+The idea is the one of unsloth's and axolotl's LoRA kernels (both Apache-2.0); this is a plain-PyTorch version
+with no Triton and nothing model-specific beyond the sibling names (those of Gemma, Llama, Mistral, Qwen).
 
-Used for a LoRA layer only when it is plain LoRA: one active adapter, no dropout, no DoRA, not merged. Any other
-state falls back to peft's own forward at call time, so disabling adapters (as evaluation of the base does) or
-merging keeps working.
+Used for a LoRA layer only when it is plain LoRA: one active adapter, no dropout, no DoRA, no trained bias, not
+merged, its 4-bit weight in NF4's layout (not repacked by bitsandbytes for its CPU kernel). Any other state falls
+back to peft's own forward at call time, so disabling adapters (as evaluation of the base does) or merging keeps
+working. Under FSDP the recipe does not apply it (training/backends.py: load_hf).
 
 FP8 (`fp8="backward"`: the config's `fp8_backward`, opt-in): the backward's product with the frozen base weight,
 `dY W` (the input gradient), runs as an FP8 matmul (`torch._scaled_mm`, e4m3 with one scale per row of each operand:
