@@ -48,7 +48,7 @@ def resolve(reqs: list[str]) -> dict[str, str]:
         # fast-deps reads each wheel's metadata with HTTP range requests (whole wheels where the index refuses them):
         # resolving the CUDA torch stack then peaks at ~3 GB of disk, not ~9.5 GB (CI's disk ran out). An
         # experimental pip feature: a pip without it resolves the same, downloading whole wheels.
-        proc = subprocess.run(cmd[:4] + ["--use-feature=fast-deps"] + cmd[4:], capture_output=True, text=True)
+        proc = subprocess.run([*cmd, "--use-feature=fast-deps"], capture_output=True, text=True)
         if proc.returncode != 0 and "fast-deps" in proc.stderr:
             proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:

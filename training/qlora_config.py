@@ -148,6 +148,8 @@ OPTIM_STATE = {"adamw_8bit": "bitsandbytes 8-bit", "paged_adamw_8bit": "bitsandb
 def eight_bit_moments(optim: str) -> bool:
     """Whether `optim` keeps 8-bit Adam moments (what the planner and the disk check count for it)."""
     return OPTIM_STATE.get(optim) == "bitsandbytes 8-bit"
+
+
 POSITIVE = ("max_micro_batch", "lora_r", "lora_alpha", "max_seq_length", "per_device_train_batch_size", "gradient_accumulation_steps",
             "max_steps", "learning_rate", "logging_steps", "save_steps", "eval_steps", "keep_checkpoints",
             "eval_max_new_tokens")
