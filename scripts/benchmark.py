@@ -46,6 +46,10 @@ Variant names: PATH[24]-SHAPE[-mbN][-ckpt0|1][-chat][-sN] (-sN: N timed steps in
   as one function since 2026-12-07 (training.fast_lora.GROUPS): their adapters' products with the input are one
   matmul, and one input gradient takes every member's matmuls in turn, so autograd no longer sums 3 (tokens x
   hidden) gradients per layer. Its losses must match the row without it to bf16 rounding.
+- -keepact (project): the MLP's gated activation (act(gate) * up) kept for the backward, as the recipe did before
+  2026-12-07, and planned so. The recipe now keeps gate's and up's outputs only and recomputes their product in the
+  backward (training.fast_lora.LoRA4bitGatedDown): one (tokens x intermediate) tensor less per layer, so the planner
+  recomputes fewer layers. Its losses must match the row without it to bf16 rounding.
 - -cute (project and recipe): Liger's CuTe DSL RoPE by name, which the recipe keeps on Triton's on sm_90+
   (training.backends.LIGER_TRITON_OPS). It is what Liger 0.8 picks by itself there once nvidia-cutlass-dsl is
   installed (FA4 brings it; a row without it fails), and what the recipe ran before 2026-12-06's sixth lease. On a
@@ -112,9 +116,9 @@ def parse_variant(name: str) -> dict:
          "shape": shape, "mb": None, "ckpt": None, "chat": False, "steps": None, "compile": False,
          "keep": None, "fp8": "", "lm_head": "auto", "attention": "auto", "posids": False, "profile": False,
          "nosync": False, "window": None, "adam32": False, "bnb8": False, "liger_cute": False,
-         "base_first": False, "grouped": True}
+         "base_first": False, "grouped": True, "recompute_act": True}
     if v["path"] not in ("baseline", "unsloth", "project", "recipe") or shape not in SHAPES:
-        raise SystemExit(f"error: unknown variant '{name}' (PATH[24]-SHAPE[-mbN][-ckpt0|1][-chat][-sN][-kN][-wN][-fa4|-flex][-fp8|-fp8all][-ligerhead|-trlhead][-posids][-adam32|-bnb8|-nosync][-basefirst|-nogroup][-cute][-compile][-prof]; "
+        raise SystemExit(f"error: unknown variant '{name}' (PATH[24]-SHAPE[-mbN][-ckpt0|1][-chat][-sN][-kN][-wN][-fa4|-flex][-fp8|-fp8all][-ligerhead|-trlhead][-posids][-adam32|-bnb8|-nosync][-basefirst|-nogroup][-keepact][-cute][-compile][-prof]; "
                          f"paths baseline, unsloth, project, recipe; shapes {', '.join(SHAPES)})")
     for p in parts[2:]:
         if p.startswith("mb"):
@@ -150,6 +154,8 @@ def parse_variant(name: str) -> dict:
             v["grouped"] = False  # and per layer, as then
         elif p == "nogroup" and v["path"] == "project":
             v["grouped"] = False  # the fused LoRA per layer: q, k, v (gate, up) each reading their input
+        elif p == "keepact" and v["path"] == "project":
+            v["recompute_act"] = False  # the MLP's gated activation kept (before 2026-12-07), and planned so
         elif p == "compile" and v["path"] == "project":
             v["compile"] = True  # exploratory lever: torch.compile of each decoder layer
         elif p.startswith("s") and p[1:].isdigit():
@@ -267,7 +273,7 @@ def load_project(v: dict, path: Path, device: str, arch) -> tuple:
 
     import torch
 
-    from training.plan import estimate_peak
+    from training.plan import estimate_peak, recompute_act_for
     from training.qlora_config import PRESETS
     from training.qlora_finetune import prepare
     from training.runfiles import RunPaths
@@ -284,6 +290,19 @@ def load_project(v: dict, path: Path, device: str, arch) -> tuple:
             verdicts.append(f"{name} self-check {'passed' if ok else 'FAILED'} ({detail})")
             return True, detail
         backends.run_self_check = noting_check
+    from training import fast_lora
+
+    # The fused LoRA's exploratory switches before prepare(): the planner counts what the fused path keeps
+    notes = []
+    if v["base_first"]:
+        fast_lora.BASE_FIRST = True
+        notes.append("fused LoRA: base product first (exploratory)")
+    if not v["grouped"]:
+        fast_lora.GROUPED = False
+        notes.append("fused LoRA per layer (no groups)")
+    if not v["recompute_act"]:
+        fast_lora.RECOMPUTE_ACT = False
+        notes.append("the MLP's gated activation kept (not recomputed)")
     # lm_head and fp8_backward are set before prepare(): the backend checks them there, as in the recipe
     cfg = replace(PRESETS[preset], model_name_or_path=str(path), gpu_mem_gib=v["gpu_mem"] or 0.0, max_seq_length=SEQ,
                   device=device, allow_cpu=True, min_gpu_mem_gib=0.0, lora_r=LORA_R, disk_check=False,
@@ -291,7 +310,7 @@ def load_project(v: dict, path: Path, device: str, arch) -> tuple:
                   optim=optim_of(v))  # planned with the optimizer the row runs
     setup = prepare(cfg, preset, RunPaths.of(v["name"], path.parent / "runs" / v["name"]), resume="never")
     cfg, line = setup.cfg, setup.plan_line
-    line += "".join(f"; {x}" for x in verdicts)
+    line += "".join(f"; {x}" for x in verdicts + notes)
     if v["mb"]:
         cfg = replace(cfg, per_device_train_batch_size=v["mb"])
     if cfg.lm_head != "trl":
@@ -305,14 +324,6 @@ def load_project(v: dict, path: Path, device: str, arch) -> tuple:
     torch.manual_seed(0)
     m = setup.backend.load(cfg, setup.model_path, setup.device)
     use_sft_head(m, cfg.lm_head)
-    from training import fast_lora
-
-    if v["base_first"]:
-        fast_lora.BASE_FIRST = True
-        line += "; fused LoRA: base product first (exploratory)"
-    if not v["grouped"]:
-        fast_lora.GROUPED = False
-        line += "; fused LoRA per layer (no groups)"
     if v["fp8"] == "all":
         for module in m.modules():
             if hasattr(module, "_fp8"):
@@ -320,7 +331,8 @@ def load_project(v: dict, path: Path, device: str, arch) -> tuple:
     est = estimate_peak(arch, cfg.per_device_train_batch_size, SEQ, LORA_R, setup.backend.name,
                         cfg.gradient_checkpointing, fused_loss=setup.backend.fused_loss,
                         eager_attention=cfg.attn_implementation == "eager", fp32_embeddings=cfg.fp32_norms_and_embeddings,
-                        recompute_layers=cfg.recompute_layers if cfg.gradient_checkpointing else 0, optim=cfg.optim)
+                        recompute_layers=cfg.recompute_layers if cfg.gradient_checkpointing else 0, optim=cfg.optim,
+                        recompute_act=recompute_act_for(cfg, setup.backend.name, arch.model_type))
     return (m, cfg.per_device_train_batch_size, v["chat"] and cfg.packing,
             f"{setup.backend.label}, {cfg.attn_implementation}: {line}", est.peak_gib)
 

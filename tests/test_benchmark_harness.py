@@ -37,7 +37,8 @@ def test_variant_names_are_parsed_and_typos_refused():
                 "unsloth-2b-mb16-ckpt0-fp8", "baseline-2b-fa4", "project-2b-w1024", "recipe-2b-w0",
                 "recipe-2b-adam32", "unsloth-2b-mb8-ckpt0-ligerhead", "unsloth-2b-mb8-ckpt0-cute",
                 "unsloth-2b-mb8-ckpt0-bnb8", "project-2b-adam32-bnb8", "project-2b-bnb8-adam32", "project-2b-flat8",
-                "recipe-2b-basefirst", "baseline-2b-basefirst", "recipe-2b-nogroup", "unsloth-2b-mb8-nogroup"):
+                "recipe-2b-basefirst", "baseline-2b-basefirst", "recipe-2b-nogroup", "unsloth-2b-mb8-nogroup",
+                "recipe-2b-keepact"):
         with pytest.raises(SystemExit, match="variant"):
             bench.parse_variant(bad)
     for name in bench.DEFAULT_VARIANTS.split(","):
@@ -56,23 +57,28 @@ def test_project_rows_run_the_recipes_flat_8bit_adamw_and_bnb8_bitsandbytes_own(
     assert all(math.isfinite(x) for x in flat["losses"])
 
 
-def test_basefirst_and_nogroup_run_the_former_fused_lora_to_the_same_losses(tmp_path, monkeypatch):
+def test_basefirst_nogroup_and_keepact_run_the_former_fused_lora_to_the_same_losses(tmp_path, monkeypatch):
     """-basefirst: the fused LoRA function's former order (base product first), per layer; -nogroup: per layer in
-    the default order. Each in its own row, to the losses of the default (grouped) up to float rounding; the default
-    row leaves both off."""
+    the default order; -keepact: the MLP's gated activation kept. Each in its own row, to the losses of the default
+    (grouped, activation recomputed) up to float rounding; the default row leaves all three off."""
     from training import fast_lora
 
     monkeypatch.setattr(bench, "SEQ", 256)
     monkeypatch.setattr(fast_lora, "BASE_FIRST", False)  # a row sets them in its own process; restored after
     monkeypatch.setattr(fast_lora, "GROUPED", True)
+    monkeypatch.setattr(fast_lora, "RECOMPUTE_ACT", True)
     default = bench.run_variant("project-tiny", tmp_path, 3, 0, "cpu")
-    assert not fast_lora.BASE_FIRST and fast_lora.GROUPED and "fused LoRA" not in default["desc"]
+    assert not fast_lora.BASE_FIRST and fast_lora.GROUPED and fast_lora.RECOMPUTE_ACT
+    assert "fused LoRA" not in default["desc"] and "kept" not in default["desc"]
+    kept = bench.run_variant("project-tiny-keepact", tmp_path, 3, 0, "cpu")
+    assert not fast_lora.RECOMPUTE_ACT and "gated activation kept" in kept["desc"]
+    monkeypatch.setattr(fast_lora, "RECOMPUTE_ACT", True)
     per_layer = bench.run_variant("project-tiny-nogroup", tmp_path, 3, 0, "cpu")
     assert not fast_lora.BASE_FIRST and not fast_lora.GROUPED and "per layer" in per_layer["desc"]
     monkeypatch.setattr(fast_lora, "GROUPED", True)
     first = bench.run_variant("project-tiny-basefirst", tmp_path, 3, 0, "cpu")
     assert fast_lora.BASE_FIRST and not fast_lora.GROUPED and "base product first" in first["desc"]
-    for row in (per_layer, first):
+    for row in (kept, per_layer, first):
         assert default["losses"] == pytest.approx(row["losses"], rel=1e-5) and len(set(row["losses"])) == 3
 
 

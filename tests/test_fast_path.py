@@ -38,11 +38,14 @@ def ids():
     return torch.randint(3, 500, (2, 48), generator=torch.Generator().manual_seed(0))
 
 
-@pytest.mark.parametrize("grouped, base_first", [(True, False), (False, False), (False, True)],
-                         ids=["grouped", "per-layer", "base-first"])
-def test_fused_lora_equals_peft_forward_and_backward(tiny_model_dir, ids, grouped, base_first, monkeypatch):
+@pytest.mark.parametrize("grouped, base_first, recompute_act", [(True, False, True), (True, False, False),
+                                                                 (False, False, True), (False, True, True)],
+                         ids=["grouped", "keep-act", "per-layer", "base-first"])
+def test_fused_lora_equals_peft_forward_and_backward(tiny_model_dir, ids, grouped, base_first, recompute_act,
+                                                     monkeypatch):
     monkeypatch.setattr(fast_lora, "GROUPED", grouped)  # the default, and the benchmark's -nogroup and -basefirst
     monkeypatch.setattr(fast_lora, "BASE_FIRST", base_first)
+    monkeypatch.setattr(fast_lora, "RECOMPUTE_ACT", recompute_act)  # and -keepact
     plain_loss, plain = loss_and_grads(load(tiny_model_dir, fused_lora=False), ids)
     fused_model = load(tiny_model_dir, fused_lora=True)
     fused_loss, fused = loss_and_grads(fused_model, ids)
@@ -354,3 +357,61 @@ def test_fsdp_runs_peft_own_lora_forward(tiny_model_dir, monkeypatch, caplog):
     monkeypatch.delenv("ACCELERATE_USE_FSDP")
     assert all(hasattr(m, "_group") for m in load(tiny_model_dir, fused_lora=True).modules()
                if isinstance(m, LoraLinear4bit))
+
+
+def kept_intermediate_tensors(model, ids) -> int:
+    """How many distinct (tokens x intermediate) tensors a training forward keeps for its backward."""
+    width, tokens, kept = model.config.intermediate_size, ids.numel(), set()
+
+    def pack(t):
+        if t.dim() and t.shape[-1] == width and t.numel() == tokens * width:
+            kept.add(t.untyped_storage().data_ptr())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    return len(kept)
+
+
+def test_the_gated_mlp_keeps_gate_and_up_not_their_product(tiny_model_dir, ids, monkeypatch):
+    """The MLP's c = act(gate(x)) * up(x) is recomputed in the backward (LoRA4bitGatedDown): per layer a step keeps
+    two (tokens x intermediate) tensors, gate's and up's outputs, which the activation's backward reads anyway.
+    With -keepact (peft's and transformers' own forward) it also keeps c, and eager PyTorch act(gate) too: the
+    memory the planner no longer counts (training/plan.py GATED_ACT_BYTES). The gradients: the test above."""
+    layers = 2  # the tiny model's
+    model = load(tiny_model_dir, fused_lora=True, gradient_checkpointing=False)
+    assert [m._gated_act for m in model.modules() if hasattr(m, "_gated_act")] == ["gelu_tanh"] * layers
+    assert kept_intermediate_tensors(model, ids) == 2 * layers
+    monkeypatch.setattr(fast_lora, "RECOMPUTE_ACT", False)
+    assert kept_intermediate_tensors(load(tiny_model_dir, fused_lora=True, gradient_checkpointing=False),
+                                     ids) == 4 * layers
+    assert kept_intermediate_tensors(load(tiny_model_dir, fused_lora=False, gradient_checkpointing=False),
+                                     ids) == 4 * layers
+
+
+def test_a_swiglu_mlp_recomputes_its_activation_to_peft_s_gradients(tmp_path, ids):
+    """Llama's SwiGLU (SiLU, as in SmolLM2, Mistral, Qwen): the same function with the other activation."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(tmp_path)
+    plain_loss, plain = loss_and_grads(load(tmp_path, fused_lora=False), ids)
+    fused_model = load(tmp_path, fused_lora=True)
+    assert [m._gated_act for m in fused_model.modules() if hasattr(m, "_gated_act")] == ["silu", "silu"]
+    fused_loss, fused = loss_and_grads(fused_model, ids)
+    assert plain.keys() == fused.keys() and len(plain) == 28
+    assert abs(fused_loss - plain_loss) < 1e-6
+    for name in plain:
+        assert torch.allclose(fused[name], plain[name], rtol=1e-4, atol=1e-7), name
+        assert fused[name].abs().sum() > 0, name
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton kernels need a CUDA card (run on the device: "
+                    "python -m training.gated_act --check)")
+def test_the_gated_activation_kernels_match_pytorch_on_cuda():
+    from training import gated_act
+
+    assert gated_act.check() == []

@@ -14,7 +14,7 @@ from training.backends import BackendError, HFBackend, _run_self_check_subproces
 from training.device import Device
 from training.model import AttentionShape
 from training.plan import (GIB, KNOWN_ARCHS, LOGIT_BYTES, NF4_BYTES_PER_PARAM, Arch, PlanError, budget_gib,
-                           estimate_peak, main, plan, plan_for_run)
+                           estimate_peak, main, plan, plan_for_run, recompute_act_for)
 from training.qlora_config import PRESETS
 
 TINY = Arch(num_layers=2, hidden=64, intermediate=128, vocab=512, heads=4, kv_heads=2, head_dim=16)
@@ -82,6 +82,28 @@ def test_plan_turns_checkpointing_off_only_when_it_fits():
     assert plan(TINY, 8, 256, 8, 80, "hf").gradient_checkpointing is False
     g2 = KNOWN_ARCHS["google/gemma-2-2b"]
     assert plan(g2, 16, 2048, 32, 24, "hf").gradient_checkpointing is True
+
+
+def test_the_plan_does_not_count_the_gated_activation_where_the_fused_path_recomputes_it(monkeypatch):
+    """The fused path keeps gate's and up's outputs, not act(gate) * up (training/fast_lora.py LoRA4bitGatedDown;
+    tests/test_fast_path.py counts what it keeps): 2 bytes per intermediate unit per token less for each layer that
+    keeps its activations. On an 80 GB card 2B then keeps all its layers, where it recomputed 3."""
+    arch = KNOWN_ARCHS["google/gemma-2-2b"]
+    kw = dict(fused_loss=True, eager_attention=False, fp32_embeddings=False)
+    for recomputed in (0, 20):
+        kept, dropped = (estimate_peak(arch, 16, 2048, 32, "hf", recomputed > 0, recompute_layers=recomputed,
+                                       recompute_act=act, **kw) for act in (False, True))
+        per_layer = 16 * 2048 * arch.intermediate * 2 / GIB  # 0.5625 GiB
+        assert kept.peak_gib - dropped.peak_gib == pytest.approx((26 - recomputed) * per_layer, abs=0.02)
+    assert plan(arch, 16, 2048, 32, 79.6, recompute_act=False, **kw).recompute_layers == 3
+    assert plan(arch, 16, 2048, 32, 79.6, recompute_act=True, **kw).recompute_layers == 0
+    cfg = PRESETS["gemma-2b"]
+    assert recompute_act_for(cfg, "hf", "gemma2") and recompute_act_for(cfg, "hf", "llama")
+    for case in ((cfg, "unsloth", "gemma2"), (replace(cfg, fused_lora=False), "hf", "gemma2"),
+                 (replace(cfg, fp8_backward=True), "hf", "gemma2"), (cfg, "hf", "phi3")):
+        assert not recompute_act_for(*case), case
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # fused LoRA is off under FSDP
+    assert not recompute_act_for(cfg, "hf", "gemma2")
 
 
 def test_plan_error_when_nothing_fits():

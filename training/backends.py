@@ -644,17 +644,19 @@ def load_hf(cfg, model_path: str, device):
                            "computes in fp16 (bf16=false or a card without bf16): drop --set fp8_backward=true")
     # Under FSDP the Trainer wraps each LoRA A and B as a unit of its own (peft's wrap policy), gathered only when the
     # module itself is called: the fused function reads their weights without calling them, so peft's forward runs.
-    fused, groups = (apply_fused_lora(model, fp8="backward" if cfg.fp8_backward else "")
-                     if cfg.fused_lora and not fsdp else (0, 0))
+    fused, groups, mlps = (apply_fused_lora(model, fp8="backward" if cfg.fp8_backward else "")
+                           if cfg.fused_lora and not fsdp else (0, 0, 0))
     if cfg.fused_lora and fsdp:
         log.info("fused LoRA: off under FSDP (each LoRA weight is gathered only when its own module runs)")
     recomputed = enable_checkpointing(model, cfg.recompute_layers) if cfg.gradient_checkpointing else 0
     trainable, total = model.get_nb_trainable_parameters()
     log.info("model %s: 4-bit %s%s, LoRA r=%d on %s: %s trainable of %s parameters (%.2f%%); %s attention, "
-             "fused LoRA on %d layers (%d groups reading one input)%s, %s norms/embeddings, %d layers recomputed",
+             "fused LoRA on %d layers (%d groups reading one input, %d MLPs recomputing their activation)%s, %s "
+             "norms/embeddings, %d layers recomputed",
              model_path, cfg.bnb_4bit_quant_type, " + double quant" if cfg.bnb_4bit_use_double_quant else "",
              cfg.lora_r, cfg.target_modules, f"{trainable:,}", f"{total:,}", 100 * trainable / max(total, 1),
-             model.config._attn_implementation, fused, groups, " (input gradients in FP8)" if cfg.fp8_backward else "",
+             model.config._attn_implementation, fused, groups, mlps,
+             " (input gradients in FP8)" if cfg.fp8_backward else "",
              "fp32" if cfg.fp32_norms_and_embeddings else "compute-dtype",
              recomputed)
     return model

@@ -41,6 +41,21 @@ E4M3_MAX = 448.0  # the largest finite float8_e4m3fn value
 BASE_FIRST = False  # exploratory (scripts/benchmark.py -basefirst): the base product first, the adapter's added onto it
 GROUPED = True  # sibling layers that read one input run as one function (GROUPS); off: scripts/benchmark.py -nogroup
 GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))  # by name, under one parent module
+RECOMPUTE_ACT = True  # the MLP's gated activation recomputed in the backward, not kept (LoRA4bitGatedDown); off:
+# scripts/benchmark.py -keepact
+# MLPs whose forward is down_proj(act(gate_proj(x)) * up_proj(x)), by class name: their activation
+# (training/gated_act.py KINDS), or "act_fn": the one their act_fn module computes (ACTIVATIONS, by class name).
+GATED_MLPS = {"LigerGEGLUMLP": "gelu_tanh", "LigerSwiGLUMLP": "silu",
+              **dict.fromkeys(("GemmaMLP", "Gemma2MLP", "Gemma3MLP", "LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP"),
+                              "act_fn")}
+ACTIVATIONS = {"GELUTanh": "gelu_tanh", "PytorchGELUTanh": "gelu_tanh", "SiLUActivation": "silu", "SiLU": "silu"}
+GATED_MODEL_TYPES = ("gemma", "gemma2", "gemma3_text", "llama", "mistral", "qwen2", "qwen3")  # MLPs of GATED_MLPS
+
+
+def recomputes_activation(model_type: str, fp8_backward: bool) -> bool:
+    """Whether the fused path will recompute the MLP's gated activation for a model of this type (config.json's
+    model_type), which the memory planner counts on (training/plan.py)."""
+    return RECOMPUTE_ACT and not BASE_FIRST and not fp8_backward and model_type in GATED_MODEL_TYPES
 
 
 def quantize_rows(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -94,30 +109,42 @@ def fp8_shapes_ok(*dims: int) -> bool:
     return all(d % 16 == 0 for d in dims)
 
 
+def _dequantize(weight, dtype: torch.dtype) -> torch.Tensor:
+    import bitsandbytes.functional as bnbf
+
+    return bnbf.dequantize_4bit(weight, weight.quant_state).to(dtype)  # (out, in)
+
+
+def _scaled(lora_b: torch.Tensor, scaling: float, dtype: torch.dtype) -> torch.Tensor:
+    wide = torch.promote_types(dtype, torch.float32)  # the scaling in fp32 (or wider), rounded once
+    return (lora_b.to(wide) * scaling).to(dtype)
+
+
+def _adapter_first(x2, xa, bs, weight, bias, dtype: torch.dtype) -> torch.Tensor:
+    """(x A^T)(s B)^T (+ bias), then the base product accumulated onto it: x2 (tokens, in), xa = x2 A^T (tokens, r)."""
+    out = xa @ bs.t() if bias is None else torch.addmm(bias.to(dtype), xa, bs.t())
+    return out.addmm_(x2, _dequantize(weight, dtype).t())
+
+
 class LoRA4bitMatmul(torch.autograd.Function):
     """y = x W^T (+ bias) + scaling * (x A^T) B^T, with W stored in 4 bits (frozen), A and B trainable."""
 
     @staticmethod
     def forward(ctx, x, weight, lora_a, lora_b, bias, scaling: float, dtype: torch.dtype, fp8: str = "",
                 base_first: bool = False):
-        import bitsandbytes.functional as bnbf
-
         with torch.autocast(device_type=x.device.type, enabled=False):
             x2 = x.reshape(-1, x.shape[-1]).to(dtype)
-            w = bnbf.dequantize_4bit(weight, weight.quant_state).to(dtype)  # (out, in)
-            wide = torch.promote_types(dtype, torch.float32)  # the scaling in fp32 (or wider), rounded once
-            a, bs = lora_a.to(dtype), (lora_b.to(wide) * scaling).to(dtype)
+            a, bs = lora_a.to(dtype), _scaled(lora_b, scaling, dtype)
             xa = x2 @ a.t()  # (tokens, r)
-            fp8 = fp8 if fp8 and fp8_shapes_ok(*w.shape) else ""
+            fp8 = fp8 if fp8 and fp8_shapes_ok(*weight.quant_state.shape) else ""
             if fp8 == "all" or base_first:  # the base product first (FP8's has no accumulating form)
-                # W's FP8 scales per output row
+                w = _dequantize(weight, dtype)  # W's FP8 scales per output row
                 out = fp8_matmul(x2, w, dtype) if fp8 == "all" else x2 @ w.t()  # (tokens, out)
                 if bias is not None:  # a pass of its own (Gemma-2 and the benchmark's rows have no bias)
                     out.add_(bias.to(dtype))
                 out.addmm_(xa, bs.t())
             else:  # the adapter's product first, the base product accumulated onto it
-                out = xa @ bs.t() if bias is None else torch.addmm(bias.to(dtype), xa, bs.t())
-                out.addmm_(x2, w.t())
+                out = _adapter_first(x2, xa, bs, weight, bias, dtype)
         ctx.save_for_backward(x2, xa, a, bs)
         ctx.weight, ctx.scaling, ctx.dtype, ctx.fp8, ctx.base_first = weight, scaling, dtype, fp8, base_first
         ctx.x_shape, ctx.x_dtype, ctx.ab_dtypes = x.shape, x.dtype, (lora_a.dtype, lora_b.dtype)
@@ -125,8 +152,6 @@ class LoRA4bitMatmul(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        import bitsandbytes.functional as bnbf
-
         x2, xa, a, bs = ctx.saved_tensors
         dtype = ctx.dtype
         with torch.autocast(device_type=grad_out.device.type, enabled=False):
@@ -136,7 +161,7 @@ class LoRA4bitMatmul(torch.autograd.Function):
             grad_b = (g.t() @ xa).mul_(ctx.scaling) if ctx.needs_input_grad[3] else None  # (out, r)
             grad_x = None
             if ctx.needs_input_grad[0]:
-                w = bnbf.dequantize_4bit(ctx.weight, ctx.weight.quant_state).to(dtype)
+                w = _dequantize(ctx.weight, dtype)
                 if ctx.fp8 or ctx.base_first:  # FP8 ("backward" and "all"): W^T by rows, one scale per input column
                     grad_x = (fp8_matmul(g, w.t(), dtype) if ctx.fp8 else g @ w).addmm_(gb, a)
                 else:
@@ -158,20 +183,16 @@ class LoRA4bitGroupMatmul(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, dtype: torch.dtype, scalings: tuple[float, ...], *params):
-        import bitsandbytes.functional as bnbf
-
         weights, lora_as, lora_bs, biases = params[0::4], params[1::4], params[2::4], params[3::4]
         with torch.autocast(device_type=x.device.type, enabled=False):
             x2 = x.reshape(-1, x.shape[-1]).to(dtype)
-            wide = torch.promote_types(dtype, torch.float32)  # the scaling in fp32 (or wider), rounded once
             a = torch.cat([lora_a.to(dtype) for lora_a in lora_as])  # (R, in)
-            bss = [(lora_b.to(wide) * s).to(dtype) for lora_b, s in zip(lora_bs, scalings)]
+            bss = [_scaled(lora_b, s, dtype) for lora_b, s in zip(lora_bs, scalings)]
             xa = x2 @ a.t()  # (tokens, R)
             ranks = [lora_a.shape[0] for lora_a in lora_as]
             outs = []
             for weight, xa_i, bs, bias in zip(weights, xa.split(ranks, dim=1), bss, biases):
-                out = xa_i @ bs.t() if bias is None else torch.addmm(bias.to(dtype), xa_i, bs.t())
-                out.addmm_(x2, bnbf.dequantize_4bit(weight, weight.quant_state).to(dtype).t())
+                out = _adapter_first(x2, xa_i, bs, weight, bias, dtype)
                 outs.append(out.view(*x.shape[:-1], out.shape[-1]).to(x.dtype))
         ctx.save_for_backward(x2, xa, a, *bss)
         ctx.weights, ctx.scalings, ctx.ranks, ctx.dtype = weights, scalings, ranks, dtype
@@ -182,8 +203,6 @@ class LoRA4bitGroupMatmul(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grad_outs):
-        import bitsandbytes.functional as bnbf
-
         x2, xa, a, *bss = ctx.saved_tensors
         dtype, need = ctx.dtype, ctx.needs_input_grad
         grads = []  # (member, its dY as (tokens, out)), for the members whose outputs got a gradient
@@ -211,14 +230,52 @@ class LoRA4bitGroupMatmul(torch.autograd.Function):
             if need[0]:
                 grad_x = gb @ a
                 for i, g in grads:
-                    weight = ctx.weights[i]
-                    grad_x.addmm_(g, bnbf.dequantize_4bit(weight, weight.quant_state).to(dtype))
+                    grad_x.addmm_(g, _dequantize(ctx.weights[i], dtype))
                 grad_x = grad_x.view(ctx.x_shape).to(ctx.x_dtype)
         per_member = []  # (weight, A, B, bias) per member
         for i, ((a_dtype, b_dtype), grad_a, grad_b) in enumerate(zip(ctx.ab_dtypes, grad_as, grad_bs)):
             per_member += [None, grad_a.to(a_dtype) if grad_a is not None and need[4 + 4 * i] else None,
                            grad_b.to(b_dtype) if grad_b is not None else None, None]
         return (grad_x, None, None, *per_member)
+
+
+class LoRA4bitGatedDown(torch.autograd.Function):
+    """y = c W^T (+ bias) + s (c A^T) B^T with c = act(a) * b: an MLP's gated activation (training/gated_act.py) and
+    its down projection (LoRA on a 4-bit weight, as LoRA4bitMatmul computes it) in one function. It keeps a and b,
+    which the activation's backward reads anyway, and not c (tokens x intermediate: 15 GiB over Gemma-2 2B's 26
+    layers at 16 x 2048 tokens): the backward gets c back from the pass that computes a's and b's gradients, for A's
+    gradient (c^T (dY s B)). Time: one more write of c per layer in the backward (~0.6% of a 2B step)."""
+
+    @staticmethod
+    def forward(ctx, a, b, kind: str, dtype: torch.dtype, scaling: float, weight, lora_a, lora_b, bias):
+        from training import gated_act
+
+        with torch.autocast(device_type=a.device.type, enabled=False):
+            c = gated_act.forward(a, b, kind)
+            x2 = c.reshape(-1, c.shape[-1]).to(dtype)
+            la, bs = lora_a.to(dtype), _scaled(lora_b, scaling, dtype)
+            xa = x2 @ la.t()  # (tokens, r)
+            out = _adapter_first(x2, xa, bs, weight, bias, dtype)
+        ctx.save_for_backward(a, b, xa, la, bs)
+        ctx.kind, ctx.weight, ctx.scaling, ctx.dtype = kind, weight, scaling, dtype
+        ctx.ab_dtypes = (lora_a.dtype, lora_b.dtype)
+        return out.view(*a.shape[:-1], out.shape[-1]).to(a.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        from training import gated_act
+
+        a, b, xa, la, bs = ctx.saved_tensors
+        dtype, need = ctx.dtype, ctx.needs_input_grad
+        with torch.autocast(device_type=grad_out.device.type, enabled=False):
+            g = grad_out.reshape(-1, grad_out.shape[-1]).to(dtype)  # (tokens, out)
+            gb = g @ bs  # (tokens, r), scaled
+            grad_b = (g.t() @ xa).mul_(ctx.scaling) if need[7] else None  # (out, r)
+            dc = (gb @ la).addmm_(g, _dequantize(ctx.weight, dtype))  # (tokens, intermediate)
+            c, grad_a_in, grad_b_in = gated_act.backward(a, b, dc.view(a.shape).to(a.dtype), ctx.kind)
+            grad_a = gb.t() @ c.reshape(-1, c.shape[-1]).to(dtype) if need[6] else None  # (r, intermediate)
+        return (grad_a_in, grad_b_in, None, None, None, None, grad_a.to(ctx.ab_dtypes[0]) if grad_a is not None
+                else None, grad_b.to(ctx.ab_dtypes[1]) if grad_b is not None else None, None)
 
 
 def _plain_adapter(module, kwargs) -> str | None:
@@ -302,21 +359,41 @@ class _SharedInput:
         return outs[index]
 
 
+def _gated_kind(module) -> str | None:
+    """The gated activation of an MLP that GATED_MLPS knows (training/gated_act.py KINDS), else None."""
+    kind = GATED_MLPS.get(type(module).__name__)
+    return ACTIVATIONS.get(type(getattr(module, "act_fn", None)).__name__) if kind == "act_fn" else kind
+
+
+def _gated_mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
+    """down_proj(act(gate_proj(x)) * up_proj(x)), the activation and down_proj as one function (LoRA4bitGatedDown)
+    where down_proj is plain LoRA; else the module's own forward."""
+    down = self.down_proj
+    name = _plain_adapter(down, {})
+    if name is None or not RECOMPUTE_ACT or BASE_FIRST or down._fp8:
+        return type(self).forward(self, x)
+    a, b = self.gate_proj(x), self.up_proj(x)
+    base = down.base_layer
+    return LoRA4bitGatedDown.apply(a, b, self._gated_act, _compute_dtype(down, a), float(down.scaling[name]),
+                                   base.weight, down.lora_A[name].weight, down.lora_B[name].weight, base.bias)
+
+
 def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     if self._group is None:
         return _layer_forward(self, x, *args, **kwargs)
     return self._group[0](self._group[1], x, args, kwargs)
 
 
-def apply_fused_lora(model, fp8: str = "") -> tuple[int, int]:
+def apply_fused_lora(model, fp8: str = "") -> tuple[int, int, int]:
     """Route every peft LoRA layer on a bitsandbytes 4-bit linear through the fused function ("backward": its input
-    gradient's base product in FP8; "all": the forward's too), and the siblings of GROUPS that read one input
-    through the group function; returns (layers, groups)."""
+    gradient's base product in FP8; "all": the forward's too), the siblings of GROUPS that read one input through
+    the group function, and the gated MLPs of GATED_MLPS through LoRA4bitGatedDown; returns (layers, groups, MLPs).
+    (A gated MLP calls down_proj's weights, not the module: hooks on down_proj itself do not run.)"""
     try:
         from peft.tuners.lora.bnb import Linear4bit as LoraLinear4bit
     except ImportError:  # peft without bitsandbytes support: nothing to fuse
-        return 0, 0
-    layers = groups = 0
+        return 0, 0, 0
+    layers = groups = mlps = 0
     for module in model.modules():
         if isinstance(module, LoraLinear4bit):
             module.forward = types.MethodType(_fused_forward, module)
@@ -331,4 +408,10 @@ def apply_fused_lora(model, fp8: str = "") -> tuple[int, int]:
                 for index, member in enumerate(members):
                     member._group = (group, index)
                 groups += 1
-    return layers, groups
+        kind = _gated_kind(parent)
+        if kind and all(isinstance(getattr(parent, n, None), LoraLinear4bit) for n in ("gate_proj", "up_proj",
+                                                                                      "down_proj")):
+            parent.forward = types.MethodType(_gated_mlp_forward, parent)
+            parent._gated_act = kind
+            mlps += 1
+    return layers, groups, mlps

@@ -48,6 +48,9 @@ BF16_RECOMPUTE_BYTES = 102.0  # per hidden unit: one layer being recomputed, act
 BF16_BACKWARD_START_BYTES = 10.0  # per hidden unit: what the first backward step adds when kept layers set the peak
 # (H200, 16 x 2048, 5 of 26 layers kept: 20.90 GiB measured where the two constants above alone gave 20.18)
 EAGER_SCORE_BYTES_BF16 = 8.4  # per score per layer with scores kept: eager attention's S x S maps (bf16 path)
+# The constants above were fitted with the MLP's gated activation kept (act(gate) * up, bf16). The fused LoRA path
+# recomputes it in the backward instead (training/fast_lora.py: LoRA4bitGatedDown), for the MLPs it knows:
+GATED_ACT_BYTES = 2.0  # per layer per intermediate unit: the kept product that the fused path drops
 
 
 @dataclass(frozen=True)
@@ -61,13 +64,15 @@ class Arch:
     heads: int
     kv_heads: int
     head_dim: int
+    model_type: str = ""  # config.json's: whether the fused path recomputes its MLP's activation (fast_lora)
 
     @classmethod
     def from_config(cls, cfg) -> "Arch":
         get = cfg.get if isinstance(cfg, dict) else lambda k, d=None: getattr(cfg, k, d)
         heads = get("num_attention_heads")
         return cls(get("num_hidden_layers"), get("hidden_size"), get("intermediate_size"), get("vocab_size"),
-                   heads, get("num_key_value_heads") or heads, get("head_dim") or get("hidden_size") // heads)
+                   heads, get("num_key_value_heads") or heads, get("head_dim") or get("hidden_size") // heads,
+                   get("model_type") or "")
 
     def linear_params(self) -> int:
         attn = self.hidden * self.head_dim * (self.heads + 2 * self.kv_heads) + self.heads * self.head_dim * self.hidden
@@ -81,9 +86,9 @@ class Arch:
 
 # Architectures of the presets' base models (from their config.json), so planning needs no download.
 KNOWN_ARCHS = {
-    "google/gemma-2-2b": Arch(26, 2304, 9216, 256000, 8, 4, 256),
-    "google/gemma-2-9b": Arch(42, 3584, 14336, 256000, 16, 8, 256),
-    "google/gemma-2-27b": Arch(46, 4608, 36864, 256000, 32, 16, 128),
+    "google/gemma-2-2b": Arch(26, 2304, 9216, 256000, 8, 4, 256, "gemma2"),
+    "google/gemma-2-9b": Arch(42, 3584, 14336, 256000, 16, 8, 256, "gemma2"),
+    "google/gemma-2-27b": Arch(46, 4608, 36864, 256000, 32, 16, 128, "gemma2"),
 }
 
 
@@ -102,12 +107,13 @@ class Estimate:
 def estimate_peak(arch: Arch, micro_batch: int, seq_len: int, lora_r: int, backend: str = "hf",
                   gradient_checkpointing: bool = True, fused_loss: bool = True, eager_attention: bool = True,
                   fp32_embeddings: bool = True, recompute_layers: int | None = None,
-                  optim: str = "adamw_8bit") -> Estimate:
+                  optim: str = "adamw_8bit", recompute_act: bool = False) -> Estimate:
     """Peak allocated bytes of one training step. backend: 'hf' (transformers + peft, optional fused loss from
     Liger) or 'unsloth'. fp32_embeddings: peft's prepare_model_for_kbit_training upcast (the seed's path; its
     residual stream is fp32), else the project's bf16 path. recompute_layers: how many layers are checkpointed
     (None: all of them when gradient_checkpointing, none otherwise). optim: the optimizer, whose moments are 8-bit
-    (training.qlora_config.eight_bit_moments) or 32-bit."""
+    (training.qlora_config.eight_bit_moments) or 32-bit. recompute_act: the fused path recomputes the MLP's gated
+    activation instead of keeping it (bf16 path; training.fast_lora.recomputes_activation)."""
     tokens = micro_batch * seq_len
     L = arch.num_layers
     recomputed = (L if gradient_checkpointing else 0) if recompute_layers is None else max(0, min(L, recompute_layers))
@@ -133,10 +139,13 @@ def estimate_peak(arch: Arch, micro_batch: int, seq_len: int, lora_r: int, backe
             acts += scores * EAGER_ATTN_BYTES * layers_with_scores
         logits = 0.0 if fused_loss else tokens * arch.vocab * LOGIT_BYTES
     else:  # the project's bf16 path: the larger of the two moments above (first kept layers are free)
-        kept = L - recomputed
-        start_of_backward = recomputed * BF16_CKPT_HIDDEN_BYTES + kept * BF16_LAYER_BYTES + BF16_BACKWARD_START_BYTES
-        during_recompute = recomputed * BF16_CKPT_HIDDEN_BYTES + BF16_RECOMPUTE_BYTES if recomputed else 0.0
-        acts = tokens * arch.hidden * max(start_of_backward, during_recompute)
+        kept, h = L - recomputed, arch.hidden
+        dropped = arch.intermediate * GATED_ACT_BYTES if recompute_act else 0.0  # per layer, not kept
+        start_of_backward = (recomputed * h * BF16_CKPT_HIDDEN_BYTES + kept * (h * BF16_LAYER_BYTES - dropped)
+                             + h * BF16_BACKWARD_START_BYTES)
+        during_recompute = (recomputed * h * BF16_CKPT_HIDDEN_BYTES + h * BF16_RECOMPUTE_BYTES - dropped
+                            if recomputed else 0.0)
+        acts = tokens * max(start_of_backward, during_recompute)
         if eager_attention:
             acts += scores * EAGER_SCORE_BYTES_BF16 * max(kept, 1 if recomputed else 0)
         logits = 0.0 if fused_loss else tokens * arch.vocab * LOGIT_BYTES
@@ -171,14 +180,16 @@ class PlanError(UserError, ValueError):
 
 def plan(arch: Arch, sequences_per_step: int, seq_len: int, lora_r: int, gpu_mem_gib: float, backend: str = "hf",
          fused_loss: bool = True, eager_attention: bool = True, max_micro_batch: int | None = None,
-         allow_no_checkpointing: bool = True, fp32_embeddings: bool = True, optim: str = "adamw_8bit") -> Plan:
+         allow_no_checkpointing: bool = True, fp32_embeddings: bool = True, optim: str = "adamw_8bit",
+         recompute_act: bool = False) -> Plan:
     """Largest micro-batch (a divisor of sequences_per_step) that fits the budget with every layer checkpointed;
     then as few checkpointed layers as still fit (hf: per layer; unsloth: all or none), since recompute costs a
     third of a step; keeps sequences_per_step x seq_len tokens per step."""
     budget = budget_gib(gpu_mem_gib)
     cap = min(sequences_per_step, max_micro_batch or sequences_per_step)
     candidates = [b for b in MICRO_BATCHES if b <= cap and sequences_per_step % b == 0]
-    kw = dict(fused_loss=fused_loss, eager_attention=eager_attention, fp32_embeddings=fp32_embeddings, optim=optim)
+    kw = dict(fused_loss=fused_loss, eager_attention=eager_attention, fp32_embeddings=fp32_embeddings, optim=optim,
+              recompute_act=recompute_act)
     best: Estimate | None = None
     for b in candidates:
         est = estimate_peak(arch, b, seq_len, lora_r, backend, True, **kw)
@@ -216,6 +227,16 @@ def arch_for(model_name_or_path: str) -> Arch:
     return Arch.from_config(AutoConfig.from_pretrained(resolve_builtin(model_name_or_path)))
 
 
+def recompute_act_for(cfg, backend: str, model_type: str) -> bool:
+    """Whether the run's fused LoRA recomputes the MLP's gated activation (training/fast_lora.py), which a plan then
+    does not count: the project's path (hf) with fused_lora on (off under FSDP), no FP8, an MLP it knows."""
+    from training.distributed import fsdp_enabled
+    from training.fast_lora import recomputes_activation
+
+    return (backend == "hf" and cfg.fused_lora and not fsdp_enabled()
+            and recomputes_activation(model_type, cfg.fp8_backward))
+
+
 def plan_for_run(cfg, device, backend) -> tuple:
     """On CUDA, let the planner choose micro-batch and per-layer checkpointing for the card, keeping the tokens per
     optimizer step of the config. `backend` is what was applied (training.backends: its `name` and `fused_loss`, so
@@ -230,7 +251,8 @@ def plan_for_run(cfg, device, backend) -> tuple:
     arch = arch_for(cfg.model_name_or_path)  # known table, else the (builtin-resolved) config.json
     p = plan(arch, sequences, cfg.max_seq_length, cfg.lora_r, gpu_mem, backend.name,  # PlanError: nothing fits
              fused_loss=backend.fused_loss, eager_attention=cfg.attn_implementation in ("eager", "auto"),
-             max_micro_batch=cfg.max_micro_batch, fp32_embeddings=cfg.fp32_norms_and_embeddings, optim=cfg.optim)
+             max_micro_batch=cfg.max_micro_batch, fp32_embeddings=cfg.fp32_norms_and_embeddings, optim=cfg.optim,
+             recompute_act=recompute_act_for(cfg, backend.name, arch.model_type))
     new = replace(cfg, per_device_train_batch_size=p.micro_batch, gradient_accumulation_steps=p.gradient_accumulation_steps,
                   gradient_checkpointing=p.gradient_checkpointing, recompute_layers=p.recompute_layers)
     ckpt = f"on for {p.recompute_layers} of {arch.num_layers} layers" if p.gradient_checkpointing else "off"
@@ -268,10 +290,12 @@ def main(argv: list[str] | None = None) -> int:
     sequences = preset.per_device_train_batch_size * preset.gradient_accumulation_steps
     try:
         eager = args.attention == "eager" if preset.attn_implementation == "auto" else preset.attn_implementation == "eager"
-        result = plan(arch_for(model), sequences, seq, preset.lora_r, args.gpu_mem, args.backend,
+        arch = arch_for(model)
+        result = plan(arch, sequences, seq, preset.lora_r, args.gpu_mem, args.backend,
                       fused_loss=not args.no_fused_loss, eager_attention=eager,
                       fp32_embeddings=args.fp32_embeddings or preset.fp32_norms_and_embeddings,
-                      optim=args.optim or preset.optim)
+                      optim=args.optim or preset.optim,
+                      recompute_act=recompute_act_for(preset, args.backend, arch.model_type))
     except PlanError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

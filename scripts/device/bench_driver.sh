@@ -25,6 +25,9 @@ if [ -z "${SKIP_SMOKE:-}" ]; then
   echo "smoke rc=$rc $(date -u +%T)" >> /tmp/bench-out/progress.txt
 fi
 if [ $rc != 0 ] || [ -f /tmp/bench-out/STOP ]; then echo "all done (smoke failed) $(date -u +%T)" >> /tmp/bench-out/progress.txt; exit 0; fi
+echo "gated $(date -u +%T)" >> /tmp/bench-out/progress.txt  # the MLP's Triton kernels against PyTorch (seconds)
+python -m training.gated_act --check > /tmp/bench-out/gated.log 2>&1
+echo "gated rc=$? $(date -u +%T)" >> /tmp/bench-out/progress.txt
 if [ -n "${EXPLORE_FA4:-}" ]; then
   echo "fa4 $(date -u +%T)" >> /tmp/bench-out/progress.txt
   PYTHONPATH=$QLORA_BENCH_PROJECT_SITE:$PYTHONPATH timeout 540 python scripts/device/explore_fa4.py ${FA4_ONLY_ROWS:+--only "$FA4_ONLY_ROWS"} > /tmp/bench-out/fa4.log 2>&1
