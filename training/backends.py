@@ -6,9 +6,8 @@
   RMSNorm, GeGLU, RoPE; Triton's RoPE also where Liger would pick its CuTe DSL one: pin_liger_triton),
   `attn_implementation: auto` (FlashAttention 4 on Hopper/datacenter Blackwell, else flex attention, each after
   its self-check), the fused LoRA function (training/fast_lora.py) and bf16 norms/embeddings. On an H100, in one
-  benchmark run, the recipe ran 1.38x unsloth's best setting on full rows, and the same path in the benchmark loop
-  2.52x its real tokens/s on chat data (docs/benchmarks.md, 2026-12-06, seventh lease); with the fused LoRA
-  reordered and grouped, the loop ran full rows 1.56x the peer (2026-12-07). No unsloth code, exact for packed
+  lease, the recipe ran 1.59x unsloth's best setting on full rows, and the same path in the benchmark loop 2.71x
+  its real tokens/s on chat data (docs/benchmarks.md, 2026-12-07, second lease). No unsloth code, exact for packed
   rows, and the one that runs on several GPUs.
 - `unsloth` (optional extra `fast`, only when asked for: `--set backend=unsloth`): unsloth's fused QLoRA kernels,
   after a one-step self-check in a subprocess (so a broken install cannot take the trainer down). One GPU only.
@@ -530,8 +529,8 @@ def resolve_attention(requested: str, device_kind: str, self_check=None,
     """`auto` on CUDA: FlashAttention 4 where it can train (Hopper, datacenter Blackwell, flash-attn-4 installed) once
     its self-check passed on this card, else flex attention once its self-check passed, else eager; on the CPU eager.
     All keep Gemma-2's soft-cap and are exact for packed rows; FA4 and flex never materialise the S x S scores. Passes
-    are cached (a failure is checked again next run). On an H100 the recipe with FA4 ran full rows 1.32x unsloth's
-    best setting (docs/benchmarks.md, 2026-12-06, fourth lease); with flex 1.11x (third lease).
+    are cached (a failure is checked again next run). On an H100 the recipe with FA4 ran full rows 1.59x unsloth's
+    best setting, the default path with flex 1.39x (docs/benchmarks.md, 2026-12-07, second lease).
     FA4 or flex asked for by name on CUDA runs the same self-check, and a failure is refused: training on wrong
     attention loses the run. `window_binds`: the model's sliding window where a sample can be longer than it; FA4 is
     then checked with its windowed kernel ("fa4-window"), else with its plain causal one, the window dropped (load_hf:

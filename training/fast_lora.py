@@ -14,6 +14,11 @@ Layers that read one input (GROUPS: q, k and v; gate and up, found by name under
 function, LoRA4bitGroupMatmul: one product of the input with all their adapters, and one input gradient that every
 member's matmuls accumulate onto, where autograd summed one per member (measured: 2-3% of a step, and 5.5% for the
 order above; docs/benchmarks.md, 2026-12-07). The benchmark's `-nogroup` runs them one by one.
+A gated MLP (GATED_MLPS: Gemma's GeGLU, the SwiGLU of Llama, Mistral, Qwen) runs its activation and down projection
+as one function, LoRA4bitGatedDown, which keeps gate's and up's outputs and not act(gate) * up: the backward
+recomputes that product (training/gated_act.py), one (tokens x intermediate) tensor less per layer. The planner
+counts it (training/plan.py), so 2B on an 80 GB card recomputes no layer: +5.5% there (docs/benchmarks.md,
+2026-12-07, second lease). The benchmark's `-keepact` keeps it.
 The idea is the one of unsloth's and axolotl's LoRA kernels (both Apache-2.0); this is a plain-PyTorch version
 with no Triton and nothing model-specific beyond the sibling names (those of Gemma, Llama, Mistral, Qwen).
 
