@@ -332,7 +332,7 @@ def load_project(v: dict, path: Path, device: str, arch) -> tuple:
                         cfg.gradient_checkpointing, fused_loss=setup.backend.fused_loss,
                         eager_attention=cfg.attn_implementation == "eager", fp32_embeddings=cfg.fp32_norms_and_embeddings,
                         recompute_layers=cfg.recompute_layers if cfg.gradient_checkpointing else 0, optim=cfg.optim,
-                        recompute_act=recompute_act_for(cfg, setup.backend.name, arch.model_type))
+                        recompute_act=recompute_act_for(cfg, setup.backend.name, arch))
     return (m, cfg.per_device_train_batch_size, v["chat"] and cfg.packing,
             f"{setup.backend.label}, {cfg.attn_implementation}: {line}", est.peak_gib)
 

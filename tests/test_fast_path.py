@@ -390,6 +390,33 @@ def test_the_gated_mlp_keeps_gate_and_up_not_their_product(tiny_model_dir, ids, 
                                      ids) == 4 * layers
 
 
+def test_what_the_planner_counts_on_is_what_training_keeps(tiny_model_dir, ids):
+    """training.fast_lora.recomputes_activation (the planner's answer) agrees with what a step really keeps, with and
+    without LoRA dropout (peft's forward then runs and keeps the product) and LoRA only on attention."""
+    from training.plan import Arch
+    from training.tiny import TINY_ARCH
+
+    arch = Arch.from_config(dict(TINY_ARCH, model_type="gemma2", hidden_activation="gelu_pytorch_tanh"))
+    layers = 2
+    for overrides, recompute in (({}, True), ({"lora_dropout": 0.1}, False),
+                                 ({"target_modules": ".*(q|k|v|o)_proj"}, False)):
+        cfg = replace(PRESETS["tiny"], **overrides)
+        assert fast_lora.recomputes_activation(arch.model_type, arch.activation, cfg) == recompute, overrides
+        model = load(tiny_model_dir, fused_lora=True, gradient_checkpointing=False, **overrides)
+        kept = kept_intermediate_tensors(model, ids)  # gate's and up's outputs alone, or the product too (and more)
+        assert kept == 2 * layers if recompute else kept > 2 * layers, (overrides, kept)
+
+
+def test_peft_unload_leaves_a_working_mlp(tiny_model_dir, ids):
+    """peft's unload() (and merge_and_unload()) put the base layers back: the gated MLP then runs its own forward,
+    which gives the base model's output."""
+    model = load(tiny_model_dir, fused_lora=True).eval()
+    with torch.no_grad():
+        with model.disable_adapter():
+            base = model(input_ids=ids).logits
+        assert torch.equal(model.unload()(input_ids=ids).logits, base)
+
+
 def test_a_swiglu_mlp_recomputes_its_activation_to_peft_s_gradients(tmp_path, ids):
     """Llama's SwiGLU (SiLU, as in SmolLM2, Mistral, Qwen): the same function with the other activation."""
     from transformers import LlamaConfig, LlamaForCausalLM

@@ -97,13 +97,17 @@ def test_the_plan_does_not_count_the_gated_activation_where_the_fused_path_recom
         assert kept.peak_gib - dropped.peak_gib == pytest.approx((26 - recomputed) * per_layer, abs=0.02)
     assert plan(arch, 16, 2048, 32, 79.6, recompute_act=False, **kw).recompute_layers == 3
     assert plan(arch, 16, 2048, 32, 79.6, recompute_act=True, **kw).recompute_layers == 0
-    cfg = PRESETS["gemma-2b"]
-    assert recompute_act_for(cfg, "hf", "gemma2") and recompute_act_for(cfg, "hf", "llama")
-    for case in ((cfg, "unsloth", "gemma2"), (replace(cfg, fused_lora=False), "hf", "gemma2"),
-                 (replace(cfg, fp8_backward=True), "hf", "gemma2"), (cfg, "hf", "phi3")):
+    cfg, llama = PRESETS["gemma-2b"], replace(arch, model_type="llama", activation="silu")
+    assert recompute_act_for(cfg, "hf", arch) and recompute_act_for(cfg, "hf", llama)
+    assert recompute_act_for(replace(cfg, target_modules=".*_proj"), "hf", arch)
+    for case in ((cfg, "unsloth", arch), (replace(cfg, fused_lora=False), "hf", arch),
+                 (replace(cfg, fp8_backward=True), "hf", arch), (cfg, "hf", replace(arch, model_type="phi3")),
+                 (cfg, "hf", replace(arch, activation="gelu")),  # exact GELU: not an activation the kernels compute
+                 (replace(cfg, lora_dropout=0.05), "hf", arch),  # dropout: peft's own forward, the product kept
+                 (replace(cfg, target_modules=".*(q|k|v|o)_proj"), "hf", arch)):  # no LoRA on the MLP
         assert not recompute_act_for(*case), case
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # fused LoRA is off under FSDP
-    assert not recompute_act_for(cfg, "hf", "gemma2")
+    assert not recompute_act_for(cfg, "hf", arch)
 
 
 def test_plan_error_when_nothing_fits():

@@ -650,7 +650,7 @@ def load_hf(cfg, model_path: str, device):
     recomputed = enable_checkpointing(model, cfg.recompute_layers) if cfg.gradient_checkpointing else 0
     trainable, total = model.get_nb_trainable_parameters()
     log.info("model %s: 4-bit %s%s, LoRA r=%d on %s: %s trainable of %s parameters (%.2f%%); %s attention, "
-             "fused LoRA on %d layers (%d groups reading one input, %d MLPs recomputing their activation)%s, %s "
+             "fused LoRA on %d layers (%d groups reading one input, %d MLPs that recompute their activation)%s, %s "
              "norms/embeddings, %d layers recomputed",
              model_path, cfg.bnb_4bit_quant_type, " + double quant" if cfg.bnb_4bit_use_double_quant else "",
              cfg.lora_r, cfg.target_modules, f"{trainable:,}", f"{total:,}", 100 * trainable / max(total, 1),

@@ -55,12 +55,20 @@ GATED_MLPS = {"LigerGEGLUMLP": "gelu_tanh", "LigerSwiGLUMLP": "silu",
                               "act_fn")}
 ACTIVATIONS = {"GELUTanh": "gelu_tanh", "PytorchGELUTanh": "gelu_tanh", "SiLUActivation": "silu", "SiLU": "silu"}
 GATED_MODEL_TYPES = ("gemma", "gemma2", "gemma3_text", "llama", "mistral", "qwen2", "qwen3")  # MLPs of GATED_MLPS
+CONFIG_ACTIVATIONS = ("gelu_pytorch_tanh", "silu", "swish")  # config.json's hidden_act(ivation) that ACTIVATIONS covers
+MLP_LAYERS = ("gate_proj", "up_proj", "down_proj")
 
 
-def recomputes_activation(model_type: str, fp8_backward: bool) -> bool:
-    """Whether the fused path will recompute the MLP's gated activation for a model of this type (config.json's
-    model_type), which the memory planner counts on (training/plan.py)."""
-    return RECOMPUTE_ACT and not BASE_FIRST and not fp8_backward and model_type in GATED_MODEL_TYPES
+def recomputes_activation(model_type: str, activation: str, cfg) -> bool:
+    """Whether training will recompute the MLP's gated activation (LoRA4bitGatedDown) for a model of this type and
+    activation (config.json's model_type and hidden_act / hidden_activation) under this config (fused_lora on, LoRA
+    on gate, up and down without dropout, no FP8), which the memory planner counts on (training/plan.py)."""
+    import re
+
+    targets = cfg.target_modules
+    on_mlp = targets == "all-linear" or all(re.fullmatch(targets, f"model.layers.0.mlp.{name}") for name in MLP_LAYERS)
+    return (RECOMPUTE_ACT and not BASE_FIRST and cfg.fused_lora and not cfg.fp8_backward and not cfg.lora_dropout
+            and on_mlp and model_type in GATED_MODEL_TYPES and activation in CONFIG_ACTIVATIONS)
 
 
 def quantize_rows(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -374,7 +382,7 @@ def _gated_mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
     """down_proj(act(gate_proj(x)) * up_proj(x)), the activation and down_proj as one function (LoRA4bitGatedDown)
     where down_proj is plain LoRA; else the module's own forward."""
     down = self.down_proj
-    name = _plain_adapter(down, {})
+    name = _plain_adapter(down, {}) if hasattr(down, "lora_A") else None  # peft's unload() leaves the base layer
     if name is None or not RECOMPUTE_ACT or BASE_FIRST or down._fp8:
         return type(self).forward(self, x)
     a, b = self.gate_proj(x), self.up_proj(x)
@@ -414,8 +422,8 @@ def apply_fused_lora(model, fp8: str = "") -> tuple[int, int, int]:
                     member._group = (group, index)
                 groups += 1
         kind = _gated_kind(parent)
-        if kind and all(isinstance(getattr(parent, n, None), LoraLinear4bit) for n in ("gate_proj", "up_proj",
-                                                                                      "down_proj")):
+        if kind and RECOMPUTE_ACT and not BASE_FIRST and not fp8 and \
+                all(isinstance(getattr(parent, n, None), LoraLinear4bit) for n in MLP_LAYERS):
             parent.forward = types.MethodType(_gated_mlp_forward, parent)
             parent._gated_act = kind
             mlps += 1

@@ -7,8 +7,11 @@ token per layer: 15 GiB at 16 x 2048 tokens).
 KINDS: "gelu_tanh" (Gemma's GeGLU, GELU's tanh form) and "silu" (SwiGLU: Llama, Mistral, Qwen). The activation is
 computed in fp32 and rounded to b's dtype before the product, as Liger's kernels and transformers' modules do. On CUDA
 two Triton kernels do one pass each: the forward reads a and b and writes c; the backward reads dc, a and b and writes
-da over a, db over b and c over dc (Liger's GeGLU/SwiGLU kernels do the same passes, less c's write). Elsewhere
-(the CPU, no Triton) plain PyTorch computes the same.
+da over a, db over b and c over dc (Liger's GeGLU/SwiGLU kernels do the same passes, less c's write), and bump
+their versions, so a second backward through a retained graph is refused instead of reading gradients as
+activations. torch.compile calls the two as they are (a graph break). Elsewhere (the CPU, no Triton) plain
+PyTorch computes the same. Checked on an H100: the kernels against PyTorch (below), a retained graph refused, the
+same gradients under torch.utils.checkpoint and torch.compile.
 
     python -m training.gated_act --check   # on a CUDA card: the Triton kernels against PyTorch, per kind and dtype
 """
@@ -25,7 +28,7 @@ BLOCK = 1024  # columns per Triton program (the intermediate widths: 9,216 on Ge
 
 
 def reference(a: torch.Tensor, b: torch.Tensor, kind: str) -> torch.Tensor:
-    """c = act(a) * b in plain PyTorch (the activation in fp32 inside the op, rounded to a's dtype)."""
+    """c = act(a) * b in plain PyTorch (the activation in fp32 inside the op, rounded to b's dtype)."""
     act = F.gelu(a, approximate="tanh") if kind == "gelu_tanh" else F.silu(a)
     return act.to(b.dtype) * b
 
@@ -40,46 +43,29 @@ def _reference_backward(a, b, dc, kind):
 
 def forward(a: torch.Tensor, b: torch.Tensor, kind: str) -> torch.Tensor:
     """c = act(a) * b, same shape and dtype as b."""
-    if a.is_cuda and _triton() is not None:
-        return _kernels().forward(a, b, kind)
+    if a.is_cuda and triton is not None:
+        return _triton_forward(a, b, kind)
     return reference(a, b, kind)
 
 
 def backward(a: torch.Tensor, b: torch.Tensor, dc: torch.Tensor, kind: str) -> tuple[torch.Tensor, ...]:
     """(c, da, db) from a, b and the gradient dc. On CUDA in place: da is written over a, db over b and c over dc
-    (none of them is read again by the caller: LoRA4bitGatedDown's backward)."""
-    if a.is_cuda and _triton() is not None:
-        return _kernels().backward(a, b, dc, kind)
+    (LoRA4bitGatedDown's backward reads none of them again), and their versions are bumped, so a second backward
+    through a retained graph that saved a and b fails loudly (modified by an inplace operation) instead of reading
+    gradients as activations. A forward hook that kept gate's or up's output sees it overwritten too."""
+    if a.is_cuda and triton is not None:
+        return _triton_backward(a, b, dc, kind)
     return _reference_backward(a, b, dc, kind)
 
 
-_TRITON: object = None  # the module, or False where it cannot be imported
-
-
-def _triton():
-    global _TRITON
-    if _TRITON is None:
-        try:
-            import triton  # noqa: F401
-            _TRITON = triton
-        except ImportError:
-            _TRITON = False
-    return _TRITON or None
-
-
-_KERNELS = None
-
-
-def _kernels():
-    """The Triton kernels, defined on first use (Triton exists only where CUDA does)."""
-    global _KERNELS
-    if _KERNELS is not None:
-        return _KERNELS
-    import types
-
+try:  # Triton exists where CUDA does; the kernels live at module level so that torch.compile can re-emit them
     import triton
     import triton.language as tl
+except ImportError:
+    triton = None
 
+
+if triton is not None:
     @triton.jit
     def _act(a, SILU: tl.constexpr):  # (act(a), act'(a)) in fp32
         if SILU:
@@ -117,22 +103,29 @@ def _kernels():
         tl.store(a_ptr + offs, (dc * b.to(tl.float32) * dact).to(b.dtype), mask=mask)
         tl.store(b_ptr + offs, (dc * act_r.to(tl.float32)).to(b.dtype), mask=mask)
 
-    def _grid(t):
-        return (t.numel() // t.shape[-1], triton.cdiv(t.shape[-1], BLOCK))
 
-    def fwd(a, b, kind):
-        a, b = a.contiguous(), b.contiguous()
-        c = torch.empty_like(b)
+def _grid(t: torch.Tensor) -> tuple[int, int]:
+    return (t.numel() // t.shape[-1], triton.cdiv(t.shape[-1], BLOCK))
+
+
+# torch.compile runs these two as they are (a graph break): traced, the in-place backward gave wrong gradients (H100)
+@torch.compiler.disable
+def _triton_forward(a, b, kind):
+    a, b = a.contiguous(), b.contiguous()
+    c = torch.empty_like(b)
+    if c.numel():
         _forward_kernel[_grid(b)](a, b, c, b.shape[-1], SILU=kind == "silu", BLOCK=BLOCK)
-        return c
+    return c
 
-    def bwd(a, b, dc, kind):
-        a, b, dc = a.contiguous(), b.contiguous(), dc.contiguous()
+
+@torch.compiler.disable
+def _triton_backward(a, b, dc, kind):
+    a, b, dc = a.contiguous(), b.contiguous(), dc.contiguous()
+    if dc.numel():
         _backward_kernel[_grid(b)](a, b, dc, b.shape[-1], SILU=kind == "silu", BLOCK=BLOCK)
-        return dc, a, b
-
-    _KERNELS = types.SimpleNamespace(forward=fwd, backward=bwd)
-    return _KERNELS
+    for t in (a, b, dc):  # written in place behind autograd's back: a graph that reads them again must refuse
+        torch.autograd.graph.increment_version(t)
+    return dc, a, b
 
 
 def check(device: str = "cuda") -> list[str]:
@@ -161,7 +154,7 @@ def check(device: str = "cuda") -> list[str]:
 if __name__ == "__main__":
     if sys.argv[1:] != ["--check"]:
         sys.exit(__doc__)
-    if not torch.cuda.is_available() or _triton() is None:
+    if not torch.cuda.is_available() or triton is None:
         sys.exit("error: --check needs a CUDA card and Triton (it compares the Triton kernels with PyTorch)")
     bad = check()
     print("gated_act kernels: " + ("FAILED: " + "; ".join(bad) if bad else "match PyTorch"))

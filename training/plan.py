@@ -64,7 +64,8 @@ class Arch:
     heads: int
     kv_heads: int
     head_dim: int
-    model_type: str = ""  # config.json's: whether the fused path recomputes its MLP's activation (fast_lora)
+    model_type: str = ""  # config.json's, and its MLP's activation: whether the fused path recomputes it (fast_lora)
+    activation: str = ""
 
     @classmethod
     def from_config(cls, cfg) -> "Arch":
@@ -72,7 +73,7 @@ class Arch:
         heads = get("num_attention_heads")
         return cls(get("num_hidden_layers"), get("hidden_size"), get("intermediate_size"), get("vocab_size"),
                    heads, get("num_key_value_heads") or heads, get("head_dim") or get("hidden_size") // heads,
-                   get("model_type") or "")
+                   get("model_type") or "", get("hidden_activation") or get("hidden_act") or "")
 
     def linear_params(self) -> int:
         attn = self.hidden * self.head_dim * (self.heads + 2 * self.kv_heads) + self.heads * self.head_dim * self.hidden
@@ -86,9 +87,9 @@ class Arch:
 
 # Architectures of the presets' base models (from their config.json), so planning needs no download.
 KNOWN_ARCHS = {
-    "google/gemma-2-2b": Arch(26, 2304, 9216, 256000, 8, 4, 256, "gemma2"),
-    "google/gemma-2-9b": Arch(42, 3584, 14336, 256000, 16, 8, 256, "gemma2"),
-    "google/gemma-2-27b": Arch(46, 4608, 36864, 256000, 32, 16, 128, "gemma2"),
+    "google/gemma-2-2b": Arch(26, 2304, 9216, 256000, 8, 4, 256, "gemma2", "gelu_pytorch_tanh"),
+    "google/gemma-2-9b": Arch(42, 3584, 14336, 256000, 16, 8, 256, "gemma2", "gelu_pytorch_tanh"),
+    "google/gemma-2-27b": Arch(46, 4608, 36864, 256000, 32, 16, 128, "gemma2", "gelu_pytorch_tanh"),
 }
 
 
@@ -227,14 +228,13 @@ def arch_for(model_name_or_path: str) -> Arch:
     return Arch.from_config(AutoConfig.from_pretrained(resolve_builtin(model_name_or_path)))
 
 
-def recompute_act_for(cfg, backend: str, model_type: str) -> bool:
-    """Whether the run's fused LoRA recomputes the MLP's gated activation (training/fast_lora.py), which a plan then
-    does not count: the project's path (hf) with fused_lora on (off under FSDP), no FP8, an MLP it knows."""
+def recompute_act_for(cfg, backend: str, arch: Arch) -> bool:
+    """Whether the run's fused LoRA recomputes the MLP's gated activation (training/fast_lora.py decides), which a
+    plan then does not count: only on the project's path (hf), and not under FSDP (fused LoRA is off there)."""
     from training.distributed import fsdp_enabled
     from training.fast_lora import recomputes_activation
 
-    return (backend == "hf" and cfg.fused_lora and not fsdp_enabled()
-            and recomputes_activation(model_type, cfg.fp8_backward))
+    return backend == "hf" and not fsdp_enabled() and recomputes_activation(arch.model_type, arch.activation, cfg)
 
 
 def plan_for_run(cfg, device, backend) -> tuple:
@@ -252,7 +252,7 @@ def plan_for_run(cfg, device, backend) -> tuple:
     p = plan(arch, sequences, cfg.max_seq_length, cfg.lora_r, gpu_mem, backend.name,  # PlanError: nothing fits
              fused_loss=backend.fused_loss, eager_attention=cfg.attn_implementation in ("eager", "auto"),
              max_micro_batch=cfg.max_micro_batch, fp32_embeddings=cfg.fp32_norms_and_embeddings, optim=cfg.optim,
-             recompute_act=recompute_act_for(cfg, backend.name, arch.model_type))
+             recompute_act=recompute_act_for(cfg, backend.name, arch))
     new = replace(cfg, per_device_train_batch_size=p.micro_batch, gradient_accumulation_steps=p.gradient_accumulation_steps,
                   gradient_checkpointing=p.gradient_checkpointing, recompute_layers=p.recompute_layers)
     ckpt = f"on for {p.recompute_layers} of {arch.num_layers} layers" if p.gradient_checkpointing else "off"
@@ -295,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
                       fused_loss=not args.no_fused_loss, eager_attention=eager,
                       fp32_embeddings=args.fp32_embeddings or preset.fp32_norms_and_embeddings,
                       optim=args.optim or preset.optim,
-                      recompute_act=recompute_act_for(preset, args.backend, arch.model_type))
+                      recompute_act=recompute_act_for(preset, args.backend, arch))
     except PlanError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
