@@ -46,10 +46,10 @@ Variant names: PATH[24]-SHAPE[-mbN][-ckpt0|1][-chat][-sN] (-sN: N timed steps in
   as one function since 2026-12-07 (training.fast_lora.GROUPS): their adapters' products with the input are one
   matmul, and one input gradient takes every member's matmuls in turn, so autograd no longer sums 3 (tokens x
   hidden) gradients per layer. Its losses must match the row without it to bf16 rounding.
-- -keepact (project): the MLP's gated activation (act(gate) * up) kept for the backward, as the recipe did before
-  2026-12-07, and planned so. The recipe now keeps gate's and up's outputs only and recomputes their product in the
-  backward (training.fast_lora.LoRA4bitGatedDown): one (tokens x intermediate) tensor less per layer, so the planner
-  recomputes fewer layers. Its losses must match the row without it to bf16 rounding.
+- -keepact (project): the MLP's gated activation (act(gate) * up) kept for the backward, as the recipe did until
+  2026-12-07's second lease, and planned so. The recipe now keeps gate's and up's outputs only and recomputes their
+  product in the backward (training.fast_lora.LoRA4bitGatedDown): one (tokens x intermediate) tensor less per
+  layer, so the planner recomputes fewer layers. Its losses must match the row without it to bf16 rounding.
 - -cute (project and recipe): Liger's CuTe DSL RoPE by name, which the recipe keeps on Triton's on sm_90+
   (training.backends.LIGER_TRITON_OPS). It is what Liger 0.8 picks by itself there once nvidia-cutlass-dsl is
   installed (FA4 brings it; a row without it fails), and what the recipe ran before 2026-12-06's sixth lease. On a
@@ -155,7 +155,7 @@ def parse_variant(name: str) -> dict:
         elif p == "nogroup" and v["path"] == "project":
             v["grouped"] = False  # the fused LoRA per layer: q, k, v (gate, up) each reading their input
         elif p == "keepact" and v["path"] == "project":
-            v["recompute_act"] = False  # the MLP's gated activation kept (before 2026-12-07), and planned so
+            v["recompute_act"] = False  # the MLP's gated activation kept (as until 2026-12-07), planned so
         elif p == "compile" and v["path"] == "project":
             v["compile"] = True  # exploratory lever: torch.compile of each decoder layer
         elif p.startswith("s") and p[1:].isdigit():
