@@ -33,6 +33,15 @@ def loss_and_grads(model, ids):
     return float(loss), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
+def assert_same_loss_and_grads(plain_loss, plain, fused_loss, fused) -> None:
+    """The fused path's loss and LoRA gradients are peft's (A and B of the 14 LoRA layers), none of them zero."""
+    assert plain.keys() == fused.keys() and len(plain) == 28
+    assert abs(fused_loss - plain_loss) < 1e-6
+    for name in plain:
+        assert torch.allclose(fused[name], plain[name], rtol=1e-4, atol=1e-7), name
+        assert fused[name].abs().sum() > 0, name
+
+
 @pytest.fixture(scope="module")
 def ids():
     return torch.randint(3, 500, (2, 48), generator=torch.Generator().manual_seed(0))
@@ -49,11 +58,7 @@ def test_fused_lora_equals_peft_forward_and_backward(tiny_model_dir, ids, groupe
     plain_loss, plain = loss_and_grads(load(tiny_model_dir, fused_lora=False), ids)
     fused_model = load(tiny_model_dir, fused_lora=True)
     fused_loss, fused = loss_and_grads(fused_model, ids)
-    assert plain.keys() == fused.keys() and len(plain) == 28  # A and B of 14 LoRA layers
-    assert abs(fused_loss - plain_loss) < 1e-6
-    for name in plain:
-        assert torch.allclose(fused[name], plain[name], rtol=1e-4, atol=1e-7), name
-        assert fused[name].abs().sum() > 0, name
+    assert_same_loss_and_grads(plain_loss, plain, fused_loss, fused)
     # states the fused path does not compute fall back to peft's own forward: the base alone, adapters off, as an
     # evaluation runs it (eval mode, no grad: on a CPU with AVX512-BF16 bitsandbytes then repacks the 4-bit weights
     # in place for its own kernel, which the fused path must not read as NF4 afterwards)
@@ -429,11 +434,7 @@ def test_a_swiglu_mlp_recomputes_its_activation_to_peft_s_gradients(tmp_path, id
     fused_model = load(tmp_path, fused_lora=True)
     assert [m._gated_act for m in fused_model.modules() if hasattr(m, "_gated_act")] == ["silu", "silu"]
     fused_loss, fused = loss_and_grads(fused_model, ids)
-    assert plain.keys() == fused.keys() and len(plain) == 28
-    assert abs(fused_loss - plain_loss) < 1e-6
-    for name in plain:
-        assert torch.allclose(fused[name], plain[name], rtol=1e-4, atol=1e-7), name
-        assert fused[name].abs().sum() > 0, name
+    assert_same_loss_and_grads(plain_loss, plain, fused_loss, fused)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton kernels need a CUDA card (run on the device: "

@@ -134,6 +134,11 @@ def _scaled(lora_b: torch.Tensor, scaling: float, dtype: torch.dtype) -> torch.T
     return (lora_b.to(wide) * scaling).to(dtype)
 
 
+def _as(grad: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """A gradient in its parameter's dtype (None stays None)."""
+    return None if grad is None else grad.to(dtype)
+
+
 def _adapter_first(x2, xa, bs, weight, bias, dtype: torch.dtype) -> torch.Tensor:
     """(x A^T)(s B)^T (+ bias), then the base product accumulated onto it: x2 (tokens, in), xa = x2 A^T (tokens, r)."""
     out = xa @ bs.t() if bias is None else torch.addmm(bias.to(dtype), xa, bs.t())
@@ -181,8 +186,8 @@ class LoRA4bitMatmul(torch.autograd.Function):
                 else:
                     grad_x = (gb @ a).addmm_(g, w)
                 grad_x = grad_x.view(ctx.x_shape).to(ctx.x_dtype)
-        return (grad_x, None, grad_a.to(ctx.ab_dtypes[0]) if grad_a is not None else None,
-                grad_b.to(ctx.ab_dtypes[1]) if grad_b is not None else None, None, None, None, None, None)
+        return (grad_x, None, _as(grad_a, ctx.ab_dtypes[0]), _as(grad_b, ctx.ab_dtypes[1]), None, None, None, None,
+                None)
 
 
 class LoRA4bitGroupMatmul(torch.autograd.Function):
@@ -248,8 +253,7 @@ class LoRA4bitGroupMatmul(torch.autograd.Function):
                 grad_x = grad_x.view(ctx.x_shape).to(ctx.x_dtype)
         per_member = []  # (weight, A, B, bias) per member
         for i, ((a_dtype, b_dtype), grad_a, grad_b) in enumerate(zip(ctx.ab_dtypes, grad_as, grad_bs)):
-            per_member += [None, grad_a.to(a_dtype) if grad_a is not None and need[4 + 4 * i] else None,
-                           grad_b.to(b_dtype) if grad_b is not None else None, None]
+            per_member += [None, _as(grad_a, a_dtype) if need[4 + 4 * i] else None, _as(grad_b, b_dtype), None]
         return (grad_x, None, None, *per_member)
 
 
@@ -289,8 +293,8 @@ class LoRA4bitGatedDown(torch.autograd.Function):
             dc = (gb @ la).addmm_(g, _dequantize(ctx.weight, dtype))  # (tokens, intermediate)
             c, grad_a_in, grad_b_in = gated_act.backward(a, b, dc.view(a.shape).to(a.dtype), ctx.kind)
             grad_a = gb.t() @ c.reshape(-1, c.shape[-1]).to(dtype) if need[6] else None  # (r, intermediate)
-        return (grad_a_in, grad_b_in, None, None, None, None, grad_a.to(ctx.ab_dtypes[0]) if grad_a is not None
-                else None, grad_b.to(ctx.ab_dtypes[1]) if grad_b is not None else None, None)
+        return (grad_a_in, grad_b_in, None, None, None, None, _as(grad_a, ctx.ab_dtypes[0]),
+                _as(grad_b, ctx.ab_dtypes[1]), None)
 
 
 def _plain_adapter(module, kwargs) -> str | None:
@@ -382,10 +386,11 @@ def _gated_kind(module) -> str | None:
 
 def _gated_mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
     """down_proj(act(gate_proj(x)) * up_proj(x)), the activation and down_proj as one function (LoRA4bitGatedDown)
-    where down_proj is plain LoRA; else the module's own forward."""
+    where down_proj is plain LoRA; else the module's own forward. (RECOMPUTE_ACT, BASE_FIRST and FP8 are read once,
+    by apply_fused_lora, which patches an MLP only where they allow it.)"""
     down = self.down_proj
     name = _plain_adapter(down, {}) if hasattr(down, "lora_A") else None  # peft's unload() leaves the base layer
-    if name is None or not RECOMPUTE_ACT or BASE_FIRST or down._fp8:
+    if name is None:
         return type(self).forward(self, x)
     a, b = self.gate_proj(x), self.up_proj(x)
     base = down.base_layer
