@@ -43,6 +43,7 @@ def test_precedence_defaults_preset_yaml_flags_set(tmp_path):
     (["lora_dropout=1.5"], "'lora_dropout' must be in [0, 1)"),
     (["optim=sgd"], "'optim' must be one of"),
     (["report_to=mlflow"], "'report_to' entries must be among"),
+    (["target_modules=[q_proj"], "'target_modules' must be all-linear or a regular expression"),
     (["novalue"], "expected key=value"),
 ])
 def test_invalid_overrides_name_the_key(items, needle):

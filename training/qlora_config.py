@@ -230,6 +230,14 @@ def validate(cfg: QLoRAConfig, preset: str) -> None:
     if cfg.fp8_backward and not cfg.fused_lora:
         raise ConfigError("'fp8_backward' runs inside the fused LoRA function: it needs fused_lora=true "
                           "(or drop --set fp8_backward=true)")
+    if cfg.target_modules != "all-linear":  # else peft matches it as a regular expression on module names
+        import re
+
+        try:
+            re.compile(cfg.target_modules)
+        except re.error as exc:
+            raise ConfigError(f"'target_modules' must be all-linear or a regular expression on module names (peft's "
+                              f"rule), e.g. '.*(q|k|v|o)_proj'; '{cfg.target_modules}' is not one: {exc}") from None
     if cfg.recompute_layers < -1:
         raise ConfigError(f"'recompute_layers' must be -1 (all) or >= 0, got {cfg.recompute_layers}")
     for key in FRACTIONS:
