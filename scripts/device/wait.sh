@@ -4,7 +4,7 @@
 end=$((SECONDS + ${1:-540}))
 while [ $SECONDS -lt $end ]; do
   cp -r /tmp/bench-out/. "$OUT"/ 2>/dev/null
-  grep -q "all done" /tmp/bench-out/progress.txt 2>/dev/null && ! pgrep -f queue.sh > /dev/null && break
+  grep -q "all done" /tmp/bench-out/progress.txt 2>/dev/null && [ ! -e /tmp/queue.pending ] && break
   sleep 8
 done
 cat /tmp/bench-out/progress.txt
