@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import typing
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -231,8 +232,6 @@ def validate(cfg: QLoRAConfig, preset: str) -> None:
         raise ConfigError("'fp8_backward' runs inside the fused LoRA function: it needs fused_lora=true "
                           "(or drop --set fp8_backward=true)")
     if cfg.target_modules != "all-linear":  # else peft matches it as a regular expression on module names
-        import re
-
         try:
             re.compile(cfg.target_modules)
         except re.error as exc:
