@@ -6,9 +6,11 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 RUN    ?=
-DATA   ?= datasets/sample
+DATA   ?=
 PRESET ?= tiny
 ARGS   ?=
+
+# DATA, MODEL: empty means the preset's own (tiny: datasets/sample; gemma-2b/9b, custom: datasets/processed).
 
 # Several GPUs (docs/multi_gpu.md): GPUS=N runs one process per GPU through `accelerate launch` (DDP), FSDP=1 shards
 # the model (FSDP + QLoRA), NNODES/NODE_RANK/MASTER_ADDR/MASTER_PORT join several hosts. GPUS=1: plain python.
@@ -52,13 +54,14 @@ $(VENV)/.installed: pyproject.toml scripts/setup_venv.sh
 	@touch $@
 
 demo: setup ## set up, then fine-tune the built-in tiny model on the sample data (CPU, about a minute)
-	$(PY) -m training.qlora_finetune --model-config tiny --data $(DATA) --run-name demo --resume never
+	$(PY) -m training.qlora_finetune --model-config tiny $(if $(DATA),--data $(DATA)) --run-name demo --resume never
 
 train-native: setup ## fine-tune natively (no Docker): make train-native PRESET=gemma-2b DATA=... [GPUS=2 FSDP=1 ARGS=...]
-	$(LAUNCH_NATIVE) training.qlora_finetune --model-config $(PRESET) --data $(DATA) $(if $(RUN),--run-name $(RUN)) $(if $(MODEL),--model $(MODEL)) $(ARGS)
+	$(LAUNCH_NATIVE) training.qlora_finetune --model-config $(PRESET) $(if $(DATA),--data $(DATA)) $(if $(RUN),--run-name $(RUN)) $(if $(MODEL),--model $(MODEL)) $(ARGS)
 
-validate-data: setup ## check a dataset: formats, counts, token lengths, truncation (DATA=path MODEL=tokenizer)
-	$(PY) -m training.data validate $(DATA) $(if $(MODEL),--model $(MODEL))
+validate-data: setup ## check a dataset: formats, counts, token lengths, truncation (DATA=path PRESET=gemma-2b|MODEL=...)
+	@[ -n "$(DATA)" ] || { echo "validate-data needs DATA=path, e.g. make validate-data DATA=datasets/my.jsonl PRESET=gemma-2b" >&2; exit 2; }
+	$(PY) -m training.data validate $(DATA) --preset $(PRESET) $(if $(MODEL),--model $(MODEL)) $(ARGS)
 
 tiny-model: setup ## build the built-in tiny model into models/tiny-gemma2 (done automatically when needed)
 	$(PY) -m training.tiny
@@ -79,10 +82,10 @@ report: setup ## plots + summary of a run into outputs/RUN/report/ (RUN=name, de
 	$(PY) -m training.report --logs-dir logs $(if $(RUN),--run $(RUN))
 
 export: setup ## merge + GGUF + Ollama Modelfile, checked against the trained model (RUN=name FORMAT=gguf|merged QUANT=q8_0|q4_k_m|f16|bf16|f32)
-	$(PY) -m training.export $(if $(RUN),--run $(RUN)) --format $(or $(FORMAT),gguf) --quant $(or $(QUANT),q8_0)
+	$(PY) -m training.export $(if $(RUN),--run $(RUN)) --format $(or $(FORMAT),gguf) --quant $(or $(QUANT),q8_0) $(ARGS)
 
-status: setup ## one screen of truth from the files, without Docker (same as train-status)
-	$(PY) -m training.status --logs-dir logs --output-dir outputs --backup-dir backup
+status: setup ## one screen of truth from the files, without Docker (RUN=name, ARGS=--json; same as train-status)
+	$(PY) -m training.status --logs-dir logs --output-dir outputs --backup-dir backup $(if $(RUN),--run $(RUN)) $(ARGS)
 
 logs: ## follow a run's log natively (RUN=name; default: the newest run under logs/)
 	@run="$(RUN)"; [ -n "$$run" ] || run=$$(ls -td logs/*/ 2>/dev/null | head -1 | xargs -r basename); \
@@ -90,8 +93,8 @@ logs: ## follow a run's log natively (RUN=name; default: the newest run under lo
 	    echo "no run log at logs/$${run:-<run>}/train.log: start a run with 'make demo', or pass RUN=name" >&2; exit 1; fi; \
 	  echo "following logs/$$run/train.log (Ctrl-C stops following, not training)"; tail -n 200 -F "logs/$$run/train.log"
 
-plan: setup ## VRAM plan for a preset on a card: make plan PRESET=gemma-9b GPU_MEM=24 [BACKEND=unsloth]
-	$(PY) -m training.plan --preset $(if $(filter tiny,$(PRESET)),gemma-2b,$(PRESET)) --gpu-mem $(or $(GPU_MEM),24) --backend $(or $(BACKEND),hf)
+plan: setup ## VRAM plan for a preset on a card: make plan PRESET=gemma-9b GPU_MEM=24 [BACKEND=unsloth MODEL=... ARGS=...]
+	$(PY) -m training.plan --preset $(if $(filter tiny,$(PRESET)),gemma-2b,$(PRESET)) --gpu-mem $(or $(GPU_MEM),24) --backend $(or $(BACKEND),hf) $(if $(MODEL),--model $(MODEL)) $(ARGS)
 
 bench: setup ## GPU benchmark: baseline vs unsloth vs the project path, writes docs/benchmarks.md (CUDA only)
 	$(PY) scripts/benchmark.py $(ARGS)

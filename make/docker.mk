@@ -59,7 +59,8 @@ TRAINING_CONTAINER = $(CONTAINER_PREFIX)-qlora-training
 # ./notebooks is bind-mounted into the dev service; as root on the host, hand it to the container user.
 NOTEBOOKS_DIR_READY = mkdir -p notebooks && { [ "$(HOST_UID)" != 0 ] || chown $(APP_UID):$(APP_GID) notebooks; }
 
-# A host path given as DATA= / MODEL= is bind-mounted read-only; anything else (a hub id) is passed as is.
+# A host path given as DATA= / MODEL= is bind-mounted read-only. Any other MODEL (a hub id) is passed as is; any other
+# DATA is refused on the host (the recipe reads files only), unless it is a path inside the image (/app/...).
 # Only values the user gave count (the top-level Makefile's own DATA default is for native verbs).
 USER_DATA := $(if $(filter command line environment environment override,$(origin DATA)),$(DATA))
 USER_MODEL := $(if $(filter command line environment environment override,$(origin MODEL)),$(MODEL))
@@ -67,6 +68,7 @@ DATA_PATH := $(patsubst %/,%,$(USER_DATA))
 MODEL_PATH := $(patsubst %/,%,$(USER_MODEL))
 DATA_MOUNT := $(if $(and $(DATA_PATH),$(wildcard $(DATA_PATH))),DATASETS_DIR=$(abspath $(dir $(DATA_PATH))))
 DATA_ARG := $(if $(DATA_PATH),--data $(if $(wildcard $(DATA_PATH)),/app/datasets/$(notdir $(DATA_PATH)),$(DATA_PATH)))
+DATA_MISSING := $(and $(DATA_PATH),$(if $(wildcard $(DATA_PATH)),,1),$(filter-out /app/%,$(DATA_PATH)))
 MODEL_MOUNT := $(if $(and $(MODEL_PATH),$(wildcard $(MODEL_PATH))),BASE_MODEL_DIR=$(abspath $(MODEL_PATH)))
 MODEL_IN_CONTAINER := $(if $(MODEL_PATH),$(if $(wildcard $(MODEL_PATH)),/app/base-model,$(MODEL_PATH)))
 MODEL_ARG := $(if $(MODEL_PATH),--model $(MODEL_IN_CONTAINER))
@@ -75,6 +77,8 @@ MODEL_ARG := $(if $(MODEL_PATH),--model $(MODEL_IN_CONTAINER))
 # the log until the run ends (Ctrl-C stops following, not training) and exits with the run's exit code.
 # `docker logs -f` (not `compose logs -f`, which waits for a restart): it returns once the container has stopped.
 define compose_train
+	@if [ -n "$(DATA_MISSING)" ]; then \
+	  echo "DATA=$(DATA_PATH): no such file or folder on this host. DATA is your training data: a .jsonl/.json/.parquet/.csv file or a folder of them (mounted read-only into the container)." >&2; exit 2; fi
 	@if [ -n "$$($(COMPOSE) --profile training ps -q --status running qlora-training 2>/dev/null)" ]; then \
 	  echo "A training run is already running in $(TRAINING_CONTAINER): 'make train-logs' follows it, 'make train-stop' stops it." >&2; exit 1; fi
 	$(DATA_MOUNT) $(MODEL_MOUNT) LAUNCH='$(LAUNCH)' PRESET=$(1) TRAIN_ARGS='$(strip $(MODEL_ARG) $(DATA_ARG) $(if $(RUN),--run-name $(RUN)) $(ARGS))' $(COMPOSE) --profile training up -d
@@ -105,7 +109,7 @@ train-gemma-2b: ## QLoRA fine-tune Gemma-2 2B in the container (needs HF_TOKEN; 
 train-gemma-9b: ## QLoRA fine-tune Gemma-2 9B in the container (needs HF_TOKEN)
 	$(call compose_train,gemma-9b)
 
-train-custom: ## fine-tune any model: make train-custom MODEL=hub-id-or-path DATA=path-or-dataset
+train-custom: ## fine-tune any model: make train-custom MODEL=hub-id-or-path DATA=file-or-folder
 	@if [ -z "$(USER_MODEL)" ] || [ -z "$(USER_DATA)" ]; then \
 	  echo "train-custom needs MODEL and DATA, e.g. make train-custom MODEL=google/gemma-2-2b DATA=datasets/my.jsonl" >&2; \
 	  echo "  MODEL: a Hugging Face model id or a local folder; DATA: a .jsonl/.json/.parquet/.csv file or folder" >&2; exit 2; fi
@@ -130,13 +134,13 @@ train-monitor: ## W&B local server (8080) + Jupyter/TensorBoard + GPU monitor
 	$(COMPOSE) --profile monitoring up -d
 	@echo "W&B local:   http://$(BIND_ADDRESS):$(WANDB_PORT)/"
 
-train-status: ## containers, GPUs, the current run, checkpoints and backups on one screen
+train-status: ## containers, GPUs, the current run, checkpoints and backups on one screen (RUN=name, ARGS=--json)
 	$(COMPOSE) $(ALL_PROFILES) ps -a
 	@$(NOTEBOOKS_DIR_READY); ids="$$($(COMPOSE) $(ALL_PROFILES) ps -aq)"; \
 	  { if [ -n "$$ids" ]; then $(DOCKER) inspect $$ids; else echo '[]'; fi; } \
 	  | $(COMPOSE) run --rm --no-deps -T -e COLUMNS="$$(tput cols 2>/dev/null || echo 100)" training-dev \
 	    python -m training.status --docker-inspect - \
-	    --logs-dir /app/logs --output-dir /app/outputs --backup-dir /app/backup $(ARGS)
+	    --logs-dir /app/logs --output-dir /app/outputs --backup-dir /app/backup $(if $(RUN),--run $(RUN)) $(ARGS)
 
 train-logs: ## follow the training container's log (Ctrl-C to stop following; returns when the run ends)
 	$(DOCKER) logs -f --tail 200 $(TRAINING_CONTAINER)

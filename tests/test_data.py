@@ -178,3 +178,18 @@ def test_validate_data_cli_reports_counts_and_truncation(tmp_path, tiny_model_di
     assert "chat=4" in out and "text=2" in out and "Truncated at 64 tokens: 2" in out
     assert main(["validate", str(tmp_path / "missing"), "--model", str(tiny_model_dir)]) == 2
     assert "no such file or folder" in capsys.readouterr().err
+
+
+def test_validate_data_counts_as_the_preset_trains(tmp_path, tiny_model_dir, capsys, monkeypatch):
+    """The truncation length is the preset's (tiny trains at 256, not 2048); counting with the toy tokenizer says so;
+    a preset without a model asks for one."""
+    monkeypatch.setenv("TINY_MODEL_DIR", str(tiny_model_dir))
+    write_jsonl(tmp_path / "text.jsonl", [{"text": "word " * 400}, {"text": "word " * 10}])
+    assert main(["validate", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "Truncated at 256 tokens: 1 (50.0%)" in out and "built-in tiny model's" in out
+    assert main(["validate", str(tmp_path), "--model", str(tiny_model_dir), "--max-seq-length", "2048"]) == 0
+    out = capsys.readouterr().out
+    assert "Truncated at 2048 tokens: 0" in out and "built-in tiny model's" not in out
+    assert main(["validate", str(tmp_path), "--preset", "custom"]) == 2
+    assert "pass --model" in capsys.readouterr().err

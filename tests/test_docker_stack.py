@@ -142,8 +142,12 @@ def test_host_paths_for_data_and_model_are_mounted_read_only(tmp_path):
     out = _make(env, "-n", "train-custom", f"MODEL={model}", f"DATA={tmp_path / 'corpus.jsonl'}", timeout=60).stdout
     assert f"DATASETS_DIR={tmp_path}" in out and "--data /app/datasets/corpus.jsonl" in out
     assert f"BASE_MODEL_DIR={model}" in out and "--model /app/base-model" in out
-    hub = _make(env, "-n", "train-custom", "MODEL=google/gemma-2-2b", "DATA=someuser/some-dataset", timeout=60).stdout
-    assert "--model google/gemma-2-2b --data someuser/some-dataset" in hub and "DATASETS_DIR=" not in hub
+    hub = _make(env, "-n", "train-custom", "MODEL=google/gemma-2-2b", "DATA=/app/datasets/chat", timeout=60).stdout
+    assert "--model google/gemma-2-2b --data /app/datasets/chat" in hub and "DATASETS_DIR=" not in hub
+    for verb in ("train-custom", "train-gemma-2b"):  # data the host lacks is refused before any container starts
+        p = _make(env, verb, "MODEL=google/gemma-2-2b", f"DATA={tmp_path / 'typo.jsonl'}", timeout=60)
+        assert p.returncode == 2 and f"DATA={tmp_path / 'typo.jsonl'}: no such file or folder on this host" in p.stderr
+        assert "compose" not in p.stdout
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -156,6 +156,53 @@ def test_stopped_then_resumed_run(tmp_path):
     assert st["run"]["status"] == "running" and st["run"]["step"] == 11 and st["run"]["tokens_per_s"] == 900.0
 
 
+def test_a_run_whose_process_was_killed_hard_is_shown_died(tmp_path):
+    """A real process writes the start event as the recipe does (training.runfiles.log_event: host and pid), then
+    is killed with SIGKILL, so no last record is written: status says died (not running forever), with the resume
+    hint; while it lives, running."""
+    metrics = tmp_path / "logs" / "killed" / "metrics.jsonl"
+    code = ("import sys, time; from pathlib import Path; from training.runfiles import log_event; "
+            "log_event(Path(sys.argv[1]), 'killed', 0, 'start', max_steps=100); print('ready', flush=True); "
+            "time.sleep(120)")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(metrics)], cwd=REPO, stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        start = json.loads(metrics.read_text().splitlines()[0])
+        assert start["pid"] == proc.pid and start["host"]
+        assert status_of(tmp_path, time.time())["run"]["status"] == "running"
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+    st = status_of(tmp_path, time.time())
+    assert st["run"]["status"] == "died" and f"pid {proc.pid}" in st["run"]["error"]
+    assert [w["code"] for w in st["warnings"]] == ["run_died"] and "resumes it" in st["warnings"][0]["message"]
+    assert "died (its process" in screen(st)
+
+
+def test_a_run_whose_container_exited_is_shown_died(tmp_path):
+    """In a container the start event's host is the container's short id: a run still 'running' by its events
+    whose container exited (OOM-killed here) is died; with its container up it runs."""
+    path = write_run(tmp_path, "boxed", steps=5, max_steps=100)
+    lines = path.read_text().splitlines()
+    start = {**json.loads(lines[0]), "host": "0123456789ab", "pid": 7}
+    path.write_text("\n".join([json.dumps(start), *lines[1:]]) + "\n")
+
+    def inspect(status: str, exit_code: int) -> str:
+        return json.dumps([{"Id": "0123456789ab" + "c" * 52, "Name": "/agent-qlora-training",
+                            "Config": {"Image": "qlora", "Labels": {"com.docker.compose.service": "qlora-training"}},
+                            "State": {"Status": status, "ExitCode": exit_code, "OOMKilled": exit_code == 137,
+                                      "StartedAt": "2027-01-15T08:00:00Z", "FinishedAt": "2027-01-15T08:01:00Z"}}])
+
+    up = collect_status(tmp_path / "logs", tmp_path / "outputs", tmp_path / "backup", now=T0 + 60,
+                        docker_inspect=inspect("running", 0))
+    assert up["run"]["status"] == "running"
+    down = collect_status(tmp_path / "logs", tmp_path / "outputs", tmp_path / "backup", now=T0 + 60,
+                          docker_inspect=inspect("exited", 137))
+    assert down["run"]["status"] == "died" and "agent-qlora-training exited (137)" in down["run"]["error"]
+    assert "OOM-killed" in down["run"]["error"]
+
+
 def test_no_runs_fresh_dir(tmp_path):
     st = status_of(tmp_path, T0)
     assert st["run"] is None and st["runs"] == [] and st["message"] == NO_RUNS_MESSAGE

@@ -64,6 +64,9 @@ def quiet_libraries() -> None:
     """Deprecation chatter from the libraries is not the user's business; progress bars only on a terminal."""
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", message=".*kernels-community.*")
+    # bitsandbytes on CPUs with AVX512-BF16 tries a hub kernel at import and logs how to "fix" the refusal; its own
+    # CPU kernel runs instead, and nothing needs doing. (Before bitsandbytes is imported: it logs at import.)
+    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(lambda r: "kernels-community" not in r.getMessage())
     if not sys.stderr.isatty():
         import datasets
         import transformers

@@ -108,7 +108,8 @@ def find_data_files(path: Path) -> list[Path]:
             raise DataError(f"{path}: no data files found (looked for {', '.join(DATA_SUFFIXES)}, "
                             "or a folder written by datasets' save_to_disk)")
         return files
-    raise DataError(f"{path}: no such file or folder. Pass --data PATH pointing at your training data")
+    raise DataError(f"{path}: no such file or folder. Put your training data there (.jsonl/.json/.parquet/.csv files), "
+                    "or point at it with --data PATH (make: DATA=path)")
 
 
 def is_saved_dataset(path: Path) -> bool:
@@ -470,23 +471,35 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     v = sub.add_parser("validate", help="report formats, counts, token lengths and truncation")
     v.add_argument("data", help="file or folder")
-    v.add_argument("--model", default="builtin:tiny-gemma2", help="tokenizer to count tokens with")
-    v.add_argument("--max-seq-length", type=int, default=2048)
-    v.add_argument("--eval-fraction", type=float, default=0.05)
+    v.add_argument("--preset", default="tiny", help="count as this preset trains: its tokenizer and max_seq_length")
+    v.add_argument("--model", help="tokenizer to count tokens with (default: the preset's model)")
+    v.add_argument("--max-seq-length", type=int, help="truncation length (default: the preset's)")
+    v.add_argument("--eval-fraction", type=float, help="held-out share (default: the preset's)")
     v.add_argument("--json", action="store_true", help="print the report as JSON")
     args = parser.parse_args(argv)
 
     from transformers import AutoTokenizer
 
+    from training.qlora_config import PRESETS
     from training.tiny import resolve_builtin
 
+    if args.preset not in PRESETS:
+        print(f"error: unknown preset '{args.preset}'; choose one of: {', '.join(PRESETS)}", file=sys.stderr)
+        return 2
+    preset = PRESETS[args.preset]
+    model = args.model or preset.model_name_or_path
+    if not model:
+        print(f"error: preset '{args.preset}' has no model: pass --model ID_OR_PATH (make: MODEL=...)", file=sys.stderr)
+        return 2
+    max_len = args.max_seq_length or preset.max_seq_length
+    eval_fraction = preset.eval_fraction if args.eval_fraction is None else args.eval_fraction
     try:
-        tokenizer = AutoTokenizer.from_pretrained(resolve_builtin(args.model))
+        tokenizer = AutoTokenizer.from_pretrained(resolve_builtin(model))
     except OSError as exc:
-        print(f"error: cannot load the tokenizer of '{args.model}': {exc}", file=sys.stderr)
+        print(f"error: cannot load the tokenizer of '{model}': {exc}", file=sys.stderr)
         return 2
     try:
-        _, _, stats = build_datasets(args.data, tokenizer, args.max_seq_length, args.eval_fraction, seed=42)
+        _, _, stats = build_datasets(args.data, tokenizer, max_len, eval_fraction, seed=preset.seed)
     except DataError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -500,9 +513,13 @@ def main(argv: list[str] | None = None) -> int:
     print("Records per format: " + ", ".join(f"{k}={v}" for k, v in report["records_per_format"].items()))
     print(f"Examples: train={report['train_examples']} eval={report['eval_examples']}")
     t = report["tokens"]
-    print(f"Tokens per example ({args.model}): min={t['min']} median={t['median']} p95={t['p95']} max={t['max']} "
+    print(f"Tokens per example ({model}): min={t['min']} median={t['median']} p95={t['p95']} max={t['max']} "
           f"total={t['total']}")
-    print(f"Truncated at {args.max_seq_length} tokens: {report['truncated']} "
+    if model.startswith("builtin:tiny"):
+        print(f"  (counted with the built-in tiny model's {len(tokenizer)}-token vocabulary: far more tokens than a "
+              "real model's; for your model's counts pass --preset gemma-2b or --model ID_OR_PATH, "
+              "make: PRESET=gemma-2b or MODEL=...)")
+    print(f"Truncated at {max_len} tokens: {report['truncated']} "
           f"({100 * report['truncation_rate']:.1f}%)")
     if report["dropped_no_target"]:
         print(f"Skipped (no answer tokens left after truncation): {report['dropped_no_target']}")

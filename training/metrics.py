@@ -67,6 +67,8 @@ class MetricsCallback(TrainerCallback):
                             dynamic_ncols=True)
 
     def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= state.max_steps:
+            control.should_log = True  # the last step's loss, whatever logging_steps: the summary's "last" is its own
         if self.bar is not None:
             self.bar.update(state.global_step - self.bar.n)
 

@@ -204,7 +204,6 @@ def summary_table(run: str, m: dict, metrics_path: Path, per_gpu: dict, run_dir:
         lines.append(f"| GPU {idx} util mean / peak memory | {_f(sum(util) / len(util) if util else None, '.0f')}% / "
                      f"{_f(max(mem) / 1024 if mem else None, '.1f')} GiB ({len(samples)} samples) |")
     lines.append(f"| last complete checkpoint | {checkpoint.path if checkpoint else 'none'} |")
-    lines.append(f"| last complete checkpoint | {checkpoint.path if checkpoint else 'none'} |")
     return lines
 
 

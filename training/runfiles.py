@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -189,6 +190,9 @@ def rotated_files(path: str | os.PathLike) -> list[Path]:
 
 
 # -- the metrics JSONL --------------------------------------------------------------------------------------------
+LIVE_EVENTS = ("start", "resumed")  # a process trains from here on: they name it (host, pid) for status
+
+
 def log_event(metrics_path: Path, run: str, step: int, event: str, **fields: Any) -> None:
     """Append an event record (start, checkpoint, resumed, stopped, finished, failed); only rank 0 of a
     several-process run writes (the others would repeat every event)."""
@@ -196,6 +200,8 @@ def log_event(metrics_path: Path, run: str, step: int, event: str, **fields: Any
 
     if not is_main():
         return
+    if event in LIVE_EVENTS:
+        fields = {"host": socket.gethostname(), "pid": os.getpid(), **fields}
     append_jsonl(metrics_path, {"ts": time.time(), "run": run, "step": step, "event": event, **fields})
 
 
@@ -245,6 +251,8 @@ class RunState:
     error: str | None = None  # of the last `failed` event
     signal: str | None = None  # of the last `stopped` event
     started_ts: float | None = None  # the `start` event's time (else the first `resumed`)
+    host: str | None = None  # where the process that trains now runs, and its pid (the last start/resumed event)
+    pid: int | None = None
 
     @property
     def detail(self) -> str | None:
@@ -255,11 +263,12 @@ class RunState:
 def run_status(events: list[dict[str, Any]], trained: bool = False) -> RunState:
     """The run's state from its events, the last start/resumed or terminal event winning. `trained`: there are
     training records; with no start event (an older writer) the run then counts as running."""
-    status, error, signal, started_ts = "unknown", None, None, None
+    status, error, signal, started_ts, host, pid = "unknown", None, None, None, None, None
     for ev in events:
         name = ev.get("event")
-        if name in ("start", "resumed"):
+        if name in LIVE_EVENTS:
             status = "running"
+            host, pid = ev.get("host"), as_int(ev.get("pid"))
             if name == "start" or started_ts is None:
                 started_ts = num(ev.get("ts"))
         elif name in TERMINAL_EVENTS:
@@ -268,7 +277,7 @@ def run_status(events: list[dict[str, Any]], trained: bool = False) -> RunState:
             signal = ev.get("signal") if name == "stopped" else signal
     if status == "unknown" and trained:
         status = "running"
-    return RunState(status, error, signal, started_ts)
+    return RunState(status, error, signal, started_ts, host if isinstance(host, str) else None, pid)
 
 
 def list_runs(logs_dir: str | os.PathLike) -> list[str]:

@@ -8,7 +8,8 @@ Shows the agent-* containers and their health (when a Docker engine answers), ea
 logs/gpu_metrics.jsonl, the current run (the newest logs/<run>/metrics.jsonl unless --run: step / max_steps, loss
 and its trend, tokens/s, ETA, status, last complete checkpoint, last backup and its age) and warnings (GPU memory
 nearly full, disk too small for the next checkpoint, no metrics for a while during a run, the training container
-exited non-zero). `--json` prints the same content as one JSON object; `--watch` refreshes until Ctrl-C.
+exited non-zero). A run whose events say running but whose process is gone (the pid on this host, or the container
+its start event names, exited) is shown as died. `--json` prints the same content as one JSON object; `--watch` refreshes until Ctrl-C.
 
 It only reads files (and asks `docker ps`/`docker inspect`), so it works while a run trains and after it stopped.
 Inside a container without docker, pass the host's view: `docker inspect $(docker ps -aq) | ... --docker-inspect -`
@@ -23,6 +24,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -171,6 +173,7 @@ def read_run(logs_dir: Path, output_dir: Path, backup_dir: Path, run: str, now: 
         "last_event": None if last_event is None else {k: last_event.get(k) for k in ("event", "ts", "step")},
         "error": state.error,
         "signal": state.signal,
+        "process": {"host": state.host, "pid": state.pid},  # the one training now, when the events say running
         "logged_steps": len(train),
         "last_checkpoint": checkpoint,
         "incomplete_checkpoints": incomplete,
@@ -319,8 +322,32 @@ def collect_status(logs_dir: str | os.PathLike = "logs", output_dir: str | os.Pa
         status["message"] = NO_RUNS_MESSAGE
     else:
         status["run"] = read_run(logs_dir, output_dir, backup_dir, run or runs[-1], now)
+        gone = process_gone(status["run"], status["containers"]["containers"])
+        if gone:  # the events still say running, but nothing trains: a hard kill, a crash, a reboot
+            status["run"].update(status="died", error=gone, eta_s=None)
     status["warnings"] = find_warnings(status, output_dir, stale_minutes)
     return status
+
+
+def process_gone(run: dict[str, Any], containers: list[dict[str, Any]]) -> str | None:
+    """Why a run whose events say running has no process left, or None (alive, or not knowable from here). The start
+    and resumed events name the process (host, pid); a container's host name is its short id, so a run trained in a
+    container is checked against that container's state, and a native one against the pid on this host."""
+    host, pid = run["process"]["host"], run["process"]["pid"]
+    if run["status"] != "running" or not host:
+        return None
+    if host == socket.gethostname() and pid:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return f"its process (pid {pid}) is gone without a last record: killed hard (kill -9, the OOM killer)"
+        except OSError:
+            pass  # PermissionError: alive, under another user
+        return None
+    for c in containers:
+        if c["id"] and c["id"] == host[:12] and c["state"] in ("exited", "dead"):
+            return f"its container {c['name']} {c['status']} without a last record"
+    return None
 
 
 def find_warnings(status: dict[str, Any], output_dir: Path, stale_minutes: float) -> list[dict[str, str]]:
@@ -341,12 +368,12 @@ def find_warnings(status: dict[str, Any], output_dir: Path, stale_minutes: float
             if free is not None and free < DISK_HEADROOM * ckpt["size_bytes"]:
                 warnings.append({"code": "disk_low", "message": (
                     f"{_bytes(free)} free under {output_dir}, the last checkpoint is {_bytes(ckpt['size_bytes'])}: "
-                    f"the next one may not fit (want {DISK_HEADROOM:g}x); free space or lower save_total_limit")})
+                    f"the next one may not fit (want {DISK_HEADROOM:g}x); free space or keep fewer (--set keep_checkpoints=1)")})
         age = run["last_record_age_s"]
         if run["status"] == "running" and age is not None and age > stale_minutes * 60:
             warnings.append({"code": "metrics_stale", "message": (
                 f"run {run['name']} is running but wrote no metrics for {_duration(age)}: is the trainer alive? "
-                "see make train-logs")})
+                "see its train.log (make logs RUN=name, or make train-logs for the container)")})
         bk = run["last_backup"]
         if bk is not None and bk.get("last_error"):
             warnings.append({"code": "backup_failed", "message": f"last backup of {run['name']} failed: "
@@ -358,6 +385,10 @@ def find_warnings(status: dict[str, Any], output_dir: Path, stale_minutes: float
                 "is the gpu-monitor service up?")})
         if run["status"] == "failed":
             warnings.append({"code": "run_failed", "message": f"run {run['name']} failed: {run['error'] or '?'}"})
+        if run["status"] == "died":
+            warnings.append({"code": "run_died", "message": (
+                f"run {run['name']} died: {run['error']}; the same command resumes it from its last complete "
+                "checkpoint")})
     for c in status["containers"]["containers"]:
         is_training = c["service"] == TRAINING_SERVICE or TRAINING_SERVICE in c["name"]
         if is_training and c["state"] in ("exited", "dead") and c.get("exit_code") not in (0, None):
@@ -471,9 +502,10 @@ def _render_run(run: dict[str, Any]):
 
     def row(label: str, value: Any) -> None:  # Text(): paths and errors may hold [brackets], not rich markup
         t.add_row(label, value if isinstance(value, Text) else Text(str(value)))
-    style = {"running": "green", "finished": "cyan", "failed": "red", "stopped": "yellow"}.get(run["status"], "")
+    style = {"running": "green", "finished": "cyan", "failed": "red", "died": "red", "stopped": "yellow"}.get(
+        run["status"], "")
     detail = ""
-    if run["status"] == "failed" and run["error"]:
+    if run["status"] in ("failed", "died") and run["error"]:
         detail = f" ({run['error']})"
     elif run["status"] == "stopped" and run["signal"]:
         detail = f" (signal {run['signal']})"
