@@ -83,15 +83,16 @@ define compose_train
 	  echo "A training run is already running in $(TRAINING_CONTAINER): 'make train-logs' follows it, 'make train-stop' stops it." >&2; exit 1; fi
 	$(DATA_MOUNT) $(MODEL_MOUNT) LAUNCH='$(LAUNCH)' PRESET=$(1) TRAIN_ARGS='$(strip $(MODEL_ARG) $(DATA_ARG) $(if $(RUN),--run-name $(RUN)) $(ARGS))' $(COMPOSE) --profile training up -d
 	@echo "Training runs in the background; Ctrl-C stops following the log, 'make train-stop' stops the run."
-	$(DOCKER) logs -f $(TRAINING_CONTAINER); exit $$($(DOCKER) inspect -f '{{.State.ExitCode}}' $(TRAINING_CONTAINER))
+	$(DOCKER) logs -f --since "$$($(DOCKER) inspect -f '{{.State.StartedAt}}' $(TRAINING_CONTAINER))" $(TRAINING_CONTAINER); exit $$($(DOCKER) inspect -f '{{.State.ExitCode}}' $(TRAINING_CONTAINER))
 endef
 
-# `docker compose run` of service $(2) (profile $(1)) with command $(3), exiting with the command's own status:
+# `docker compose run` of service $(2) (profile $(1)) with command $(3) (and run options $(4)), exiting with the
+# command's own status:
 # some Compose versions (seen: v2.40.3 on engine 20.10) return 0 from `run` whatever the container's exit code.
 # A container that never ran (no exit code) keeps Compose's status, or 1 if Compose said 0.
 define compose_run
 	name=$(CONTAINER_PREFIX)-$(2)-run-$$$$; trap '$(DOCKER) rm -f '"$$name"' >/dev/null 2>&1' EXIT; \
-	  $(COMPOSE) --profile $(1) run --name "$$name" --no-deps -T $(2) $(3); rc=$$?; \
+	  $(COMPOSE) --profile $(1) run --name "$$name" --no-deps -T $(4) $(2) $(3); rc=$$?; \
 	  code="$$($(DOCKER) inspect -f '{{if eq .State.Status "exited"}}{{.State.ExitCode}}{{end}}' "$$name" 2>/dev/null)"; \
 	  exit "$${code:-$$(( rc ? rc : 1 ))}"
 endef
@@ -134,13 +135,13 @@ train-monitor: ## W&B local server (8080) + Jupyter/TensorBoard + GPU monitor
 	$(COMPOSE) --profile monitoring up -d
 	@echo "W&B local:   http://$(BIND_ADDRESS):$(WANDB_PORT)/"
 
+# With ARGS=--json stdout is the JSON object alone (make -s: without make's own lines), for scripts.
 train-status: ## containers, GPUs, the current run, checkpoints and backups on one screen (RUN=name, ARGS=--json)
-	$(COMPOSE) $(ALL_PROFILES) ps -a
+	$(if $(findstring --json,$(ARGS)),,$(COMPOSE) $(ALL_PROFILES) ps -a)
 	@$(NOTEBOOKS_DIR_READY); ids="$$($(COMPOSE) $(ALL_PROFILES) ps -aq)"; \
-	  { if [ -n "$$ids" ]; then $(DOCKER) inspect $$ids; else echo '[]'; fi; } \
-	  | $(COMPOSE) run --rm --no-deps -T -e COLUMNS="$$(tput cols 2>/dev/null || echo 100)" training-dev \
-	    python -m training.status --docker-inspect - \
-	    --logs-dir /app/logs --output-dir /app/outputs --backup-dir /app/backup $(if $(RUN),--run $(RUN)) $(ARGS)
+	  { if [ -n "$$ids" ]; then $(DOCKER) inspect $$ids; else echo '[]'; fi; } | ( $(call compose_run,training-dev,training-dev,\
+	    python -m training.status --docker-inspect - --logs-dir /app/logs --output-dir /app/outputs --backup-dir /app/backup \
+	    $(if $(RUN),--run $(RUN)) $(ARGS),-e COLUMNS="$$(tput cols 2>/dev/null || echo 100)") )
 
 train-logs: ## follow the training container's log (Ctrl-C to stop following; returns when the run ends)
 	$(DOCKER) logs -f --tail 200 $(TRAINING_CONTAINER)

@@ -307,6 +307,19 @@ def test_train_tiny_through_compose_writes_the_adapter_as_the_host_user(stack):
 
 
 @pytest.mark.docker
+def test_the_same_command_again_follows_only_its_own_log(stack):
+    """The run is finished: the same command reuses the container and says so; make shows this start's log, not
+    the first attempt's again (docker logs --since the container's start)."""
+    p = _make({**stack, "HF_TOKEN": HF_SENTINEL}, "train-tiny",
+              "ARGS=--max-steps 10 --set save_steps=5 --set eval_steps=5", timeout=900)
+    assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-2000:]
+    first = _docker("logs", f"{stack['CONTAINER_PREFIX']}-qlora-training")
+    assert "step 5/10" in first.stdout + first.stderr  # the same container: its log holds the first attempt
+    assert "already finished at step 10" in p.stdout + p.stderr, p.stdout[-3000:]
+    assert "step 5/10" not in p.stdout + p.stderr, p.stdout[-3000:]
+
+
+@pytest.mark.docker
 def test_train_export_turns_the_tiny_run_into_a_checked_gguf_in_the_gguf_volume(stack):
     """`make train-export` on the run the compose test above trained: the export image (the training image plus
     llama-cpp-python and llama.cpp's converter) merges, converts to q8_0, checks the GGUF against the merged model
@@ -386,6 +399,11 @@ def test_train_status_shows_the_run(stack):
     assert p.returncode == 0, p.stdout + p.stderr
     assert f"{stack['CONTAINER_PREFIX']}-gpu-monitor" in p.stdout
     assert "run tiny" in p.stdout and "finished" in p.stdout
+    as_json = _make(stack, "-s", "train-status", "ARGS=--json", timeout=300)  # stdout: the JSON alone, for scripts
+    assert as_json.returncode == 0 and json.loads(as_json.stdout)["run"]["name"] == "tiny", as_json.stdout[-2000:]
+    unknown = _make(stack, "train-status", "RUN=nope", timeout=300)  # the status module's own exit code, not Compose's
+    assert unknown.returncode != 0 and "no run 'nope'" in unknown.stdout, unknown.stdout[-2000:]
+    assert "train-status] Error 1" in unknown.stderr  # training.status's exit code, passed on
 
 
 @pytest.mark.docker

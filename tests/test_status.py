@@ -182,7 +182,8 @@ def test_a_run_whose_process_was_killed_hard_is_shown_died(tmp_path):
 
 def test_a_run_whose_container_exited_is_shown_died(tmp_path):
     """In a container the start event's host is the container's short id: a run still 'running' by its events
-    whose container exited (OOM-killed here) is died; with its container up it runs."""
+    whose container exited (OOM-killed here) or is gone (a later run's replaced it) is died; with its container up
+    it runs."""
     path = write_run(tmp_path, "boxed", steps=5, max_steps=100)
     lines = path.read_text().splitlines()
     start = {**json.loads(lines[0]), "host": "0123456789ab", "pid": 7}
@@ -201,6 +202,11 @@ def test_a_run_whose_container_exited_is_shown_died(tmp_path):
                           docker_inspect=inspect("exited", 137))
     assert down["run"]["status"] == "died" and "agent-qlora-training exited (137)" in down["run"]["error"]
     assert "OOM-killed" in down["run"]["error"]
+    replaced = collect_status(tmp_path / "logs", tmp_path / "outputs", tmp_path / "backup", now=T0 + 60,
+                              docker_inspect=inspect("running", 0).replace("0123456789ab", "ba9876543210"))
+    assert replaced["run"]["status"] == "died" and "(0123456789ab) is gone" in replaced["run"]["error"]
+    unknown = collect_status(tmp_path / "logs", tmp_path / "outputs", tmp_path / "backup", now=T0 + 60, docker=False)
+    assert unknown["run"]["status"] == "running"  # no view of the containers: not guessed
 
 
 def test_no_runs_fresh_dir(tmp_path):
@@ -392,6 +398,13 @@ def test_training_container_exit_code_is_a_warning(tmp_path):
         piped = json.loads(proc.stdout)
         assert [(c["name"], c["exit_code"]) for c in piped["containers"]["containers"]] == [(name, 3)]
         assert [w["code"] for w in piped["warnings"]] == ["training_container_failed"]
+        # 143: stopped by SIGTERM (make train-stop), the run saved and said so: no warning
+        subprocess.run(["docker", "rm", "-f", name], capture_output=True, timeout=60)
+        subprocess.run(["docker", "run", "--name", name, "--entrypoint", "sh", _docker_image(), "-c", "exit 143"],
+                       capture_output=True, timeout=120)
+        st = collect_status(tmp_path / "logs", tmp_path / "outputs", tmp_path / "backup", now=T0)
+        assert [c["exit_code"] for c in st["containers"]["containers"] if c["name"] == name] == [143]
+        assert not any(w["code"] == "training_container_failed" for w in st["warnings"])
     finally:
         subprocess.run(["docker", "rm", "-f", name], capture_output=True, timeout=60)
 
@@ -453,6 +466,11 @@ def test_running_container_health_is_shown(tmp_path):
         assert c["state"] == "running" and c["status"].startswith("up ") and c["exit_code"] is None
         assert c["health"] == "unhealthy"
         assert any(w["code"] == "container_unhealthy" and name in w["message"] for w in st["warnings"])
+        subprocess.run(["docker", "stop", "-t", "1", name], capture_output=True, timeout=60)
+        st = collect_status(tmp_path / "logs", tmp_path / "outputs", tmp_path / "backup")
+        (c,) = [c for c in st["containers"]["containers"] if c["name"] == name]
+        assert c["state"] == "exited"  # an engine may keep its last health: a stopped service is not a fault
+        assert not any(w["code"] == "container_unhealthy" for w in st["warnings"])
     finally:
         subprocess.run(["docker", "rm", "-f", name], capture_output=True, timeout=60)
 

@@ -40,6 +40,8 @@ NO_RUNS_MESSAGE = "no runs yet: start one with make demo / make train-gemma-2b"
 TREND_WINDOW = 10  # logged steps the loss trend is computed over
 STALE_MINUTES = 10.0  # a running run with no metrics line for this long gets a warning (a hang, a kill -9)
 GPU_MEM_WARN_PCT = 95.0  # above this an allocation spike is likely to OOM
+CONTAINER_ID = re.compile(r"[0-9a-f]{12}")  # a container's default host name: its short id
+SIGTERM_EXIT = 128 + 15  # make train-stop: the run saved and said `stopped`; not a fault
 DISK_HEADROOM = 2.0  # the next checkpoint needs ~its size, plus the trainer's temp copy; ask for 2x
 STACK_SERVICES = {"qlora-training", "training-dev", "training-monitor", "gpu-monitor", "training-backup"}
 TRAINING_SERVICE = "qlora-training"
@@ -322,17 +324,18 @@ def collect_status(logs_dir: str | os.PathLike = "logs", output_dir: str | os.Pa
         status["message"] = NO_RUNS_MESSAGE
     else:
         status["run"] = read_run(logs_dir, output_dir, backup_dir, run or runs[-1], now)
-        gone = process_gone(status["run"], status["containers"]["containers"])
+        gone = process_gone(status["run"], status["containers"])
         if gone:  # the events still say running, but nothing trains: a hard kill, a crash, a reboot
             status["run"].update(status="died", error=gone, eta_s=None)
     status["warnings"] = find_warnings(status, output_dir, stale_minutes)
     return status
 
 
-def process_gone(run: dict[str, Any], containers: list[dict[str, Any]]) -> str | None:
+def process_gone(run: dict[str, Any], containers: dict[str, Any]) -> str | None:
     """Why a run whose events say running has no process left, or None (alive, or not knowable from here). The start
     and resumed events name the process (host, pid); a container's host name is its short id, so a run trained in a
-    container is checked against that container's state, and a native one against the pid on this host."""
+    container is checked against that container (exited, or replaced by a later run's: gone), and a native one
+    against the pid on this host."""
     host, pid = run["process"]["host"], run["process"]["pid"]
     if run["status"] != "running" or not host:
         return None
@@ -344,9 +347,13 @@ def process_gone(run: dict[str, Any], containers: list[dict[str, Any]]) -> str |
         except OSError:
             pass  # PermissionError: alive, under another user
         return None
-    for c in containers:
-        if c["id"] and c["id"] == host[:12] and c["state"] in ("exited", "dead"):
-            return f"its container {c['name']} {c['status']} without a last record"
+    if not containers["available"]:
+        return None
+    mine = [c for c in containers["containers"] if c["id"] and c["id"] == host[:12]]
+    if mine and mine[0]["state"] in ("exited", "dead"):
+        return f"its container {mine[0]['name']} {mine[0]['status']} without a last record"
+    if not mine and CONTAINER_ID.fullmatch(host):
+        return f"its container ({host}) is gone (replaced by a later run, or removed) without a last record"
     return None
 
 
@@ -391,14 +398,14 @@ def find_warnings(status: dict[str, Any], output_dir: Path, stale_minutes: float
                 "checkpoint")})
     for c in status["containers"]["containers"]:
         is_training = c["service"] == TRAINING_SERVICE or TRAINING_SERVICE in c["name"]
-        if is_training and c["state"] in ("exited", "dead") and c.get("exit_code") not in (0, None):
+        if is_training and c["state"] in ("exited", "dead") and c.get("exit_code") not in (0, None, SIGTERM_EXIT):
             oom = " (killed for lack of host memory)" if c.get("oom_killed") else ""
             warnings.append({"code": "training_container_failed", "message": (
                 f"container {c['name']} exited with code {c['exit_code']}{oom}: see docker logs {c['name']}")})
         if c["state"] == "restarting":
             warnings.append({"code": "container_restarting", "message": (
                 f"container {c['name']} keeps restarting (crash loop?): see docker logs {c['name']}")})
-        if c.get("health") == "unhealthy":
+        if c.get("health") == "unhealthy" and c["state"] == "running":  # an exited one may keep its last health
             warnings.append({"code": "container_unhealthy", "message": f"container {c['name']} is unhealthy"})
     return warnings
 
