@@ -9,7 +9,8 @@ logs/gpu_metrics.jsonl, the current run (the newest logs/<run>/metrics.jsonl unl
 and its trend, tokens/s, ETA, status, last complete checkpoint, last backup and its age) and warnings (GPU memory
 nearly full, disk too small for the next checkpoint, no metrics for a while during a run, the training container
 exited non-zero). A run whose events say running but whose process is gone (the pid on this host, or the container
-its start event names, exited) is shown as died. `--json` prints the same content as one JSON object; `--watch` refreshes until Ctrl-C.
+its start event names, exited) is shown as died. `--json` prints the same content as one JSON object; `--watch`
+refreshes until Ctrl-C.
 
 It only reads files (and asks `docker ps`/`docker inspect`), so it works while a run trains and after it stopped.
 Inside a container without docker, pass the host's view: `docker inspect $(docker ps -aq) | ... --docker-inspect -`
@@ -375,7 +376,8 @@ def find_warnings(status: dict[str, Any], output_dir: Path, stale_minutes: float
             if free is not None and free < DISK_HEADROOM * ckpt["size_bytes"]:
                 warnings.append({"code": "disk_low", "message": (
                     f"{_bytes(free)} free under {output_dir}, the last checkpoint is {_bytes(ckpt['size_bytes'])}: "
-                    f"the next one may not fit (want {DISK_HEADROOM:g}x); free space or keep fewer (--set keep_checkpoints=1)")})
+                    f"the next one may not fit (want {DISK_HEADROOM:g}x); free space or keep fewer checkpoints "
+                    "(--set keep_checkpoints=1)")})
         age = run["last_record_age_s"]
         if run["status"] == "running" and age is not None and age > stale_minutes * 60:
             warnings.append({"code": "metrics_stale", "message": (
