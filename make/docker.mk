@@ -59,8 +59,9 @@ TRAINING_CONTAINER = $(CONTAINER_PREFIX)-qlora-training
 # ./notebooks is bind-mounted into the dev service; as root on the host, hand it to the container user.
 NOTEBOOKS_DIR_READY = mkdir -p notebooks && { [ "$(HOST_UID)" != 0 ] || chown $(APP_UID):$(APP_GID) notebooks; }
 
-# A host path given as DATA= / MODEL= is bind-mounted read-only. Any other MODEL (a hub id) is passed as is; any other
-# DATA is refused on the host (the recipe reads files only), unless it is a path inside the image (/app/...).
+# A host path given as DATA= / MODEL= is bind-mounted read-only. Any other MODEL (a hub id) is passed as is, unless it
+# reads as a path (/..., ./..., ../...); any other DATA is refused on the host (the recipe reads files only). Paths
+# inside the image (/app/...) pass as they are.
 # Only values the user gave count (the top-level Makefile's own DATA default is for native verbs).
 USER_DATA := $(if $(filter command line environment environment override,$(origin DATA)),$(DATA))
 USER_MODEL := $(if $(filter command line environment environment override,$(origin MODEL)),$(MODEL))
@@ -69,6 +70,7 @@ MODEL_PATH := $(patsubst %/,%,$(USER_MODEL))
 DATA_MOUNT := $(if $(and $(DATA_PATH),$(wildcard $(DATA_PATH))),DATASETS_DIR=$(abspath $(dir $(DATA_PATH))))
 DATA_ARG := $(if $(DATA_PATH),--data $(if $(wildcard $(DATA_PATH)),/app/datasets/$(notdir $(DATA_PATH)),$(DATA_PATH)))
 DATA_MISSING := $(and $(DATA_PATH),$(if $(wildcard $(DATA_PATH)),,1),$(filter-out /app/%,$(DATA_PATH)))
+MODEL_MISSING := $(and $(MODEL_PATH),$(if $(wildcard $(MODEL_PATH)),,1),$(filter-out /app/%,$(filter /% ./% ../%,$(MODEL_PATH))))
 MODEL_MOUNT := $(if $(and $(MODEL_PATH),$(wildcard $(MODEL_PATH))),BASE_MODEL_DIR=$(abspath $(MODEL_PATH)))
 MODEL_IN_CONTAINER := $(if $(MODEL_PATH),$(if $(wildcard $(MODEL_PATH)),/app/base-model,$(MODEL_PATH)))
 MODEL_ARG := $(if $(MODEL_PATH),--model $(MODEL_IN_CONTAINER))
@@ -79,6 +81,8 @@ MODEL_ARG := $(if $(MODEL_PATH),--model $(MODEL_IN_CONTAINER))
 define compose_train
 	@if [ -n "$(DATA_MISSING)" ]; then \
 	  echo "DATA=$(DATA_PATH): no such file or folder on this host. DATA is your training data: a .jsonl/.json/.parquet/.csv file or a folder of them (mounted read-only into the container)." >&2; exit 2; fi
+	@if [ -n "$(MODEL_MISSING)" ]; then \
+	  echo "MODEL=$(MODEL_PATH): no such folder on this host. MODEL is a Hugging Face model id (google/gemma-2-2b) or a local folder with config.json and the weights." >&2; exit 2; fi
 	@if [ -n "$$($(COMPOSE) --profile training ps -q --status running qlora-training 2>/dev/null)" ]; then \
 	  echo "A training run is already running in $(TRAINING_CONTAINER): 'make train-logs' follows it, 'make train-stop' stops it." >&2; exit 1; fi
 	$(DATA_MOUNT) $(MODEL_MOUNT) LAUNCH='$(LAUNCH)' PRESET=$(1) TRAIN_ARGS='$(strip $(MODEL_ARG) $(DATA_ARG) $(if $(RUN),--run-name $(RUN)) $(ARGS))' $(COMPOSE) --profile training up -d

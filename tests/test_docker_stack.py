@@ -148,6 +148,9 @@ def test_host_paths_for_data_and_model_are_mounted_read_only(tmp_path):
         p = _make(env, verb, "MODEL=google/gemma-2-2b", f"DATA={tmp_path / 'typo.jsonl'}", timeout=60)
         assert p.returncode == 2 and f"DATA={tmp_path / 'typo.jsonl'}: no such file or folder on this host" in p.stderr
         assert "compose" not in p.stdout
+    p = _make(env, "train-custom", f"MODEL={tmp_path / 'no-model'}", f"DATA={tmp_path / 'corpus.jsonl'}", timeout=60)
+    assert p.returncode == 2 and f"MODEL={tmp_path / 'no-model'}: no such folder on this host" in p.stderr
+    assert "compose" not in p.stdout
 
 
 # ---------------------------------------------------------------------------------------------------------------
