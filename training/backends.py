@@ -5,10 +5,10 @@
   the labelled positions only (`lm_head: auto`, training/lm_head.py; TRL's fused head where Liger is not applied);
   RMSNorm, GeGLU, RoPE; Triton's RoPE also where Liger would pick its CuTe DSL one: pin_liger_triton),
   `attn_implementation: auto` (FlashAttention 4 on Hopper/datacenter Blackwell, else flex attention, each after
-  its self-check), the fused LoRA function (training/fast_lora.py) and bf16 norms/embeddings. On an H100, in one
-  lease, the recipe ran 1.59x unsloth's best setting on full rows, and the same path in the benchmark loop 2.71x
-  its real tokens/s on chat data (docs/benchmarks.md, 2026-12-07, second lease). No unsloth code, exact for packed
-  rows, and the one that runs on several GPUs.
+  its self-check), the fused LoRA function (training/fast_lora.py) and bf16 norms/embeddings. On an H200, in one
+  lease, the recipe ran 1.29x unsloth's best setting on that card on full rows, and the same path in the benchmark
+  loop 1.99x its real tokens/s on chat data (on an H100: 1.59x and 2.71x; docs/benchmarks.md, 2026-12-07). No
+  unsloth code, exact for packed rows, and the one that runs on several GPUs.
 - `unsloth` (optional extra `fast`, only when asked for: `--set backend=unsloth`): unsloth's fused QLoRA kernels,
   after a one-step self-check in a subprocess (so a broken install cannot take the trainer down). One GPU only.
   UNSLOTH_COMPILE_DISABLE=1 is set: its torch.compile path broke on torch 2.11. It cannot pack Gemma-2 rows
