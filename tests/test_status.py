@@ -482,3 +482,14 @@ def test_old_gpu_samples_during_a_run_warn(tmp_path):
     assert status_of(tmp_path, T0 + 20 * 60, stale_minutes=25)["warnings"] == []
     warnings = status_of(tmp_path, T0 + 20 * 60, stale_minutes=15)["warnings"]
     assert [w["code"] for w in warnings] == ["gpu_samples_stale"], "metrics are fresh; the GPU sample is 20 min old"
+
+
+def test_make_status_and_plan_pass_run_model_and_args_on():
+    """The commands make runs: `make status` hands RUN= and ARGS= to training.status; `make plan` hands on MODEL=
+    (PRESET=custom needs it) and ARGS=. (Both were dropped before.)"""
+    status = subprocess.run(["make", "-s", "-n", "status", "RUN=nope", "ARGS=--json"], cwd=REPO, capture_output=True,
+                            text=True, timeout=60)
+    assert status.returncode == 0 and "-m training.status" in status.stdout and "--run nope --json" in status.stdout
+    plan = subprocess.run(["make", "-s", "-n", "plan", "PRESET=custom", "MODEL=org/base", "ARGS=--seq-len 1024"],
+                          cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert "--preset custom" in plan.stdout and "--model org/base --seq-len 1024" in plan.stdout, plan.stdout
