@@ -10,7 +10,7 @@ DATA   ?=
 PRESET ?= tiny
 ARGS   ?=
 
-# DATA, MODEL: empty means the preset's own (tiny: datasets/sample; gemma-2b/9b, custom: datasets/processed).
+# DATA, MODEL: empty means the preset's own (training/qlora_config.py), natively as in the Docker verbs.
 
 # Several GPUs (docs/multi_gpu.md): GPUS=N runs one process per GPU through `accelerate launch` (DDP), FSDP=1 shards
 # the model (FSDP + QLoRA), NNODES/NODE_RANK/MASTER_ADDR/MASTER_PORT join several hosts. GPUS=1: plain python.

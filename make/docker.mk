@@ -62,7 +62,7 @@ NOTEBOOKS_DIR_READY = mkdir -p notebooks && { [ "$(HOST_UID)" != 0 ] || chown $(
 # A host path given as DATA= / MODEL= is bind-mounted read-only. Any other MODEL (a hub id) is passed as is, unless it
 # reads as a path (/..., ./..., ../...); any other DATA is refused on the host (the recipe reads files only). Paths
 # inside the image (/app/...) pass as they are.
-# Only values the user gave count (the top-level Makefile's own DATA default is for native verbs).
+# Only values the user gave count (a DATA or MODEL set in a Makefile is not the user's).
 USER_DATA := $(if $(filter command line environment environment override,$(origin DATA)),$(DATA))
 USER_MODEL := $(if $(filter command line environment environment override,$(origin MODEL)),$(MODEL))
 DATA_PATH := $(patsubst %/,%,$(USER_DATA))

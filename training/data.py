@@ -480,26 +480,24 @@ def main(argv: list[str] | None = None) -> int:
 
     from transformers import AutoTokenizer
 
-    from training.qlora_config import PRESETS
+    from training.qlora_config import ConfigError, resolve_config
     from training.tiny import resolve_builtin
 
-    if args.preset not in PRESETS:
-        print(f"error: unknown preset '{args.preset}'; choose one of: {', '.join(PRESETS)}", file=sys.stderr)
+    try:  # the preset as the recipe resolves it, with these flags over it (and the same checks)
+        cfg = resolve_config(args.preset, overrides={"model_name_or_path": args.model, "data": args.data,
+                                                     "max_seq_length": args.max_seq_length,
+                                                     "eval_fraction": args.eval_fraction})
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 2
-    preset = PRESETS[args.preset]
-    model = args.model or preset.model_name_or_path
-    if not model:
-        print(f"error: preset '{args.preset}' has no model: pass --model ID_OR_PATH (make: MODEL=...)", file=sys.stderr)
-        return 2
-    max_len = args.max_seq_length or preset.max_seq_length
-    eval_fraction = preset.eval_fraction if args.eval_fraction is None else args.eval_fraction
+    model, max_len = cfg.model_name_or_path, cfg.max_seq_length
     try:
         tokenizer = AutoTokenizer.from_pretrained(resolve_builtin(model))
     except OSError as exc:
         print(f"error: cannot load the tokenizer of '{model}': {exc}", file=sys.stderr)
         return 2
     try:
-        _, _, stats = build_datasets(args.data, tokenizer, max_len, eval_fraction, seed=preset.seed)
+        _, _, stats = build_datasets(cfg.data, tokenizer, max_len, cfg.eval_fraction, seed=cfg.seed)
     except DataError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
